@@ -1,0 +1,291 @@
+"""The ``symdl`` command line: list, show, generate, check, derive.
+
+Exit codes: 0 success, 1 a check failed (stale files, gradient mismatch), 2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+import types
+from pathlib import Path
+
+from . import __version__
+from .errors import SymdlError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _catalogue():
+    from .layers import catalogue
+
+    return catalogue()
+
+
+def _source_of(layer) -> str:
+    from .layers import FAMILIES
+
+    for family in FAMILIES:
+        if layer in family.LAYERS:
+            return family.__name__.replace(".", "/") + ".py"
+    return f"the layer {layer.name!r}"
+
+
+def _select(names):
+    layers = _catalogue()
+    if not names:
+        return list(layers.values())
+    unknown = [n for n in names if n not in layers]
+    if unknown:
+        raise SymdlError(
+            f"layer {unknown[0]!r} requires a catalogue name, got an unknown one; known: "
+            f"{', '.join(layers)}"
+        )
+    return [layers[n] for n in names]
+
+
+def load_module(source: str, name: str) -> types.ModuleType:
+    """Import generated module text (symdl's own output) as a module object."""
+    module = types.ModuleType(name)
+    module.__file__ = f"<symdl:{name}>"
+    exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - generated code
+    return module
+
+
+def _render(layer, command: str | None = None) -> str:
+    from .codegen import generate_source
+
+    return generate_source(layer, _source_of(layer), command or f"symdl generate {layer.name}")
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+
+def cmd_list(args) -> int:
+    for layer in _catalogue().values():
+        print(f"{layer.name:34s} {layer.doc}")
+    return EXIT_OK
+
+
+def cmd_show(args) -> int:
+    from .derive import derive
+    from .latex import formulas
+
+    layer = _select([args.name])[0]
+    stage = args.stage
+    if stage == "spec":
+        spec = layer.spec()
+        print(repr(layer))
+        for a in spec.assigns:
+            red = f" over {', '.join(i.name for i in a.reduce)}" if a.reduce else ""
+            print(f"  [{a.op}{red}] {a.target}[{', '.join(i.name for i in a.indices)}] <- {a.expr}")
+        return EXIT_OK
+    if stage == "code":
+        print(_render(layer), end="")
+        return EXIT_OK
+    d = derive(layer)
+    if stage == "lower":
+        from .lower import lower
+
+        low = lower(d)
+        print("# forward")
+        for line in low.forward:
+            print(line.code)
+        print("# backward")
+        for line in low.backward:
+            print(line.code)
+        return EXIT_OK
+    if args.latex:
+        for key, tex in formulas(d, style=args.notation).items():
+            print(f"% {key}\n{tex}")
+    else:
+        print(repr(d))
+    return EXIT_OK
+
+
+def cmd_generate(args) -> int:
+    from .codegen import is_hand_edited, write_atomic
+
+    out_dir = Path(args.output)
+    layers = _select(args.names)
+    start = time.perf_counter()
+    rendered = {}
+    for layer in layers:  # render everything first: one failure writes nothing
+        rendered[layer.name] = _render(layer)
+    if args.check:
+        stale = []
+        for name, text in rendered.items():
+            path = out_dir / f"{name}.py"
+            if not path.exists():
+                stale.append(f"{name} (missing)")
+            else:
+                current = path.read_text(encoding="utf-8")
+                if current != text:
+                    why = "edited by hand" if is_hand_edited(current) else "stale"
+                    stale.append(f"{name} ({why})")
+        if stale:
+            print(
+                f"symdl generate --check: {len(stale)} of {len(rendered)} modules in {out_dir} "
+                f"differ from what the engine produces: {', '.join(stale)}; regenerate with "
+                f"'symdl generate -o {out_dir}'"
+            )
+            return EXIT_FAILED
+        print(f"symdl generate --check: {len(rendered)} modules in {out_dir} are up to date")
+        return EXIT_OK
+    edited = []
+    for name in rendered:
+        path = out_dir / f"{name}.py"
+        if path.exists() and not args.force and is_hand_edited(path.read_text(encoding="utf-8")):
+            edited.append(str(path))
+    if edited:
+        print(
+            f"symdl generate: {len(edited)} module(s) were edited by hand and are kept: "
+            f"{', '.join(edited)}; use --force to overwrite them"
+        )
+        return EXIT_FAILED
+    written = 0
+    for name, text in rendered.items():
+        path = out_dir / f"{name}.py"
+        if path.exists() and path.read_text(encoding="utf-8") == text:
+            continue
+        write_atomic(path, text)
+        written += 1
+    took = time.perf_counter() - start
+    print(
+        f"symdl generate: {len(rendered)} modules in {out_dir} ({written} written, "
+        f"{len(rendered) - written} unchanged) in {took:.1f} s"
+    )
+    return EXIT_OK
+
+
+def cmd_check(args) -> int:
+    from .testing import gradcheck
+
+    failed = 0
+    layers = _select(args.names)
+    for layer in layers:
+        module = load_module(_render(layer), layer.name)
+        result = gradcheck(module, checks=layer.checks, tol=args.tol)
+        print(result)
+        failed += not result.ok
+    print(f"symdl check: {len(layers) - failed} passed, {failed} failed")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_derive(args) -> int:
+    from .codegen import generate_source, write_atomic
+    from .derive import derive
+    from .parse import parse_layer
+
+    layer = parse_layer(
+        args.name,
+        args.equations,
+        inputs=args.inputs,
+        params=args.params,
+        consts=args.consts,
+        hyper=args.hyper,
+        outputs=args.outputs,
+    )
+    d = derive(layer)
+    command = shlex.join(["symdl", *sys.argv[1:]]) if args.argv is None else shlex.join(["symdl", *args.argv])
+    text = generate_source(d, "equations given to symdl derive", command)
+    if args.show:
+        print(repr(d))
+    if args.check:
+        from .testing import gradcheck
+
+        result = gradcheck(load_module(text, args.name))
+        print(result)
+        if not result.ok:
+            return EXIT_FAILED
+    path = Path(args.output) / f"{args.name}.py"
+    write_atomic(path, text)
+    n = sum(1 for g in d.grads.values() if g is not None)
+    print(f"symdl derive: wrote {path} ({n} gradient(s) derived for {', '.join(d.spec.args)})")
+    return EXIT_OK
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="symdl",
+        description="Deep-learning layers as equations: gradients derived, NumPy modules generated.",
+    )
+    p.add_argument("--version", action="version", version=f"symdl {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("list", help="list the built-in layers")
+    s.set_defaults(func=cmd_list)
+
+    s = sub.add_parser("show", help="show a layer's equations and derived gradients")
+    s.add_argument("name", help="a catalogue layer name")
+    s.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
+    s.add_argument(
+        "--notation",
+        choices=("partial", "bar"),
+        default="partial",
+        help="adjoints as dL/dx (partial) or x-bar (bar)",
+    )
+    s.add_argument(
+        "--stage",
+        choices=("spec", "derive", "lower", "code"),
+        default="derive",
+        help="which pipeline stage to dump (default: derive)",
+    )
+    s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("generate", help="generate NumPy modules for catalogue layers")
+    s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
+    s.add_argument("-o", "--output", default="generated", help="output directory (default: generated)")
+    s.add_argument("--check", action="store_true", help="fail if any file differs from the engine's output")
+    s.add_argument("--force", action="store_true", help="overwrite modules edited by hand")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("check", help="gradcheck catalogue layers against finite differences")
+    s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
+    s.add_argument("--tol", type=float, default=1e-6, help="max relative error (default 1e-6)")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser(
+        "derive",
+        help="derive and generate a custom layer from equation text",
+        description=(
+            'Example: symdl derive dense "y[n,o] = tanh(Sum(x[n,i]*w[o,i], i) + b[o])" '
+            "--inputs x --params w,b"
+        ),
+    )
+    s.add_argument("name", help="the layer (and module) name")
+    s.add_argument("equations", help="equations 'lhs[idx] = rhs' separated by ';' or newlines")
+    s.add_argument("--inputs", default="", help="differentiable inputs, comma separated")
+    s.add_argument("--params", default="", help="trainable parameters, comma separated")
+    s.add_argument("--consts", default="", help="non-differentiable tensors (targets, indices)")
+    s.add_argument("--hyper", default="", help="hyperparameters with optional defaults: eps=1e-5,lam")
+    s.add_argument("--outputs", default="", help="outputs (default: the last equation's left side)")
+    s.add_argument("-o", "--output", default=".", help="output directory (default: .)")
+    s.add_argument("--show", action="store_true", help="also print the derived gradients")
+    s.add_argument("--check", action="store_true", help="gradcheck before writing")
+    s.set_defaults(func=cmd_derive, argv=None)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is cmd_derive and argv is not None:
+        args.argv = list(argv)
+    try:
+        return args.func(args)
+    except SymdlError as err:
+        print(f"symdl {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # pragma: no cover
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Code generation: render a lowered layer through the Jinja template, format, write atomically.
+
+The module text is deterministic: every collection is sorted or ordered by the equations, no
+timestamp or host name is written, and the source is passed through ``ruff format``. The header
+carries a SHA-256 of the module body, so a hand-edited module is detected.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import inspect
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jinja2
+
+from . import __version__
+from .derive import Derivation, derive
+from .errors import CodegenError
+from .latex import backward_text, formulas, forward_text
+from .lower import Lowered, lower
+from .snippets import erf as _erf_snippet
+from .snippets import runtime as _runtime
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+if not TEMPLATES.is_dir():  # a source checkout: templates/ beside the package
+    TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+HASH_PREFIX = "# sha256: "
+
+
+def _pyrepr(value) -> str:
+    return repr(value)
+
+
+def _rawstr(text: str) -> str:
+    if '"' not in text and not text.endswith("\\"):
+        return f'r"{text}"'
+    return repr(text)
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+    )
+    env.filters["pyrepr"] = _pyrepr
+    env.filters["rawstr"] = _rawstr
+    return env
+
+
+def _snippet(module, name: str) -> str:
+    return inspect.getsource(getattr(module, name)).rstrip() + "\n"
+
+
+def _shape_expr(dims, dim_vars, batch=False) -> str:
+    if batch and tuple(dims) == ("...",):
+        return "batch_shape"
+    parts = []
+    prefix = ""
+    for d in dims:
+        if d == "...":
+            prefix = "batch_shape + " if batch else ""
+            if not batch:
+                parts.append(dim_vars[d])
+            continue
+        parts.append(dim_vars[d])
+    inner = ", ".join(parts)
+    tup = f"({inner},)" if len(parts) == 1 else f"({inner})"
+    return f"{prefix}{tup}" if prefix else tup
+
+
+def module_source(lowered: Lowered, source: str, command: str) -> str:
+    """The complete text of the generated module."""
+    d: Derivation = lowered.derivation
+    spec = d.spec
+    dv = lowered.dim_vars
+
+    # signature
+    params = [a.var for a in lowered.args]
+    kwonly = [c.var for c in lowered.consts]
+    for name, var, default in lowered.hyper:
+        kwonly.append(var if default is None else f"{var}={default!r}")
+    signature = ", ".join(params + (["*"] + kwonly if kwonly else []))
+
+    # argument checks
+    pre: list[str] = []
+    for a in lowered.args:
+        pre.append(f'{a.var} = _float_arg("{a.name}", {a.var})')
+    pre.append(
+        "dtype = _common_dtype({" + ", ".join(f'"{a.name}": {a.var}' for a in lowered.args) + "})"
+    )
+    for c in lowered.consts:
+        if c.kind == "int":
+            pre.append(f'{c.var} = _int_arg("{c.name}", {c.var})')
+        else:
+            pre.append(f'{c.var} = _float_arg("{c.name}", {c.var}, dtype)')
+    bound = lowered.args + lowered.consts
+    pre.append(
+        "sizes = _bind_shapes({" + ", ".join(f'"{a.name}": {a.var}' for a in bound) + "}, SHAPES)"
+    )
+    fdims = [
+        x
+        for x in spec.dims
+        if x != "..."
+        and (
+            x in lowered.forward_dims
+            or x in lowered.backward_dims
+            or x in lowered.index_ranges.values()
+        )
+    ]
+    if fdims:
+        pre.append(", ".join(dv[x] for x in fdims) + " = " + ", ".join(f'sizes["{x}"]' for x in fdims))
+    if lowered.has_ell:
+        pre.append('batch_shape = sizes["..."]')
+        pre.append(f"{dv['...']} = int(np.prod(batch_shape))")
+        for a in bound:
+            if a.dims and a.dims[0] == "...":
+                pre.append(f"{a.var} = {a.var}.reshape({_shape_expr(a.dims, dv)})")
+    for c in lowered.consts:
+        if c.name in lowered.index_ranges:
+            dim = lowered.index_ranges[c.name]
+            pre.append(f'_check_index("{c.name}", {c.var}, {dv[dim]})')
+    for name, var, default in lowered.hyper:
+        conv = "int" if isinstance(default, int) and not isinstance(default, bool) else "float"
+        pre.append(f"{var} = {conv}({var})")
+
+    # outputs
+    epilogue: list[str] = []
+    out_vars = []
+    reshapes = []
+    for name, var, dims in lowered.outputs:
+        if not dims:
+            reshapes.append(f"{var} = np.asarray({var}, dtype=dtype)")
+        elif dims[0] == "...":
+            reshapes.append(f"{var} = {var}.reshape({_shape_expr(dims, dv, batch=True)})")
+        out_vars.append(var)
+    cache_items = [f'"{k}": {v}' for k, v in lowered.cache]
+    bdims = [x for x in lowered.backward_dims if x != "..."]
+    if bdims:
+        cache_items.append('"sizes": (' + ", ".join(dv[x] for x in bdims) + ("," if len(bdims) == 1 else "") + ")")
+    if lowered.has_ell:
+        cache_items.append('"batch_shape": batch_shape')
+    cache_items.append('"dtype": dtype')
+    epilogue.append("cache = {" + ", ".join(cache_items) + "}")
+    epilogue += reshapes
+    outs = out_vars[0] if len(out_vars) == 1 else "(" + ", ".join(out_vars) + ")"
+    epilogue.append(f"return {outs}, cache")
+
+    # backward preamble
+    bpre: list[str] = []
+    if lowered.cache:
+        bpre.append(", ".join(v for _, v in lowered.cache) + " = " + ", ".join(f'cache["{k}"]' for k, _ in lowered.cache))
+    if bdims:
+        bpre.append(", ".join(dv[x] for x in bdims) + ("," if len(bdims) == 1 else "") + ' = cache["sizes"]')
+    if lowered.has_ell:
+        bpre.append('batch_shape = cache["batch_shape"]')
+        bpre.append(f"{dv['...']} = int(np.prod(batch_shape))")
+    bpre.append('dtype = cache["dtype"]')
+    if len(lowered.outputs) > 1:
+        bpre.append(", ".join(lowered.dout_vars) + " = dout")
+        douts = lowered.dout_vars
+    else:
+        douts = ["dout"]
+    for (name, var, dims), dvar, src in zip(lowered.outputs, lowered.dout_vars, douts):
+        shape = _shape_expr(dims, dv, batch=True) if dims else "()"
+        bpre.append(f'{dvar} = _check_dout("{name}", {src}, {shape}, dtype)')
+        if dims and dims[0] == "...":
+            bpre.append(f"{dvar} = {dvar}.reshape({_shape_expr(dims, dv)})")
+
+    rets = []
+    for (name, text), a in zip(lowered.grads, lowered.args):
+        if a.dims and a.dims[0] == "...":
+            text = f"{text}.reshape({_shape_expr(a.dims, dv, batch=True)})"
+        rets.append(text)
+    returns = rets[0] + "," if len(rets) == 1 else ", ".join(rets)
+
+    helpers = [_snippet(_runtime, n) for n in ("_float_arg", "_int_arg", "_common_dtype", "_bind_shapes", "_check_dout")]
+    if lowered.index_ranges:
+        helpers.append(_snippet(_runtime, "_check_index"))
+    for h in sorted(lowered.helpers):
+        helpers.append(_snippet(_erf_snippet, h))
+
+    shapes = spec.shapes()
+    shape_items = [(n, shapes[n]) for n in list(spec.args) + list(spec.consts) + list(spec.outputs)]
+    shapes_text = "; ".join(f"{n} ({', '.join(dims)})" if dims else f"{n} scalar" for n, dims in shape_items)
+
+    summary = f"{spec.name}: {spec.doc}" if spec.doc else f"{spec.name}: a layer generated by symdl."
+    context = dict(
+        version=__version__,
+        source=source,
+        command=command,
+        digest="{digest}",
+        summary=summary,
+        forward_text=forward_text(d),
+        backward_text=backward_text(d),
+        shapes_text=shapes_text,
+        name=spec.name,
+        args=tuple(spec.args),
+        params=tuple(spec.params),
+        consts=tuple(spec.consts),
+        hyper_defaults={k: v for k, v in spec.hyper.items()},
+        outputs=tuple(spec.outputs),
+        index_ranges=dict(sorted(lowered.index_ranges.items())),
+        shapes=shape_items,
+        formulas=list(formulas(d).items()),
+        signature=signature,
+        outputs_text=", ".join(spec.outputs),
+        preamble=pre,
+        forward=lowered.forward,
+        forward_epilogue=epilogue,
+        backward_preamble=bpre,
+        backward=lowered.backward,
+        returns=returns,
+        helpers=helpers,
+    )
+    text = _environment().get_template("module.py.j2").render(**context)
+    text = format_source(text)
+    return stamp(text)
+
+
+def body_digest(text: str) -> str:
+    """SHA-256 of a module's text with its hash line blanked."""
+    lines = [
+        (HASH_PREFIX if line.startswith(HASH_PREFIX) else line) for line in text.splitlines(True)
+    ]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def stamp(text: str) -> str:
+    marker = HASH_PREFIX + "{digest}"
+    if marker not in text:
+        raise CodegenError("the template requires a '# sha256: {digest}' line, got none")
+    blank = text.replace(marker, HASH_PREFIX, 1)
+    return blank.replace(HASH_PREFIX, HASH_PREFIX + body_digest(blank), 1)
+
+
+def recorded_digest(text: str) -> str | None:
+    for line in text.splitlines():
+        if line.startswith(HASH_PREFIX):
+            return line[len(HASH_PREFIX) :].strip()
+    return None
+
+
+def is_hand_edited(text: str) -> bool:
+    """True when a module's recorded hash does not match its text."""
+    rec = recorded_digest(text)
+    return rec is None or rec != body_digest(text)
+
+
+def _ruff() -> str:
+    try:
+        from ruff.__main__ import find_ruff_bin
+    except ImportError as err:  # pragma: no cover - ruff is a dependency
+        raise CodegenError("formatting requires the 'ruff' package, got none installed") from err
+    return os.fsdecode(find_ruff_bin())
+
+
+def format_source(text: str) -> str:
+    """Format with ``ruff format`` (line length 99, isolated from any project config)."""
+    try:
+        ast.parse(text)
+    except SyntaxError as err:
+        raise CodegenError(f"generated code requires valid Python, got {err}") from err
+    proc = subprocess.run(
+        [_ruff(), "format", "--isolated", "--line-length", "99", "--stdin-filename", "module.py", "-"],
+        input=text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise CodegenError(f"ruff format failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def generate_source(layer, source: str | None = None, command: str | None = None) -> str:
+    """Derive, lower and render a layer; return the module text (nothing is written)."""
+    from .spec import Layer
+
+    d = layer if isinstance(layer, Derivation) else derive(layer)
+    name = d.spec.name
+    source = source or f"the layer {name!r}"
+    command = command or f"symdl generate {name}"
+    return module_source(lower(d), source, command)
+
+

@@ -1,0 +1,309 @@
+"""Reverse-mode differentiation of a layer's straight-line program of indexed assignments.
+
+For an assignment ``T[I] = f(..., A[g(I, J)], ...)`` (elementwise, or a ``Sum`` over ``J``) and an
+occurrence ``A[g]`` in its body, the contribution to the adjoint of ``A`` is
+
+    dA[g] += sum over the indices of I, J not in g of  dT[I] * (d body / d A[g])
+
+where the local partial is a plain scalar derivative: the occurrence is replaced by a fresh
+scalar symbol, differentiated with ``sympy.diff`` and substituted back. No Kronecker delta ever
+appears, because every occurrence is its own symbol; the "delta elimination" of the textbook
+derivation is exactly the index map ``g``. Every contribution is itself an indexed assignment,
+lowered by the same machinery as the forward program.
+
+Forward values are reused: a partial that contains the right side of a forward assignment is
+rewritten through that assignment's target (sigmoid' = y (1 - y)), and a function application
+that the backward needs and the forward computes inside a larger expression is hoisted into a
+cached forward intermediate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import sympy as sp
+
+from .errors import DeriveError
+from .functions import stop_gradient
+from .spec import (
+    ELL,
+    Assign,
+    Layer,
+    Spec,
+    TensorInfo,
+    free_indices,
+    is_index,
+    occurrence_indices,
+    occurrence_name,
+    occurrences,
+    ordered,
+    plain_indices,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Contribution:
+    """One backward statement: ``target[lhs] (+)= Sum(body, reduce)``.
+
+    ``lhs`` is the occurrence's index list (plain index symbols, or gathers ``c[n]`` whose
+    adjoint is a scatter-add). ``body`` ranges over ``over`` (the forward assignment's indices).
+    """
+
+    target: str  # the adjoint's name, e.g. "dweight"
+    tensor: str  # the tensor whose adjoint this is, e.g. "weight"
+    lhs: tuple
+    body: sp.Expr
+    reduce: tuple[sp.Symbol, ...]
+    over: tuple[sp.Symbol, ...]
+    scope: int
+    first: bool  # the first contribution defines the adjoint, later ones add to it
+    source: int  # position of the forward assignment in Derivation.forward
+    partial: sp.Expr  # the local partial d body / d occurrence (for reports)
+    occurrence: sp.Expr
+
+    @property
+    def is_gather(self) -> bool:
+        return any(not is_index(ix) for ix in self.lhs)
+
+
+@dataclasses.dataclass
+class Derivation:
+    """The result of :func:`derive`: the forward program (with any hoisted intermediates),
+    the backward program, and the names that connect them."""
+
+    spec: Spec
+    forward: list[Assign]
+    backward: list[Contribution]
+    tensors: dict[str, TensorInfo]
+    adjoints: dict[str, str]  # tensor -> adjoint variable name
+    grads: dict[str, str | None]  # argument -> adjoint name (None: gradient is zero)
+    cached: tuple[str, ...]  # forward tensors the backward reads
+    needs_grad: frozenset[str]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def __repr__(self) -> str:
+        from .latex import plain_report
+
+        return plain_report(self)
+
+    def _repr_latex_(self) -> str:
+        from .latex import latex_report
+
+        return latex_report(self)
+
+
+def _indexed(name: str, idx: tuple) -> sp.Expr:
+    return sp.IndexedBase(name, real=True)[idx] if idx else sp.Symbol(name, real=True)
+
+
+def local_partial(expr: sp.Expr, occ: sp.Expr) -> sp.Expr:
+    """d expr / d occ, treating ``occ`` (one tensor occurrence) as a scalar variable."""
+    s = sp.Dummy("s", real=True)
+    replaced = expr.xreplace({occ: s})
+    return sp.diff(replaced, s).xreplace({s: occ})
+
+
+def _function_nodes(expr: sp.Expr, tensor_names) -> list[sp.Expr]:
+    """Function applications (and fractional powers) in ``expr`` that read a tensor."""
+    found = []
+    for node in sp.preorder_traversal(expr):
+        is_fn = isinstance(node, sp.Function) and not isinstance(node, stop_gradient)
+        is_root = isinstance(node, sp.Pow) and not node.exp.is_integer
+        if (is_fn or is_root) and occurrences(node, tensor_names):
+            found.append(node)
+    return found
+
+
+def derive(layer: Layer | Spec) -> Derivation:
+    """Derive the backward program of a layer (or of a validated :class:`Spec`)."""
+    spec = layer.spec() if isinstance(layer, Layer) else layer
+    try:
+        return _derive(spec)
+    except DeriveError as err:
+        raise err.with_context(f"layer {spec.name!r}") from None
+
+
+def _derive(spec: Spec) -> Derivation:
+    tensors = dict(spec.tensors)
+    forward = list(spec.assigns)
+    all_names = set(tensors) | set(spec.hyper) | set(spec.dims)
+
+    # which tensors depend on a differentiable argument (stop_gradient cuts the dependence)
+    needs = set(spec.args)
+    for a in forward:
+        live = _strip_stop_gradient(a.expr)
+        if any(occurrence_name(o) in needs for o in occurrences(live, tensors)):
+            needs.add(a.target)
+    for o in spec.outputs:
+        if o not in needs:
+            raise DeriveError(
+                f"output {o!r} requires a dependence on an input or parameter to be "
+                f"differentiated, got none"
+            )
+
+    # adjoint names: "d" + name, unless that collides with a user name
+    adjoints: dict[str, str] = {}
+    for t in tensors:
+        cand = f"d{t}"
+        while cand in all_names or cand in adjoints.values():
+            cand = f"grad_{cand}"
+        adjoints[t] = cand
+
+    # ---- local partials ---------------------------------------------------------------------
+    def active_targets(forward):
+        """Tensors whose adjoint is reached from an output (stop_gradient cuts the path)."""
+        active = set(spec.outputs)
+        for a in reversed(forward):
+            if a.target in active:
+                for o in occurrences(_strip_stop_gradient(a.expr), tensors):
+                    if occurrence_name(o) in needs:
+                        active.add(occurrence_name(o))
+        return active
+
+    def raw_partials(forward):
+        out = []  # (position, assign, occurrence, partial)
+        active = active_targets(forward)
+        for pos, a in enumerate(forward):
+            if a.target not in needs or a.target not in active:
+                continue
+            if a.op == "max":
+                raise DeriveError(
+                    f"differentiating Max over an index (in the equation defining "
+                    f"{a.target!r}) is not implemented; wrap it in stop_gradient(...) when it "
+                    f"is a shift-invariant stabiliser"
+                )
+            for occ in occurrences(a.expr, tensors):
+                if occurrence_name(occ) not in needs:
+                    continue
+                p = local_partial(a.expr, occ)
+                if p != 0:
+                    out.append((pos, a, occ, p))
+        return out
+
+    partials = raw_partials(forward)
+
+    # ---- hoist function applications the backward shares with the forward -------------------
+    hoisted: dict[tuple[int, sp.Expr], sp.Expr] = {}
+    counter = [0]
+
+    def fresh():
+        while f"t{counter[0]}" in tensors or f"t{counter[0]}" in all_names:
+            counter[0] += 1
+        name = f"t{counter[0]}"
+        counter[0] += 1
+        return name
+
+    new_forward: list[Assign] = []
+    for a in forward:
+        expr = a.expr
+        if a.target in needs:
+            same_scope = [p for (_, b, _, p) in partials if b.scope == a.scope]
+            for node in _function_nodes(expr, tensors):
+                if a.op == "map" and node == expr:
+                    continue  # the whole right side: reused through the target itself
+                if not any(p.has(node) for p in same_scope):
+                    continue
+                key = (a.scope, node)
+                if key not in hoisted:
+                    idx = ordered(free_indices(node), a.all_indices)
+                    if ELL in idx:
+                        idx = (ELL,) + tuple(i for i in idx if i != ELL)
+                    name = fresh()
+                    dims = tuple(spec.index_dims[(a.scope, i)] for i in idx)
+                    tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")
+                    needs.add(name) if _depends(node, needs, tensors) else None
+                    adjoints[name] = f"d{name}"
+                    hoisted[key] = _indexed(name, idx)
+                    new_forward.append(Assign(name, idx, "map", node, (), a.scope))
+                expr = expr.xreplace({node: hoisted[key]})
+        new_forward.append(dataclasses.replace(a, expr=expr))
+    forward = new_forward
+    if hoisted:
+        partials = raw_partials(forward)
+
+    # reuse: the right side of a forward map assignment -> its target
+    reuse: dict[int, dict[sp.Expr, sp.Expr]] = {}
+    for a in forward:
+        if a.op == "map" and not isinstance(a.expr, (sp.Indexed, sp.Symbol, sp.Number)):
+            reuse.setdefault(a.scope, {})[a.expr] = _indexed(a.target, a.indices)
+    for (scope, node), ref in hoisted.items():
+        reuse.setdefault(scope, {})[node] = ref
+
+    def rewrite(p, scope):
+        table = reuse.get(scope, {})
+        # longest expressions first so an outer match wins over its inner parts
+        for src in sorted(table, key=lambda e: (-sp.count_ops(e), sp.default_sort_key(e))):
+            p = p.xreplace({src: table[src]}) if p.has(src) else p
+        return p
+
+    # ---- the backward program, in reverse order of the forward assignments -------------------
+    by_pos: dict[int, list] = {}
+    for pos, a, occ, p in partials:
+        by_pos.setdefault(pos, []).append((occ, p))
+
+    backward: list[Contribution] = []
+    started: set[str] = set(spec.outputs)
+    first_seen: set[str] = set()
+    for pos in range(len(forward) - 1, -1, -1):
+        a = forward[pos]
+        if a.target not in started or pos not in by_pos:
+            continue
+        dT = _indexed(adjoints[a.target], a.indices)
+        over = a.all_indices
+        for occ, p in by_pos[pos]:
+            A = occurrence_name(occ)
+            p = rewrite(p, a.scope)
+            body = dT if p == 1 else dT * p
+            lhs = occurrence_indices(occ)
+            reduce = tuple(i for i in over if i not in plain_indices(occ))
+            first = A not in first_seen and A not in spec.outputs
+            first_seen.add(A)
+            started.add(A)
+            backward.append(
+                Contribution(
+                    target=adjoints[A],
+                    tensor=A,
+                    lhs=lhs,
+                    body=body,
+                    reduce=reduce,
+                    over=over,
+                    scope=a.scope,
+                    first=first,
+                    source=pos,
+                    partial=p,
+                    occurrence=occ,
+                )
+            )
+
+    grads = {n: (adjoints[n] if n in first_seen else None) for n in spec.args}
+
+    referenced: set[str] = set()
+    for c in backward:
+        for occ in occurrences(c.body, tensors):
+            referenced.add(occurrence_name(occ))
+        for ix in c.lhs:
+            if not is_index(ix):
+                referenced.add(occurrence_name(ix))
+    cached = tuple(t for t in list(spec.args) + list(spec.consts) + [a.target for a in forward] if t in referenced)
+    return Derivation(
+        spec=spec,
+        forward=forward,
+        backward=backward,
+        tensors=tensors,
+        adjoints=adjoints,
+        grads=grads,
+        cached=cached,
+        needs_grad=frozenset(needs),
+    )
+
+
+def _strip_stop_gradient(expr):
+    """``expr`` with every ``stop_gradient(...)`` replaced by an opaque constant."""
+    return expr.replace(lambda e: isinstance(e, stop_gradient), lambda e: sp.Dummy("c", real=True))
+
+
+def _depends(node, needs, tensors):
+    return any(occurrence_name(o) in needs for o in occurrences(_strip_stop_gradient(node), tensors))

@@ -1,0 +1,602 @@
+"""Lowering: each indexed assignment of a derivation becomes vectorized NumPy statements.
+
+* Elementwise assignments broadcast by index alignment: every operand is transposed into the
+  order of the statement's index frame and given ``None`` axes where it lacks an index.
+* Reductions of a product of operands become one contraction: ``@`` when the contraction is a
+  plain matrix product, else ``np.einsum`` with an optimized path (BLAS through tensordot).
+  Other factors are computed elementwise first. Sums of one operand are ``.sum(axis=...)``.
+* Gathers ``A[c[n], d]`` become fancy indexing; their adjoints become ``np.add.at`` scatters.
+* The leading ``...`` of a tensor is flattened into one axis for the computation and restored
+  on the way out, so it behaves like any other index.
+
+The result is a :class:`Lowered` module description that the code generator renders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+
+import sympy as sp
+
+from .derive import Contribution, Derivation
+from .errors import LowerError
+from .printing import Namer, NumpyPrinter, equation_text
+from .spec import (
+    ELL,
+    Assign,
+    free_indices,
+    is_index,
+    occurrence_indices,
+    occurrence_name,
+    occurrences,
+    ordered,
+    plain_indices,
+)
+
+
+@dataclasses.dataclass
+class Line:
+    """One statement of generated code, with the formula it implements as a comment."""
+
+    code: str
+    comment: str | None = None
+
+
+@dataclasses.dataclass
+class ArgInfo:
+    name: str  # the argument's name (also the keyword for constants)
+    var: str  # its Python variable
+    kind: str  # "float" | "int"
+    dims: tuple[str, ...]
+    role: str
+
+
+@dataclasses.dataclass
+class Lowered:
+    """What the template needs: names, statements, cache and the helpers the code uses."""
+
+    derivation: Derivation
+    args: list[ArgInfo]
+    consts: list[ArgInfo]
+    hyper: list[tuple[str, str, object]]  # (name, var, default)
+    outputs: list[tuple[str, str, tuple[str, ...]]]  # (name, var, dims)
+    dim_vars: dict[str, str]
+    forward: list[Line]
+    backward: list[Line]
+    forward_dims: list[str]
+    backward_dims: list[str]
+    cache: list[tuple[str, str]]  # (key, var)
+    grads: list[tuple[str, str]]  # (argument name, expression returned)
+    dout_vars: list[str]
+    helpers: set[str]
+    needs_dtype: bool
+    has_ell: bool
+    index_ranges: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class _Phase:
+    """Statements of one function (forward or backward) being built."""
+
+    def __init__(self):
+        self.lines: list[Line] = []
+        self.dims: set[str] = set()
+        self.hyper: set[str] = set()
+
+
+class Lowerer:
+    def __init__(self, derivation: Derivation):
+        self.d = derivation
+        self.spec = derivation.spec
+        self.tensors = derivation.tensors
+        self.arrays = set(derivation.tensors) | set(derivation.adjoints.values())
+        self.namer = Namer()
+        self.var: dict[str, str] = {}
+        for n in list(self.spec.args) + list(self.spec.consts) + list(self.spec.hyper):
+            self.var[n] = self.namer.claim(n)
+        for n in self.tensors:
+            if n not in self.var:
+                self.var[n] = self.namer.claim(n)
+        for n, adj in derivation.adjoints.items():
+            self.var[adj] = self.namer.claim(adj)
+        self.dim_vars: dict[str, str] = {}
+        for dname in self.spec.dims:
+            self.dim_vars[dname] = self.namer.claim("batch" if dname == "..." else _identifier(dname))
+        self.helpers: set[str] = set()
+        self.flags = {"dtype": False}
+        self.phase = _Phase()
+        self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
+
+    def v(self, name: str) -> str:
+        """The variable holding tensor (or adjoint) ``name``."""
+        var = self.var[name]
+        return self.alias.get(var, var)
+
+    # ---- small helpers -----------------------------------------------------------------------
+    def dimvar(self, scope: int, ix: sp.Symbol) -> str:
+        dname = self.spec.index_dims[(scope, ix)]
+        self.phase.dims.add(dname)
+        return self.dim_vars[dname]
+
+    def shape_of(self, tensor: str) -> str:
+        dims = self.tensors[tensor].dims
+        for dname in dims:
+            self.phase.dims.add(dname)
+        parts = [self.dim_vars[d] for d in dims]
+        if not parts:
+            return "()"
+        return f"({', '.join(parts)},)" if len(parts) == 1 else f"({', '.join(parts)})"
+
+    def emit(self, code: str, comment: str | None = None):
+        self.phase.lines.append(Line(code, comment))
+
+    def align(self, var: str, idx: tuple, frame: tuple) -> str:
+        """``var`` (axes in the order ``idx``) as an array that broadcasts against ``frame``."""
+        if not idx:
+            return var
+        missing = [s for s in idx if s not in frame]
+        if missing:
+            raise LowerError(f"aligning {var} requires its indices in the frame, got {missing}")
+        pos = [frame.index(s) for s in idx]
+        order = sorted(range(len(idx)), key=lambda p: pos[p])
+        text = var
+        if order != list(range(len(idx))):
+            if len(idx) == 2:
+                text = f"{var}.T"
+            else:
+                text = f"{var}.transpose({', '.join(str(o) for o in order)})"
+        present = sorted(pos)
+        subs = [":" if j in present else "None" for j in range(present[0], len(frame))]
+        while subs and subs[-1] == ":":
+            subs.pop()
+        if subs:
+            text = f"{text}[{', '.join(subs)}]"
+        return text
+
+    def operand(self, occ, frame: tuple, scope: int) -> str:
+        """Source for one tensor occurrence, aligned to ``frame``."""
+        name = occurrence_name(occ)
+        var = self.v(name)
+        idx = occurrence_indices(occ)
+        if all(is_index(i) for i in idx):
+            return self.align(var, idx, frame)
+        return self.gather(var, idx, frame, scope)
+
+    def gather_index(self, idx: tuple, frame: tuple, scope: int) -> list[str]:
+        parts = []
+        for ix in idx:
+            if is_index(ix):
+                parts.append(self.align(f"np.arange({self.dimvar(scope, ix)})", (ix,), frame))
+            else:
+                parts.append(self.align(self.var[occurrence_name(ix)], tuple(ix.indices), frame))
+        return parts
+
+    def gather(self, var: str, idx: tuple, frame: tuple, scope: int) -> str:
+        first = idx[0]
+        rest = idx[1:]
+        if (
+            not is_index(first)
+            and all(is_index(i) for i in rest)
+            and tuple(first.indices) + tuple(rest) == tuple(frame)
+        ):
+            return f"{var}[{self.var[occurrence_name(first)]}]"
+        return f"{var}[{', '.join(self.gather_index(idx, frame, scope))}]"
+
+    # ---- expressions -------------------------------------------------------------------------
+    def elementwise(self, expr: sp.Expr, frame: tuple, scope: int) -> str:
+        """Source of an elementwise expression over ``frame`` (extra CSE lines are emitted)."""
+        names: dict = {}
+        arrays: set = set()
+        reps = {}
+        for occ in occurrences(expr, self.arrays):
+            sym = sp.Dummy(occurrence_name(occ))
+            names[sym] = self.operand(occ, frame, scope)
+            reps[occ] = sym
+            if occurrence_indices(occ):
+                arrays.add(sym)
+        body = expr.xreplace(reps)
+        for s in body.free_symbols:
+            if s in names:
+                continue
+            if s.name in self.spec.hyper:
+                self.phase.hyper.add(s.name)
+                names[s] = self.var[s.name]
+            elif s.is_integer and s.is_positive and s.name in self.dim_vars:
+                self.phase.dims.add(s.name)
+                names[s] = self.dim_vars[s.name]
+            else:
+                raise LowerError(f"lowering requires known symbols, got {s.name!r}")
+        temps = _TempSymbols(self.namer, names, arrays)
+        subexprs, (body,) = sp.cse([body], symbols=temps, order="canonical")
+        printer = NumpyPrinter(names, arrays, self.helpers, self.flags)
+        body = _floats(body)
+        subexprs = [(sym, _floats(sub)) for sym, sub in subexprs]
+        for sym, sub in subexprs:
+            if any(a in arrays for a in sub.free_symbols):
+                arrays.add(sym)
+            self.emit(f"{names[sym]} = {printer.doprint(sub)}")
+        return printer.doprint(body)
+
+    def covered(self, expr: sp.Expr) -> set:
+        out: set = set()
+        for occ in occurrences(expr, self.arrays):
+            out |= set(plain_indices(occ))
+        return out
+
+    def full(self, text: str, expr: sp.Expr, frame: tuple, scope: int) -> str:
+        """Make ``text`` (an expression over ``frame``) span the whole frame."""
+        if set(frame) <= self.covered(expr):
+            return text
+        shape = ", ".join(self.dimvar(scope, i) for i in frame)
+        shape = f"({shape},)" if len(frame) == 1 else f"({shape})"
+        return f"np.broadcast_to({text}, {shape})"
+
+    def reduction(self, op: str, body: sp.Expr, out: tuple, red: tuple, scope: int) -> str:
+        """Source for ``op`` (sum or max) of ``body`` over ``red``, result in the order ``out``."""
+        frame = tuple(out) + tuple(red)
+        if op == "max":
+            text = self.full(self.elementwise(body, frame, scope), body, frame, scope)
+            axes = tuple(range(len(out), len(frame)))
+            return f"{_paren(text)}.max(axis={_axes(axes)})"
+        coeff, operands, rest = self.factor(body)
+        if rest:
+            r = sp.Mul(*rest)
+            idx = ordered(free_indices(r), frame)
+            tmp = self.namer.temp()
+            text = self.full(self.elementwise(r, idx, scope), r, idx, scope)
+            self.emit(f"{tmp} = {text}")
+            operands.append((tmp, idx))
+        present = set().union(*[set(i) for _, i in operands]) if operands else set()
+        for ix in red:  # a reduced index no operand carries: the sum is a count
+            if ix not in present:
+                coeff = coeff * sp.Symbol(self.spec.index_dims[(scope, ix)], integer=True, positive=True)
+        red = tuple(i for i in red if i in present)
+        if not operands:
+            text = self.scalar(coeff)
+            coeff = sp.S.One
+        elif len(operands) == 1:
+            var, idx = operands[0]
+            text = self.sum_one(var, idx, out, red)
+        else:
+            text = self.contract(operands, out, red)
+        if coeff != 1:
+            if coeff == -1:
+                text = f"-{_paren(text)}"
+            else:
+                text = f"{_paren(self.scalar(coeff))} * {_paren(text)}"
+        if not set(out) <= present:
+            shape = ", ".join(self.dimvar(scope, i) for i in out)
+            shape = f"({shape},)" if len(out) == 1 else f"({shape})"
+            kept = tuple(i for i in out if i in present)
+            text = f"np.broadcast_to({self.align(_paren(text), kept, tuple(out))}, {shape})"
+        return text
+
+    def scalar(self, expr: sp.Expr) -> str:
+        names = {}
+        for s in expr.free_symbols:
+            if s.name in self.spec.hyper:
+                self.phase.hyper.add(s.name)
+                names[s] = self.var[s.name]
+            elif s.name in self.dim_vars:
+                self.phase.dims.add(s.name)
+                names[s] = self.dim_vars[s.name]
+            elif s.name in self.tensors or s.name in self.var:
+                names[s] = self.v(s.name)
+        return NumpyPrinter(names, set(), self.helpers, self.flags).doprint(_floats(expr))
+
+    def factor(self, body: sp.Expr):
+        """Split a product into a scalar coefficient, plain operands and other factors."""
+        coeff = sp.S.One
+        operands: list[tuple[str, tuple]] = []
+        rest = []
+        for f in sp.Mul.make_args(body):
+            if isinstance(f, sp.Indexed) and all(is_index(i) for i in f.indices):
+                operands.append((self.v(occurrence_name(f)), tuple(f.indices)))
+            elif not free_indices(f) and not any(
+                isinstance(o, sp.Indexed) for o in occurrences(f, self.arrays)
+            ):
+                coeff = coeff * f
+            else:
+                rest.append(f)
+        return coeff, operands, rest
+
+    def sum_one(self, var: str, idx: tuple, out: tuple, red: tuple) -> str:
+        kept = tuple(i for i in idx if i not in red)
+        if kept == tuple(i for i in out if i in kept):
+            if not red:
+                return var
+            axes = tuple(p for p, i in enumerate(idx) if i in red)
+            return f"{var}.sum(axis={_axes(axes)})"
+        return self.contract([(var, idx)], out, red)
+
+    def contract(self, operands: list, out: tuple, red: tuple) -> str:
+        letters = _letters([i for _, idx in operands for i in idx] + list(out))
+        out_kept = tuple(i for i in out if any(i in idx for _, idx in operands))
+        mm = _matmul(operands, out_kept)
+        if mm is not None:
+            return mm
+        subs = ",".join("".join(letters[i] for i in idx) for _, idx in operands)
+        subs += "->" + "".join(letters[i] for i in out_kept)
+        ops = ", ".join(v for v, _ in operands)
+        opt = ", optimize=True" if len(operands) > 1 else ""
+        return f'np.einsum("{subs}", {ops}{opt})'
+
+    # ---- programs ----------------------------------------------------------------------------
+    def lower_assign(self, a: Assign):
+        var = self.var[a.target]
+        comment = f"{_lhs_text(a.target, a.indices)} = {equation_text(_rhs_of(a))}"
+        if a.op == "map":
+            text = self.full(self.elementwise(a.expr, a.indices, a.scope), a.expr, a.indices, a.scope)
+        else:
+            text = self.reduction(a.op, a.expr, a.indices, a.reduce, a.scope)
+        self.emit(f"{var} = {text}", comment)
+
+    def lower_contribution(self, c: Contribution, defined: set):
+        var = self.var[c.target]
+        rhs = c.body if not c.reduce else _Sum(c.body, c.reduce)
+        op = "=" if c.first else "+="
+        comment = f"{_lhs_text(c.target, c.lhs)} {op} {equation_text(rhs)}"
+        if not c.is_gather:
+            body_name = occurrence_name(c.body) if isinstance(c.body, (sp.Indexed, sp.Symbol)) else None
+            if (
+                c.first
+                and not c.reduce
+                and body_name in self.d.adjoints.values()
+                and occurrence_indices(c.body) == tuple(c.lhs)
+            ):
+                # the adjoint is the incoming array itself: no copy, a second name
+                self.alias[var] = self.v(body_name)
+                return
+            if c.reduce:
+                text = self.reduction("sum", c.body, c.lhs, c.reduce, c.scope)
+            else:
+                text = self.elementwise(c.body, c.lhs, c.scope)
+                if c.first:
+                    text = self.full(text, c.body, c.lhs, c.scope)
+            if c.first:
+                self.emit(f"{var} = {text}", comment)
+            else:
+                self.emit(f"{var} = {self.v(c.target)} + {_paren(text, '+')}", comment)
+                self.alias.pop(var, None)
+            return
+        # a gather's adjoint: compute over the occurrence's own indices, then scatter-add
+        frame = ordered(plain_indices(c.occurrence), c.over)
+        red = tuple(i for i in c.over if i not in frame)
+        if red:
+            text = self.reduction("sum", c.body, frame, red, c.scope)
+        else:  # np.add.at broadcasts the values against the index arrays
+            text = self.elementwise(c.body, frame, c.scope)
+        self.flags["dtype"] = True
+        into = var if c.first else self.namer.temp()
+        self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
+        first = c.lhs[0]
+        if (
+            not is_index(first)
+            and all(is_index(i) for i in c.lhs[1:])
+            and tuple(first.indices) + tuple(c.lhs[1:]) == tuple(frame)
+        ):
+            where = self.var[occurrence_name(first)]
+        else:
+            where = f"({', '.join(self.gather_index(c.lhs, frame, c.scope))})"
+        self.emit(f"np.add.at({into}, {where}, {text})", comment)
+        if not c.first:
+            self.emit(f"{var} = {self.v(c.target)} + {into}")
+            self.alias.pop(var, None)
+
+
+class _TempSymbols:
+    """An endless iterator of CSE symbols whose names come from the module's namer."""
+
+    def __init__(self, namer: Namer, names: dict, arrays: set):
+        self.namer, self.names, self.arrays = namer, names, arrays
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        sym = sp.Dummy("cse")
+        self.names[sym] = self.namer.temp()
+        return sym
+
+
+class _Sum(sp.Expr):
+    """Display-only sum for comments."""
+
+    def __new__(cls, body, idx):
+        return sp.Expr.__new__(cls, body, sp.Tuple(*idx))
+
+    def _sympystr(self, printer):
+        idx = ", ".join(printer._print(i) for i in self.args[1])
+        if len(self.args[1]) > 1:
+            idx = f"({idx})"
+        return f"Sum({printer._print(self.args[0])}, {idx})"
+
+
+def _floats(expr: sp.Expr) -> sp.Expr:
+    """Non-integer rationals as floats, so that ``1/2 * x`` prints as ``0.5 * x`` (exponents
+    stay exact, so ``x**(1/2)`` still prints as ``np.sqrt(x)``)."""
+    if expr.is_number and not expr.is_Integer and not expr.has(sp.zoo, sp.nan):
+        # numeric constants become Python floats (weak scalars that keep the array's dtype)
+        return sp.Float(expr.evalf(17), 17)
+    if expr.is_Mul:
+        num = sp.Mul(*[a for a in expr.args if a.is_number])
+        rest = [_floats(a) for a in expr.args if not a.is_number]
+        if num == 1:
+            return sp.Mul(*rest)
+        return sp.Mul(_floats(num), *rest)
+    if expr.is_Pow:
+        return sp.Pow(_floats(expr.base), expr.exp)
+    if not expr.args or isinstance(expr, (sp.Indexed, sp.Symbol)):
+        return expr
+    return expr.func(*[_floats(a) for a in expr.args])
+
+
+def _rhs_of(a: Assign):
+    if a.op == "map":
+        return a.expr
+    if a.op == "sum":
+        return _Sum(a.expr, a.reduce)
+    return _Max(a.expr, a.reduce)
+
+
+class _Max(_Sum):
+    def _sympystr(self, printer):
+        return super()._sympystr(printer).replace("Sum(", "Max(", 1)
+
+
+def _lhs_text(name: str, idx: tuple) -> str:
+    if not idx:
+        return name
+    return f"{name}[{', '.join(equation_text(i) for i in idx)}]"
+
+
+def _identifier(name: str) -> str:
+    out = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
+    return out if out and not out[0].isdigit() else f"d_{out}"
+
+
+def _paren(text: str, context: str = "*") -> str:
+    """Parenthesize ``text`` unless it is a name, a call, a subscript or an attribute chain
+    (or, after a ``+``, any arithmetic expression)."""
+    depth = 0
+    ops = " <>=&|~" if context == "+" else " +-*/@%<>=&|~"
+    if context == "+":
+        text_ops = text.replace(" + ", "").replace(" - ", "").replace(" * ", "").replace(" / ", "")
+        text_ops = text_ops.replace(" @ ", "").replace(" ** ", "")
+        if not any(ch in text_ops for ch in " <>=&|~") or text_ops.count(" ") == 0:
+            if not any(op in text for op in (" < ", " > ", " == ", " & ", " | ", " if ")):
+                return text
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif depth == 0 and ch in ops:
+            if ch == "-" and text.startswith("-") and text.count("-") == 1 and " " not in text:
+                continue
+            return f"({text})"
+    return text
+
+
+def _axes(axes: tuple) -> str:
+    return str(axes[0]) if len(axes) == 1 else f"({', '.join(str(a) for a in axes)})"
+
+
+def _letters(symbols) -> dict:
+    """Einsum letters: the index's own name where it is one free letter, else an unused one."""
+    out: dict = {}
+    used: set[str] = set()
+    pool = string.ascii_lowercase + string.ascii_uppercase
+    for s in symbols:
+        if s in out:
+            continue
+        name = "e" if s == ELL else s.name
+        if len(name) == 1 and name in pool and name not in used:
+            out[s] = name
+            used.add(name)
+    for s in symbols:
+        if s not in out:
+            letter = next(ch for ch in pool if ch not in used)
+            out[s] = letter
+            used.add(letter)
+    return out
+
+
+def _matmul(operands, out):
+    """``a @ b`` (with ``.T`` where needed) when the contraction is a plain matrix product."""
+    if len(operands) != 2:
+        return None
+    (va, ia), (vb, ib) = operands
+    if len(ia) > 2 or len(ib) > 2 or len(set(ia) & set(ib) & set(out)):
+        return None
+    common = [i for i in ia if i in ib]
+    if len(common) != 1:
+        return None
+    c = common[0]
+    fa = [i for i in ia if i != c]
+    fb = [i for i in ib if i != c]
+    if tuple(fa + fb) != tuple(out) and tuple(fb + fa) != tuple(out):
+        return None
+    if any(i not in out for i in fa + fb):
+        return None
+
+    def left(v, idx, free):  # as the left factor: (free, c)
+        return v if not free or idx[-1] == c else f"{v}.T"
+
+    def right(v, idx, free):  # as the right factor: (c, free)
+        return v if not free or idx[0] == c else f"{v}.T"
+
+    if tuple(fa + fb) == tuple(out):
+        return f"{left(va, ia, fa)} @ {right(vb, ib, fb)}"
+    return f"{left(vb, ib, fb)} @ {right(va, ia, fa)}"
+
+
+def lower(derivation: Derivation) -> Lowered:
+    """Lower a derivation to NumPy statements."""
+    try:
+        return _lower(derivation)
+    except LowerError as err:
+        raise err.with_context(f"layer {derivation.spec.name!r}") from None
+
+
+def _lower(d: Derivation) -> Lowered:
+    spec = d.spec
+    lw = Lowerer(d)
+
+    # forward
+    lw.phase = _Phase()
+    for a in d.forward:
+        lw.lower_assign(a)
+    fwd = lw.phase
+    for o in spec.outputs:
+        fwd.dims.update(d.tensors[o].dims)
+    forward_needs_dtype = lw.flags["dtype"]
+
+    # backward
+    lw.phase = _Phase()
+    lw.flags["dtype"] = False
+    defined: set[str] = set()
+    for c in d.backward:
+        lw.lower_contribution(c, defined)
+    grads = []
+    for n in spec.args:
+        adj = d.grads[n]
+        if adj is None:
+            lw.flags["dtype"] = True
+            grads.append((n, f"np.zeros({lw.shape_of(n)}, dtype=dtype)"))
+        else:
+            grads.append((n, lw.v(adj)))
+    bwd = lw.phase
+    for o in spec.outputs:
+        bwd.dims.update(d.tensors[o].dims)
+    for n in spec.args:
+        bwd.dims.update(d.tensors[n].dims)
+    backward_needs_dtype = lw.flags["dtype"]
+
+    def info(n):
+        t = d.tensors[n]
+        return ArgInfo(n, lw.var[n], t.kind, t.dims, t.role)
+
+    has_ell = any("..." in d.tensors[n].dims for n in list(spec.args) + list(spec.consts))
+    cache = [(n, lw.var[n]) for n in d.cached]
+    cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
+    dims_order = [x for x in spec.dims]
+    return Lowered(
+        derivation=d,
+        args=[info(n) for n in spec.args],
+        consts=[info(n) for n in spec.consts],
+        hyper=[(n, lw.var[n], v) for n, v in spec.hyper.items()],
+        outputs=[(o, lw.var[o], d.tensors[o].dims) for o in spec.outputs],
+        dim_vars=lw.dim_vars,
+        forward=fwd.lines,
+        backward=bwd.lines,
+        forward_dims=[x for x in dims_order if x in fwd.dims],
+        backward_dims=[x for x in dims_order if x in bwd.dims],
+        cache=cache,
+        grads=grads,
+        dout_vars=[lw.var[d.adjoints[o]] for o in spec.outputs],
+        helpers=set(lw.helpers),
+        needs_dtype=forward_needs_dtype or backward_needs_dtype,
+        has_ell=has_ell,
+        index_ranges=dict(spec.gathers),
+    )

@@ -1,0 +1,206 @@
+"""Printers: SymPy expressions to NumPy source, to plain equation text, and names.
+
+:class:`NumpyPrinter` turns an elementwise expression whose tensor occurrences have already
+been replaced by symbols (each standing for an array aligned to the statement's index frame)
+into NumPy source. It prints only NumPy functions that keep the dtype of their array argument.
+"""
+
+from __future__ import annotations
+
+import builtins
+import keyword
+
+import sympy as sp
+from sympy.printing.numpy import NumPyPrinter as _SympyNumPyPrinter
+from sympy.printing.str import StrPrinter
+
+from .functions import relu, sigmoid, softplus, step, stop_gradient, xlogy
+
+#: Names the generated code itself uses; a user name equal to one of these gets a suffix.
+RESERVED = frozenset(
+    set(keyword.kwlist)
+    | set(keyword.softkwlist)
+    | {"np", "cache", "dout", "sizes", "dtype", "batch_shape"}
+    | {n for n in dir(builtins) if not n.startswith("_")} - {"input", "type", "format", "vars"}
+)
+
+
+class Namer:
+    """One source of Python names for a module: user names kept where possible, temporaries
+    ``t0, t1, ...`` that cannot collide with any name already taken."""
+
+    def __init__(self, taken=()):
+        self.taken: set[str] = set(RESERVED) | set(taken)
+        self.counter = 0
+
+    def claim(self, name: str) -> str:
+        cand = name
+        while cand in self.taken:
+            cand = f"{cand}_"
+        self.taken.add(cand)
+        return cand
+
+    def temp(self) -> str:
+        while f"t{self.counter}" in self.taken:
+            self.counter += 1
+        name = f"t{self.counter}"
+        self.taken.add(name)
+        self.counter += 1
+        return name
+
+
+class NumpyPrinter(_SympyNumPyPrinter):
+    """SymPy -> NumPy source with ``np.`` prefixes, float literals, stable special functions."""
+
+    def __init__(self, names: dict, arrays: set, helpers: set, flags: dict):
+        super().__init__({"fully_qualified_modules": True, "allow_unknown_functions": False})
+        self.names = names  # Symbol -> source text
+        self.arrays = arrays  # Symbols standing for arrays
+        self.helpers = helpers  # helper functions used (filled while printing)
+        self.flags = flags  # {"dtype": bool} whether the code needs the dtype variable
+
+    def _module_format(self, fqn, register=True):
+        text = super()._module_format(fqn, register)
+        return "np." + text[len("numpy.") :] if text.startswith("numpy.") else text
+
+    def _print_Symbol(self, expr):
+        if expr in self.names:
+            return self.names[expr]
+        return super()._print_Symbol(expr)
+
+    _print_Dummy = _print_Symbol
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Rational(self, expr):
+        return repr(float(expr))
+
+    def _print_Half(self, expr):
+        return "0.5"
+
+    def _print_Integer(self, expr):
+        return str(int(expr))
+
+    def _print_Pi(self, expr):
+        return "np.pi"
+
+    def _print_Exp1(self, expr):
+        return "np.e"
+
+    def _print_Pow(self, expr, rational=False):
+        base, exp = expr.as_base_exp()
+        if exp == -1:
+            return f"1 / {self.parenthesize(base, sp.printing.precedence.PRECEDENCE['Mul'] + 1)}"
+        if exp == sp.Rational(1, 2):
+            return f"np.sqrt({self._print(base)})"
+        if exp == sp.Rational(-1, 2):
+            return f"1 / np.sqrt({self._print(base)})"
+        if exp.is_Integer and exp < 0:
+            return (
+                f"1 / {self.parenthesize(base, sp.printing.precedence.PRECEDENCE['Pow'])}"
+                f"**{int(-exp)}"
+            )
+        return super()._print_Pow(expr, rational=rational)
+
+    def _print_sigmoid(self, expr):
+        return f"np.exp(-np.logaddexp(0, -{self.parenthesize(expr.args[0], 60)}))"
+
+    def _print_softplus(self, expr):
+        return f"np.logaddexp(0, {self._print(expr.args[0])})"
+
+    def _print_relu(self, expr):
+        return f"np.maximum({self._print(expr.args[0])}, 0)"
+
+    def _print_step(self, expr):
+        return f"np.heaviside({self._print(expr.args[0])}, 0)"
+
+    def _print_Heaviside(self, expr):
+        h0 = expr.args[1] if len(expr.args) > 1 else sp.Rational(1, 2)
+        return f"np.heaviside({self._print(expr.args[0])}, {self._print(h0)})"
+
+    def _print_xlogy(self, expr):
+        a, b = (self._print(x) for x in expr.args)
+        return f"{self.parenthesize(expr.args[0], 50)} * np.log(np.where({a} == 0, 1, {b}))"
+
+    def _print_stop_gradient(self, expr):
+        return self._print(expr.args[0])
+
+    def _print_erf(self, expr):
+        self.helpers.add("_erf")
+        return f"_erf({self._print(expr.args[0])})"
+
+    def _print_Abs(self, expr):
+        return f"np.abs({self._print(expr.args[0])})"
+
+    def _print_sign(self, expr):
+        return f"np.sign({self._print(expr.args[0])})"
+
+    def _nested(self, fn, args):
+        args = sorted(args, key=sp.default_sort_key)
+        text = self._print(args[0])
+        for a in args[1:]:
+            text = f"{fn}({text}, {self._print(a)})"
+        return text
+
+    def _print_Max(self, expr):
+        return self._nested("np.maximum", expr.args)
+
+    def _print_Min(self, expr):
+        return self._nested("np.minimum", expr.args)
+
+    def _is_array(self, expr):
+        return any(s in self.arrays for s in expr.free_symbols)
+
+    def _print_Piecewise(self, expr):
+        pairs = list(expr.args)
+        if pairs[-1].cond != sp.true:
+            raise ValueError("a Piecewise requires a final 'otherwise' branch")
+        text = self._print(pairs[-1].expr)
+        for e, c in reversed(pairs[:-1]):
+            cond = self._print(c)
+            if isinstance(c, sp.core.relational.Relational):
+                cond = cond[1:-1]
+            text = f"np.where({cond}, {self._print(e)}, {text})"
+        if not any(self._is_array(e) for e, _ in pairs):
+            self.flags["dtype"] = True
+            text = f"{text}.astype(dtype)"
+        return text
+
+    def _print_Relational(self, expr):
+        op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[expr.rel_op]
+        return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
+
+    def _print_And(self, expr):
+        return " & ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return " | ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Not(self, expr):
+        return f"~({self._print(expr.args[0])})"
+
+
+class EquationPrinter(StrPrinter):
+    """Equations as text, in the syntax ``symdl derive`` reads (used for code comments)."""
+
+    def _print_Indexed(self, expr):
+        idx = ", ".join(self._print(i) for i in expr.indices)
+        return f"{self._print(expr.base.label)}[{idx}]"
+
+    def _print_Symbol(self, expr):
+        if expr.name == "..." and expr.is_positive:
+            return "Size(...)"
+        return expr.name
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+
+def equation_text(expr) -> str:
+    return EquationPrinter({"order": "none"}).doprint(expr)
+
+
+# keep these names importable from one place for the printer's method lookup
+__all__ = ["Namer", "NumpyPrinter", "EquationPrinter", "equation_text", "RESERVED"]
+_ = (relu, sigmoid, softplus, step, stop_gradient, xlogy)

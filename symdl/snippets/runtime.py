@@ -1,0 +1,112 @@
+"""Argument checks copied into every generated module (which depends on NumPy alone).
+
+Each function below is embedded verbatim, by its source; it may use ``np`` and the generated
+module's ``NAME`` (the layer's name) and nothing else from outside its body.
+"""
+
+import numpy as np
+
+NAME = "layer"
+
+
+def _float_arg(name, value, dtype=None):
+    """``value`` as a floating-point array (of ``dtype`` when given)."""
+    array = np.asarray(value)
+    if dtype is None:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(
+                f"{NAME}: argument {name!r} requires a floating-point array, got dtype "
+                f"{array.dtype}"
+            )
+        return array
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(
+            f"{NAME}: argument {name!r} requires a numeric array, got dtype {array.dtype}"
+        )
+    return array.astype(dtype, copy=False)
+
+
+def _int_arg(name, value):
+    """``value`` as an integer array."""
+    array = np.asarray(value)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(
+            f"{NAME}: argument {name!r} requires an integer array, got dtype {array.dtype}"
+        )
+    return array
+
+
+def _common_dtype(arrays):
+    """The one floating dtype shared by the differentiable arguments."""
+    dtypes = {name: array.dtype for name, array in arrays.items()}
+    first = next(iter(dtypes.values()))
+    for name, dtype in dtypes.items():
+        if dtype != first:
+            listed = ", ".join(f"{n}: {d}" for n, d in dtypes.items())
+            raise TypeError(f"{NAME}: arguments require one floating dtype, got {listed}")
+    return first
+
+
+def _bind_shapes(arrays, shapes):
+    """Check each array's shape against its dimension names; return the size of each name.
+
+    A leading "..." stands for any number of batch dimensions, shared by every argument.
+    """
+    sizes = {}
+    source = {}
+    for name, array in arrays.items():
+        dims = shapes[name]
+        shape = array.shape
+        if dims and dims[0] == "...":
+            fixed = len(dims) - 1
+            if len(shape) < fixed:
+                raise ValueError(
+                    f"{NAME}: argument {name!r} requires at least {fixed} dimensions "
+                    f"(..., {', '.join(dims[1:])}), got shape {shape}"
+                )
+            pairs = [("...", shape[: len(shape) - fixed])] + list(
+                zip(dims[1:], shape[len(shape) - fixed :])
+            )
+        else:
+            if len(shape) != len(dims):
+                raise ValueError(
+                    f"{NAME}: argument {name!r} requires {len(dims)} dimensions "
+                    f"({', '.join(dims)}), got shape {shape}"
+                )
+            pairs = list(zip(dims, shape))
+        for dim, size in pairs:
+            if dim in sizes and sizes[dim] != size:
+                expected = tuple(sizes.get(d, "?") for d in dims)
+                raise ValueError(
+                    f"{NAME}: argument {name!r} expected shape ({', '.join(dims)}) = "
+                    f"{expected}, got {shape}: dimension {dim!r} is {sizes[dim]} in "
+                    f"{source[dim]!r} but {size} here"
+                )
+            sizes[dim] = size
+            source.setdefault(dim, name)
+    return sizes
+
+
+def _check_dout(name, value, shape, dtype):
+    """The incoming gradient of output ``name``, checked against the output's shape."""
+    array = np.asarray(value)
+    if array.shape != tuple(shape):
+        raise ValueError(
+            f"{NAME}: the gradient of output {name!r} requires shape {tuple(shape)}, "
+            f"got {array.shape}"
+        )
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(
+            f"{NAME}: the gradient of output {name!r} requires a floating-point array, "
+            f"got dtype {array.dtype}"
+        )
+    return array.astype(dtype, copy=False)
+
+
+def _check_index(name, array, size):
+    """Integer indices must lie in [0, size)."""
+    if array.size and (array.min() < 0 or array.max() >= size):
+        raise ValueError(
+            f"{NAME}: argument {name!r} requires integers in [0, {size}), got values in "
+            f"[{array.min()}, {array.max()}]"
+        )

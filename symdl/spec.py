@@ -1,0 +1,696 @@
+"""Layer specifications: equations in index notation, validated and put in A-normal form.
+
+A layer is an ordered list of indexed assignments ``lhs[indices] = rhs`` over
+
+* tensors: differentiable ``inputs``, trainable ``params``, non-differentiable ``consts``
+  (targets, integer indices, masks) and the intermediates the equations define;
+* index symbols (integers whose ranges come from the shapes of the tensors they index);
+* hyperparameters (scalars passed as keyword arguments, with optional defaults).
+
+:func:`Layer.spec` checks the equations and returns a :class:`Spec`: every ``Sum``/``Max`` is
+hoisted into a named intermediate (A-normal form), so each assignment is either elementwise over
+its left-hand indices or one reduction of an elementwise body, and every index is assigned a
+named dimension.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+import sympy as sp
+
+from .errors import SpecError
+from .functions import ALLOWED_FUNCTIONS, IndexMax, IndexSum, Size, _Reduction
+
+#: The leading-dimensions index: ``x[..., d]`` in equation text, ``x[ELL, d]`` from Python.
+ELL = sp.Symbol("...", integer=True)
+
+_IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def tensors(names: str | Iterable[str]) -> tuple[sp.IndexedBase, ...] | sp.IndexedBase:
+    """Tensor symbols for equations: ``x, w, y = tensors("x w y")``."""
+    if isinstance(names, str):
+        names = names.replace(",", " ").split()
+    out = tuple(sp.IndexedBase(n, real=True) for n in names)
+    return out[0] if len(out) == 1 else out
+
+
+def indices(names: str | Iterable[str]) -> tuple[sp.Symbol, ...] | sp.Symbol:
+    """Index symbols for equations: ``n, i, o = indices("n i o")``."""
+    if isinstance(names, str):
+        names = names.replace(",", " ").split()
+    out = tuple(sp.Symbol(n, integer=True) for n in names)
+    return out[0] if len(out) == 1 else out
+
+
+def scalar(name: str) -> sp.Symbol:
+    """A scalar symbol: a hyperparameter or a 0-d tensor (a loss)."""
+    return sp.Symbol(name, real=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a layer: its role, rank, dimension names and element kind."""
+
+    name: str
+    role: str  # "input" | "param" | "const" | "intermediate"
+    rank: int  # number of index positions, the leading ``...`` counted as one
+    dims: tuple[str, ...]  # one dimension name per index position ("..." for ELL)
+    kind: str = "float"  # "float" | "int"
+
+    @property
+    def has_ell(self) -> bool:
+        return bool(self.dims) and self.dims[0] == "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class Assign:
+    """One assignment of the A-normal form.
+
+    ``op`` is ``"map"`` (``target[indices] = expr``, elementwise), ``"sum"`` or ``"max"``
+    (``target[indices] = op(expr, reduce)``). ``scope`` is the number of the user equation the
+    assignment comes from: index symbols are local to an equation.
+    """
+
+    target: str
+    indices: tuple[sp.Symbol, ...]
+    op: str
+    expr: sp.Expr
+    reduce: tuple[sp.Symbol, ...] = ()
+    scope: int = 0
+
+    @property
+    def all_indices(self) -> tuple[sp.Symbol, ...]:
+        return self.indices + self.reduce
+
+
+@dataclasses.dataclass
+class Spec:
+    """A validated layer: tensors, A-normal-form assignments and dimension names."""
+
+    name: str
+    inputs: tuple[str, ...]
+    params: tuple[str, ...]
+    consts: tuple[str, ...]
+    hyper: dict[str, object]
+    outputs: tuple[str, ...]
+    tensors: dict[str, TensorInfo]
+    assigns: list[Assign]
+    equations: list[tuple[sp.Expr, sp.Expr]]
+    index_dims: dict[tuple[int, sp.Symbol], str]
+    dims: tuple[str, ...]
+    doc: str = ""
+    gathers: dict[str, str] = dataclasses.field(default_factory=dict)  # int const -> range dim
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return self.inputs + self.params
+
+    def dim_of(self, scope: int, index: sp.Symbol) -> str:
+        return self.index_dims[(scope, index)]
+
+    def shapes(self) -> dict[str, tuple[str, ...]]:
+        names = self.args + self.consts + self.outputs
+        return {n: self.tensors[n].dims for n in names}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers over expressions
+# ---------------------------------------------------------------------------------------------
+
+
+def tensor_name(node) -> str | None:
+    """The tensor name of an ``Indexed`` node, else None."""
+    if isinstance(node, sp.Indexed):
+        return str(node.base.label)
+    return None
+
+
+def is_index(sym) -> bool:
+    return isinstance(sym, sp.Symbol) and bool(sym.is_integer)
+
+
+def occurrences(expr: sp.Expr, names: Iterable[str]) -> list[sp.Expr]:
+    """The distinct occurrences (``Indexed`` nodes or 0-d symbols) of the named tensors in
+    ``expr``, sorted deterministically."""
+    names = set(names)
+    found = set()
+    for node in sp.preorder_traversal(expr):
+        if isinstance(node, sp.Indexed) and str(node.base.label) in names:
+            found.add(node)
+        elif isinstance(node, sp.Symbol) and not is_index(node) and node.name in names:
+            found.add(node)
+    return sorted(found, key=sp.default_sort_key)
+
+
+def occurrence_name(node) -> str:
+    return str(node.base.label) if isinstance(node, sp.Indexed) else node.name
+
+
+def occurrence_indices(node) -> tuple:
+    return tuple(node.indices) if isinstance(node, sp.Indexed) else ()
+
+
+def plain_indices(node) -> tuple[sp.Symbol, ...]:
+    """Every index symbol an occurrence depends on, in order of first appearance (the symbols
+    inside a gather ``c[n]`` included)."""
+    out: list[sp.Symbol] = []
+    for ix in occurrence_indices(node):
+        syms = [ix] if is_index(ix) else list(ix.indices)
+        for s in syms:
+            if s not in out:
+                out.append(s)
+    return tuple(out)
+
+
+def free_indices(expr: sp.Expr) -> set[sp.Symbol]:
+    """Index symbols free in ``expr`` (not bound by a reduction inside it)."""
+    if isinstance(expr, _Reduction):
+        return free_indices(expr.body) - set(expr.indices)
+    if isinstance(expr, sp.Indexed):
+        return set(plain_indices(expr))
+    if isinstance(expr, Size):
+        return set()
+    if is_index(expr):
+        return {expr}
+    out: set[sp.Symbol] = set()
+    for a in expr.args:
+        out |= free_indices(a)
+    return out
+
+
+def ordered(symbols: Iterable[sp.Symbol], context: Sequence[sp.Symbol]) -> tuple[sp.Symbol, ...]:
+    """``symbols`` in the order of ``context``, any others after them by name."""
+    symbols = set(symbols)
+    first = [s for s in context if s in symbols]
+    rest = sorted(symbols - set(first), key=lambda s: s.name)
+    return tuple(first + rest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------------------------
+
+
+def _names(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return tuple(v for v in value.replace(",", " ").split() if v)
+    return tuple(str(v) for v in value)
+
+
+class Layer:
+    """A layer written as equations in index notation.
+
+    ``equations`` is a sequence of ``(lhs, rhs)`` pairs or ``sympy.Eq``; ``lhs`` is an
+    ``Indexed`` tensor (``y[n, o]``) or a scalar symbol (a loss ``L``). ``hyper`` maps
+    hyperparameter names to defaults (``None``: required). ``shapes`` may name the dimensions
+    of the arguments (``{"x": ("N", "in")}``); other dimensions are named after their index.
+    ``checks`` holds what the tests need (input domains, tolerances); the engine ignores it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        equations: Sequence,
+        *,
+        inputs=(),
+        params=(),
+        consts=(),
+        hyper: Mapping[str, object] | None = None,
+        outputs=None,
+        shapes: Mapping[str, Sequence[str]] | None = None,
+        int_consts=(),
+        doc: str = "",
+        checks: Mapping[str, object] | None = None,
+    ):
+        self.name = name
+        self.equations = [_as_pair(eq, k) for k, eq in enumerate(equations)]
+        self.inputs = _names(inputs)
+        self.params = _names(params)
+        self.consts = _names(consts)
+        self.int_consts = _names(int_consts)
+        self.hyper = dict(hyper or {})
+        self.outputs = _names(outputs) if outputs is not None else None
+        self.shapes = {k: tuple(v) for k, v in (shapes or {}).items()}
+        self.doc = doc
+        self.checks = dict(checks or {})
+        self._spec: Spec | None = None
+
+    def __repr__(self) -> str:
+        lines = [f"Layer {self.name!r}"]
+        for lhs, rhs in self.equations:
+            lines.append(f"  {sp.sstr(lhs)} = {sp.sstr(rhs)}")
+        return "\n".join(lines)
+
+    def spec(self) -> Spec:
+        """Validate the equations and return the :class:`Spec` (computed once)."""
+        if self._spec is None:
+            try:
+                self._spec = _build_spec(self)
+            except SpecError as err:
+                raise err.with_context(f"layer {self.name!r}") from None
+        return self._spec
+
+
+def _as_pair(eq, k):
+    if isinstance(eq, sp.Equality):
+        return eq.lhs, eq.rhs
+    try:
+        lhs, rhs = eq
+    except (TypeError, ValueError):
+        raise SpecError(
+            f"equation {k + 1} requires a (lhs, rhs) pair or sympy.Eq, got {eq!r}"
+        ) from None
+    return lhs, sp.sympify(rhs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the spec
+# ---------------------------------------------------------------------------------------------
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a, b):
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+def _build_spec(layer: Layer) -> Spec:
+    if not _IDENT.match(layer.name or ""):
+        raise SpecError(
+            f"a layer name requires letters, digits and underscores starting with a letter, "
+            f"got {layer.name!r}"
+        )
+    if not layer.equations:
+        raise SpecError("a layer requires at least one equation, got none")
+    declared = layer.inputs + layer.params + layer.consts
+    for n in declared + tuple(layer.hyper):
+        if not _IDENT.match(n):
+            raise SpecError(f"a name requires an identifier, got {n!r}")
+    seen: set[str] = set()
+    for n in declared + tuple(layer.hyper):
+        if n in seen:
+            raise SpecError(f"each name requires one role, got {n!r} declared twice")
+        seen.add(n)
+    if not (layer.inputs or layer.params):
+        raise SpecError("a layer requires at least one input or parameter, got none")
+
+    ranks: dict[str, int] = {}
+    has_ell: dict[str, bool] = {}
+    defined: list[str] = []
+    gather_consts: set[str] = set()
+
+    def where(k):
+        return f"equation {k + 1}"
+
+    # ---- validate each equation ---------------------------------------------------------
+    for k, (lhs, rhs) in enumerate(layer.equations):
+        if isinstance(lhs, sp.Indexed):
+            tname, lhs_idx = tensor_name(lhs), tuple(lhs.indices)
+        elif isinstance(lhs, sp.Symbol) and not is_index(lhs):
+            tname, lhs_idx = lhs.name, ()
+        else:
+            raise SpecError(
+                f"the left side of {where(k)} requires a tensor like y[n, o] or a scalar name, "
+                f"got {sp.sstr(lhs)}"
+            )
+        if not _IDENT.match(tname):
+            raise SpecError(f"a tensor name requires an identifier, got {tname!r} in {where(k)}")
+        if tname in declared or tname in layer.hyper:
+            raise SpecError(
+                f"{where(k)} assigns {tname!r}, which requires a new name: it is declared as "
+                f"an argument or hyperparameter"
+            )
+        if tname in defined:
+            raise SpecError(
+                f"each tensor requires one defining equation, got {tname!r} assigned again in "
+                f"{where(k)}"
+            )
+        for p, ix in enumerate(lhs_idx):
+            if not is_index(ix):
+                raise SpecError(
+                    f"the left side of {where(k)} requires plain index symbols, got "
+                    f"{sp.sstr(ix)} at position {p + 1} of {tname}"
+                )
+            if ix == ELL and p != 0:
+                raise SpecError(f"'...' requires the first position, got position {p + 1} in {where(k)}")
+        if len(set(lhs_idx)) != len(lhs_idx):
+            raise SpecError(
+                f"the left side of {where(k)} requires distinct indices, got "
+                f"{sp.sstr(lhs)}"
+            )
+        known = set(declared) | set(defined)
+        _check_expr(rhs, k, known, layer, ranks, has_ell, gather_consts)
+        free = free_indices(rhs)
+        extra = free - set(lhs_idx)
+        if extra:
+            names = ", ".join(sorted(s.name for s in extra))
+            raise SpecError(
+                f"index {names} in {where(k)} requires a place on the left side or a "
+                f"Sum(..., {names}) around it, got it on the right side only"
+            )
+        ranks[tname] = len(lhs_idx)
+        has_ell[tname] = bool(lhs_idx) and lhs_idx[0] == ELL
+        defined.append(tname)
+
+    for n in declared:
+        if n not in ranks:
+            raise SpecError(f"argument {n!r} requires a use in the equations, got none")
+    for n in layer.hyper:
+        used = any(
+            sp.Symbol(n, real=True) in rhs.free_symbols or n in {s.name for s in rhs.free_symbols}
+            for _, rhs in layer.equations
+        )
+        if not used:
+            raise SpecError(f"hyperparameter {n!r} requires a use in the equations, got none")
+
+    outputs = layer.outputs if layer.outputs is not None else (defined[-1],)
+    if not outputs:
+        raise SpecError("a layer requires at least one output, got none")
+    for o in outputs:
+        if o not in defined:
+            raise SpecError(
+                f"output {o!r} requires a tensor defined by an equation; defined: "
+                f"{', '.join(defined)}"
+            )
+
+    # ---- A-normal form ------------------------------------------------------------------
+    taken = set(declared) | set(defined) | set(layer.hyper)
+    counter = [0]
+
+    def fresh() -> str:
+        while f"t{counter[0]}" in taken:
+            counter[0] += 1
+        name = f"t{counter[0]}"
+        taken.add(name)
+        counter[0] += 1
+        return name
+
+    assigns: list[Assign] = []
+    for k, (lhs, rhs) in enumerate(layer.equations):
+        tname = tensor_name(lhs) or lhs.name
+        lhs_idx = tuple(lhs.indices) if isinstance(lhs, sp.Indexed) else ()
+
+        def hoist(expr, context, k=k):
+            """Replace each reduction inside ``expr`` by a fresh intermediate."""
+            if isinstance(expr, _Reduction):
+                inner_context = tuple(context) + tuple(expr.indices)
+                body = hoist(expr.body, inner_context)
+                free = ordered(free_indices(body) - set(expr.indices), context)
+                name = fresh()
+                op = "sum" if isinstance(expr, IndexSum) else "max"
+                assigns.append(Assign(name, free, op, body, tuple(expr.indices), k))
+                ranks[name] = len(free)
+                has_ell[name] = bool(free) and free[0] == ELL
+                if ELL in free and free[0] != ELL:
+                    free = (ELL,) + tuple(s for s in free if s != ELL)
+                return sp.IndexedBase(name, real=True)[free] if free else sp.Symbol(name, real=True)
+            if not expr.args or isinstance(expr, (sp.Indexed, Size)):
+                return expr
+            return expr.func(*[hoist(a, context) for a in expr.args])
+
+        if isinstance(rhs, _Reduction) and set(free_indices(rhs)) == set(lhs_idx):
+            body = hoist(rhs.body, lhs_idx + tuple(rhs.indices))
+            op = "sum" if isinstance(rhs, IndexSum) else "max"
+            assigns.append(Assign(tname, lhs_idx, op, body, tuple(rhs.indices), k))
+        else:
+            assigns.append(Assign(tname, lhs_idx, "map", hoist(rhs, lhs_idx), (), k))
+
+    # ---- dimensions -----------------------------------------------------------------------
+    uf = _UnionFind()
+    for a in assigns:
+        uf.find(("I", a.scope, ELL)) if ELL in a.all_indices else None
+        for p, ix in enumerate(a.indices):
+            uf.union(("T", a.target, p), ("I", a.scope, ix))
+        for occ in occurrences(a.expr, ranks):
+            oname = occurrence_name(occ)
+            for p, ix in enumerate(occurrence_indices(occ)):
+                if is_index(ix):
+                    uf.union(("T", oname, p), ("I", a.scope, ix))
+                else:  # a gather c[n, ...]: the index tensor's axes follow its own indices
+                    cname = tensor_name(ix)
+                    for q, jx in enumerate(ix.indices):
+                        uf.union(("T", cname, q), ("I", a.scope, jx))
+        for ix in a.reduce:
+            uf.find(("I", a.scope, ix))
+    # one shared batch shape for every '...'
+    ell_keys = [key for key in list(uf.parent) if key[0] == "I" and key[2] == ELL]
+    for t, r in ranks.items():
+        if has_ell.get(t):
+            ell_keys.append(("T", t, 0))
+    for key in ell_keys[1:]:
+        uf.union(ell_keys[0], key)
+
+    # names: declared shapes first, then "..." for the batch dims, then the index letter
+    names: dict = {}
+    for t, dims in layer.shapes.items():
+        if t not in ranks:
+            raise SpecError(f"shapes names {t!r}, which requires a tensor of the layer, got none")
+        if len(dims) != ranks[t]:
+            raise SpecError(
+                f"the shape of {t!r} requires {ranks[t]} dimension names (its rank in the "
+                f"equations), got {len(dims)}: {dims}"
+            )
+        for p, d in enumerate(dims):
+            root = uf.find(("T", t, p))
+            if root in names and names[root] != d:
+                raise SpecError(
+                    f"dimension {d!r} of {t!r} (position {p + 1}) and dimension "
+                    f"{names[root]!r} must be equal by the equations, which requires one name, "
+                    f"got two"
+                )
+            names[root] = d
+    if ell_keys:
+        root = uf.find(ell_keys[0])
+        if root in names and names[root] != "...":
+            raise SpecError(f"'...' requires the name '...', got {names[root]!r}")
+        names[root] = "..."
+    used_names = set(names.values())
+    for a in assigns:
+        for ix in a.all_indices:
+            root = uf.find(("I", a.scope, ix))
+            if root not in names:
+                base = ix.name.upper()
+                cand, n = base, 2
+                while cand in used_names:
+                    cand, n = f"{base}{n}", n + 1
+                names[root] = cand
+                used_names.add(cand)
+    for t in ranks:
+        for p in range(ranks[t]):
+            root = uf.find(("T", t, p))
+            if root not in names:  # an axis no index touches: the gathered axis of a table
+                base = f"{t}{p}".upper()
+                cand, n = base, 2
+                while cand in used_names:
+                    cand, n = f"{base}_{n}", n + 1
+                names[root] = cand
+                used_names.add(cand)
+
+    index_dims: dict = {}
+    for a in assigns:
+        for ix in a.all_indices:
+            index_dims[(a.scope, ix)] = names[uf.find(("I", a.scope, ix))]
+        for occ in occurrences(a.expr, ranks):
+            for ix in occurrence_indices(occ):
+                for s in [ix] if is_index(ix) else list(ix.indices):
+                    index_dims[(a.scope, s)] = names[uf.find(("I", a.scope, s))]
+
+    tensors_: dict[str, TensorInfo] = {}
+    for t, r in ranks.items():
+        dims = tuple(names[uf.find(("T", t, p))] for p in range(r))
+        if t in layer.inputs:
+            role = "input"
+        elif t in layer.params:
+            role = "param"
+        elif t in layer.consts:
+            role = "const"
+        else:
+            role = "intermediate"
+        kind = "int" if (t in gather_consts or t in layer.int_consts) else "float"
+        tensors_[t] = TensorInfo(t, role, r, dims, kind)
+
+    # every dimension must be readable from an argument's shape
+    provided = {d for t in declared for d in tensors_[t].dims}
+    for a in assigns:
+        for ix in a.all_indices:
+            d = index_dims[(a.scope, ix)]
+            if d not in provided:
+                raise SpecError(
+                    f"the range of index {ix.name} in equation {a.scope + 1} requires a "
+                    f"dimension of some argument's shape, got none (dimension {d!r} is not the "
+                    f"size of any input, parameter or constant)"
+                )
+
+    # the mean's counts become dimension symbols
+    def resolve_sizes(expr, scope):
+        reps = {}
+        for node in sp.preorder_traversal(expr):
+            if isinstance(node, Size):
+                ix = node.args[0]
+                if (scope, ix) not in index_dims:
+                    raise SpecError(f"Size({ix}) in equation {scope + 1} requires a known index")
+                reps[node] = dim_symbol(index_dims[(scope, ix)])
+        return expr.xreplace(reps) if reps else expr
+
+    assigns = [dataclasses.replace(a, expr=resolve_sizes(a.expr, a.scope)) for a in assigns]
+
+    gathers: dict[str, str] = {}
+    for a in assigns:
+        for occ in occurrences(a.expr, ranks):
+            for p, ix in enumerate(occurrence_indices(occ)):
+                if not is_index(ix):
+                    dim = tensors_[occurrence_name(occ)].dims[p]
+                    cname = tensor_name(ix)
+                    if gathers.get(cname, dim) != dim:
+                        raise SpecError(
+                            f"integer constant {cname!r} requires one range, got it indexing "
+                            f"dimensions {gathers[cname]!r} and {dim!r}"
+                        )
+                    gathers[cname] = dim
+
+    dims_order: list[str] = []
+    for t in declared:
+        for d in tensors_[t].dims:
+            if d not in dims_order:
+                dims_order.append(d)
+    return Spec(
+        name=layer.name,
+        inputs=layer.inputs,
+        params=layer.params,
+        consts=layer.consts,
+        hyper=dict(layer.hyper),
+        outputs=tuple(outputs),
+        tensors=tensors_,
+        assigns=assigns,
+        equations=list(layer.equations),
+        index_dims=index_dims,
+        dims=tuple(dims_order),
+        doc=layer.doc,
+        gathers=gathers,
+    )
+
+
+def dim_symbol(name: str) -> sp.Symbol:
+    """The symbol standing for the size of dimension ``name`` (a positive integer)."""
+    return sp.Symbol(name, integer=True, positive=True)
+
+
+def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
+    """Reject anything but tensors, indices, numbers, hyperparameters and allowed functions."""
+    where = f"equation {k + 1}"
+    if isinstance(expr, _Reduction):
+        for ix in expr.indices:
+            if not is_index(ix):
+                raise SpecError(
+                    f"{expr.op_name} in {where} requires index symbols to reduce over, got "
+                    f"{sp.sstr(ix)}"
+                )
+        _check_expr(expr.body, k, known, layer, ranks, has_ell, gather_consts, bound + expr.indices)
+        return
+    if isinstance(expr, sp.Indexed):
+        name = tensor_name(expr)
+        if name not in known:
+            raise SpecError(
+                f"tensor {name!r} in {where} requires a declaration (input, param or const) or "
+                f"an earlier equation defining it, got neither"
+            )
+        idx = tuple(expr.indices)
+        _check_rank(name, len(idx), idx and idx[0] == ELL, where, ranks, has_ell)
+        for p, ix in enumerate(idx):
+            if is_index(ix):
+                if ix == ELL and p != 0:
+                    raise SpecError(f"'...' requires the first position, got position {p + 1} of {name} in {where}")
+                continue
+            if isinstance(ix, sp.Indexed):
+                cname = tensor_name(ix)
+                if cname not in layer.consts:
+                    raise SpecError(
+                        f"an index position holding a tensor requires an integer constant "
+                        f"(declared with consts), got {cname!r} in {name}[...] in {where}"
+                    )
+                for jx in ix.indices:
+                    if not is_index(jx):
+                        raise SpecError(
+                            f"a gather index {cname}[...] requires plain index symbols, got "
+                            f"{sp.sstr(jx)} in {where}"
+                        )
+                _check_rank(cname, len(ix.indices), bool(ix.indices) and ix.indices[0] == ELL, where, ranks, has_ell)
+                gather_consts.add(cname)
+                continue
+            raise SpecError(
+                f"an index position requires an index symbol or an integer constant c[n], got "
+                f"{sp.sstr(ix)} at position {p + 1} of {name} in {where}"
+            )
+        if len(set(i for i in idx if is_index(i))) != len([i for i in idx if is_index(i)]):
+            raise SpecError(f"a tensor occurrence requires distinct indices, got {sp.sstr(expr)} in {where}")
+        return
+    if isinstance(expr, sp.Symbol):
+        if is_index(expr):
+            raise SpecError(
+                f"index {expr.name} in {where} requires a tensor position, got it used as a value"
+            )
+        if expr.name in known:
+            _check_rank(expr.name, 0, False, where, ranks, has_ell)
+            return
+        if expr.name in layer.hyper:
+            return
+        raise SpecError(
+            f"name {expr.name!r} in {where} requires a declaration as a tensor or hyperparameter, "
+            f"got an unknown name"
+        )
+    if isinstance(expr, Size):
+        if not is_index(expr.args[0]):
+            raise SpecError(f"Size in {where} requires an index symbol, got {sp.sstr(expr.args[0])}")
+        return
+    if isinstance(expr, (sp.Number, sp.NumberSymbol)) or expr in (sp.true, sp.false):
+        if expr.has(sp.zoo, sp.oo, sp.nan, -sp.oo):
+            raise SpecError(f"{where} requires finite numbers, got {sp.sstr(expr)}")
+        return
+    if isinstance(expr, (sp.Function, sp.Piecewise, sp.Max, sp.Min)):
+        if not isinstance(expr, ALLOWED_FUNCTIONS):
+            raise SpecError(
+                f"function {type(expr).__name__!r} in {where} requires a name from the formula "
+                f"sheet, got an unknown function"
+            )
+    elif isinstance(expr, (sp.Add, sp.Mul, sp.Pow, sp.Tuple)) or isinstance(
+        expr, (sp.core.relational.Relational, sp.logic.boolalg.BooleanFunction, sp.functions.elementary.piecewise.ExprCondPair)
+    ):
+        pass
+    else:
+        raise SpecError(f"{where} requires known operations, got {type(expr).__name__}: {sp.sstr(expr)}")
+    for a in expr.args:
+        _check_expr(a, k, known, layer, ranks, has_ell, gather_consts, bound)
+
+
+def _check_rank(name, rank, ell, where, ranks, has_ell):
+    if name in ranks and ranks[name] != rank:
+        raise SpecError(
+            f"tensor {name!r} requires the same number of indices everywhere, got {rank} in "
+            f"{where} and {ranks[name]} before"
+        )
+    if name in has_ell and has_ell[name] != ell:
+        raise SpecError(f"tensor {name!r} requires '...' everywhere or nowhere, got both ({where})")
+    ranks[name] = rank
+    has_ell[name] = bool(ell)
