@@ -107,13 +107,22 @@ def local_partial(expr: sp.Expr, occ: sp.Expr) -> sp.Expr:
 
 
 def _function_nodes(expr: sp.Expr, tensor_names) -> list[sp.Expr]:
-    """Function applications (and fractional powers) in ``expr`` that read a tensor."""
+    """Function applications (and fractional powers) in ``expr`` that read a tensor, outside
+    any ``Piecewise``: a value computed in one branch only must stay there, or the chain rule
+    would multiply the other branch's zero by its (possibly infinite) derivative."""
     found = []
-    for node in sp.preorder_traversal(expr):
+
+    def visit(node):
+        if isinstance(node, sp.Piecewise):
+            return
         is_fn = isinstance(node, sp.Function) and not isinstance(node, stop_gradient)
         is_root = isinstance(node, sp.Pow) and not node.exp.is_integer
         if (is_fn or is_root) and occurrences(node, tensor_names):
             found.append(node)
+        for a in node.args:
+            visit(a)
+
+    visit(expr)
     return found
 
 

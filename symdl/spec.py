@@ -140,14 +140,28 @@ def is_index(sym) -> bool:
 
 def occurrences(expr: sp.Expr, names: Iterable[str]) -> list[sp.Expr]:
     """The distinct occurrences (``Indexed`` nodes or 0-d symbols) of the named tensors in
-    ``expr``, sorted deterministically."""
+    ``expr``, sorted deterministically. Gather indices (``target`` in ``x[n, target[n]]``)
+    count as occurrences too; the label symbol inside an ``IndexedBase`` does not."""
     names = set(names)
     found = set()
-    for node in sp.preorder_traversal(expr):
-        if isinstance(node, sp.Indexed) and str(node.base.label) in names:
-            found.add(node)
-        elif isinstance(node, sp.Symbol) and not is_index(node) and node.name in names:
-            found.add(node)
+
+    def visit(node):
+        if isinstance(node, sp.Indexed):
+            if str(node.base.label) in names:
+                found.add(node)
+            for ix in node.indices:
+                visit(ix)
+            return
+        if isinstance(node, sp.IndexedBase):
+            return
+        if isinstance(node, sp.Symbol):
+            if not is_index(node) and node.name in names:
+                found.add(node)
+            return
+        for a in node.args:
+            visit(a)
+
+    visit(expr)
     return sorted(found, key=sp.default_sort_key)
 
 

@@ -159,3 +159,108 @@ def gradcheck(
             worst = max(worst, abs(numeric - analytic) / scale)
         errors[argname] = worst
     return GradcheckResult(name, errors, tol, problems)
+
+
+# ---- a reference evaluator of the equations -----------------------------------------------------
+
+
+def _scalar_functions():
+    import math
+
+    def sigmoid(x):
+        return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+    def softplus(x):
+        return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+    return {
+        "sigmoid": sigmoid,
+        "softplus": softplus,
+        "relu": lambda x: max(x, 0.0),
+        "step": lambda x: 1.0 if x > 0 else 0.0,
+        "xlogy": lambda a, b: 0.0 if a == 0 else a * math.log(b),
+        "stop_gradient": lambda x: x,
+        "erf": math.erf,
+        "Heaviside": lambda x, h0=0.5: 1.0 if x > 0 else (h0 if x == 0 else 0.0),
+    }
+
+
+def reference_forward(layer, *args, **kwargs):
+    """Evaluate a layer's equations element by element, with plain Python loops over every
+    index value and ``math`` functions: slow, simple, and independent of the lowering and the
+    generated code. For testing on small sizes."""
+    import itertools
+
+    import sympy as sp
+
+    from .spec import ELL, Layer, is_index, occurrence_indices, occurrence_name, occurrences
+
+    spec = layer.spec() if isinstance(layer, Layer) else layer
+    values = dict(zip(spec.args, args))
+    hyper = {k: v for k, v in spec.hyper.items()}
+    for k, v in kwargs.items():
+        if k in spec.hyper:
+            hyper[k] = v
+        else:
+            values[k] = v
+    arrays = {k: np.asarray(v) for k, v in values.items()}
+    sizes: dict = {}
+    batch_shape = None
+    for name, a in arrays.items():
+        dims = spec.tensors[name].dims
+        if dims and dims[0] == "...":
+            batch_shape = a.shape[: a.ndim - (len(dims) - 1)]
+            arrays[name] = a.reshape((-1,) + a.shape[len(batch_shape) :])
+        for d, n in zip(dims, arrays[name].shape):
+            sizes[d] = n
+    funcs = _scalar_functions()
+    for a in spec.assigns:
+        names = list(spec.tensors)
+        occs = occurrences(a.expr, names)
+        dummies = [sp.Dummy(f"o{k}") for k in range(len(occs))]
+        body = a.expr.xreplace(dict(zip(occs, dummies)))
+        hyper_syms = sorted(
+            (s for s in body.free_symbols if s.name in spec.hyper), key=lambda s: s.name
+        )
+        dim_syms = sorted(
+            (s for s in body.free_symbols if s.name in sizes and s not in hyper_syms),
+            key=lambda s: s.name,
+        )
+        fn = sp.lambdify(dummies + hyper_syms + dim_syms, body, modules=[funcs, "math"])
+        consts = [float(hyper[s.name]) for s in hyper_syms] + [sizes[s.name] for s in dim_syms]
+        idx_all = a.all_indices
+        ranges = [range(sizes[spec.index_dims[(a.scope, i)]]) for i in idx_all]
+        out_shape = tuple(sizes[spec.index_dims[(a.scope, i)]] for i in a.indices)
+        init = -np.inf if a.op == "max" else 0.0
+        out = np.full(out_shape, init)
+
+        def resolve(ix, env):
+            if is_index(ix):
+                return env[ix]
+            return int(arrays[occurrence_name(ix)][tuple(env[j] for j in ix.indices)])
+
+        for point in itertools.product(*ranges):
+            env = dict(zip(idx_all, point))
+            vals = []
+            for occ in occs:
+                arr = arrays[occurrence_name(occ)]
+                idx = tuple(resolve(ix, env) for ix in occurrence_indices(occ))
+                vals.append(float(arr[idx]) if idx else float(arr))
+            v = float(fn(*vals, *consts))
+            key = tuple(env[i] for i in a.indices)
+            if a.op == "map":
+                out[key] = v
+            elif a.op == "sum":
+                out[key] += v
+            else:
+                out[key] = max(out[key], v)
+        arrays[a.target] = out
+    outs = []
+    for o in spec.outputs:
+        arr = arrays[o]
+        dims = spec.tensors[o].dims
+        if dims and dims[0] == "...":
+            arr = arr.reshape(tuple(batch_shape) + arr.shape[1:])
+        outs.append(arr)
+    _ = ELL
+    return outs[0] if len(outs) == 1 else tuple(outs)
