@@ -24,6 +24,7 @@ from .errors import LowerError
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import (
     ELL,
+    dim_symbol,
     Assign,
     free_indices,
     is_index,
@@ -249,7 +250,7 @@ class Lowerer:
         present = set().union(*[set(i) for _, i in operands]) if operands else set()
         for ix in red:  # a reduced index no operand carries: the sum is a count
             if ix not in present:
-                coeff = coeff * sp.Symbol(self.spec.index_dims[(scope, ix)], integer=True, positive=True)
+                coeff = coeff * dim_symbol(self.spec.index_dims[(scope, ix)])
         red = tuple(i for i in red if i in present)
         if not operands:
             text = self.scalar(coeff)

@@ -234,6 +234,8 @@ def parse_equations(text: str, tensors, hyper=()) -> list[tuple[sp.Expr, sp.Expr
                 line=line,
                 column=col,
             )
+    # one equation per line: indentation carries no meaning here
+    text = "\n".join(line.lstrip() for line in text.splitlines())
     try:
         tree = ast.parse(text, mode="exec")
     except SyntaxError as err:

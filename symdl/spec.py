@@ -134,8 +134,15 @@ def tensor_name(node) -> str | None:
     return None
 
 
+class Dim(sp.Symbol):
+    """The size of a named dimension (a positive integer known at run time)."""
+
+    def __new__(cls, name):
+        return super().__new__(cls, name, integer=True, positive=True)
+
+
 def is_index(sym) -> bool:
-    return isinstance(sym, sp.Symbol) and bool(sym.is_integer)
+    return isinstance(sym, sp.Symbol) and not isinstance(sym, Dim) and bool(sym.is_integer)
 
 
 def occurrences(expr: sp.Expr, names: Iterable[str]) -> list[sp.Expr]:
@@ -608,7 +615,7 @@ def _build_spec(layer: Layer) -> Spec:
 
 def dim_symbol(name: str) -> sp.Symbol:
     """The symbol standing for the size of dimension ``name`` (a positive integer)."""
-    return sp.Symbol(name, integer=True, positive=True)
+    return Dim(name)
 
 
 def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):

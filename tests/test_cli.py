@@ -1,0 +1,412 @@
+"""Tests of the ``symdl`` command line (symdl/cli.py): list, show, generate, check, derive.
+
+Most tests call ``symdl.cli.main([...])`` in-process (it returns the exit code); a few run
+``python -m symdl`` as a subprocess to cover the real entry point.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from symdl.cli import build_parser, main
+from symdl.codegen import is_hand_edited
+from symdl.layers import catalogue
+from symdl.testing import gradcheck
+
+CATALOGUE = list(catalogue())
+SUBCOMMANDS = ("list", "show", "generate", "check", "derive")
+
+DENSE = "y[n,o] = tanh(Sum(w[o,i]*x[n,i], i) + b[o]) + u[n,o]"
+
+
+def run(capsys, *argv):
+    """Run the CLI in-process; return (exit code, stdout, stderr)."""
+    capsys.readouterr()  # drop anything printed before
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_subprocess(*argv, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "symdl", *[str(a) for a in argv]],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+        check=False,
+    )
+
+
+def import_path(path: Path, name: str | None = None):
+    """Import a generated module from its file path."""
+    name = name or f"_symdl_test_{path.stem}_{abs(hash(str(path)))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- list ----------------------------------------------------------------------------------
+
+
+def test_catalogue_is_not_trivial():
+    assert len(CATALOGUE) >= 5
+    assert "linear" in CATALOGUE and "softmax" in CATALOGUE and "relu" in CATALOGUE
+
+
+def test_list_prints_every_catalogue_name(capsys):
+    code, out, err = run(capsys, "list")
+    assert code == 0
+    assert err == ""
+    names = [line.split()[0] for line in out.splitlines() if line.strip()]
+    assert sorted(names) == sorted(CATALOGUE)
+
+
+def test_list_as_subprocess():
+    proc = run_subprocess("list")
+    assert proc.returncode == 0, proc.stderr
+    names = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+    assert names == set(CATALOGUE)
+
+
+# ---- show ----------------------------------------------------------------------------------
+
+
+def test_show_linear_prints_forward_and_gradients(capsys):
+    code, out, err = run(capsys, "show", "linear")
+    assert code == 0
+    assert err == ""
+    # the forward equation
+    assert re.search(r"^\s*y\[n, o\] = .*weight\[o, i\]\*x\[n, i\].*bias\[o\]", out, re.M), out
+    # the derived gradients, one per argument
+    for grad in ("dx", "dweight", "dbias"):
+        assert re.search(rf"^\s*{grad}\[[^\]]*\] = ", out, re.M), (grad, out)
+
+
+def test_show_latex(capsys):
+    code, out, err = run(capsys, "show", "linear", "--latex")
+    assert code == 0
+    assert err == ""
+    assert r"\frac{\partial" in out
+    assert r"\sum" in out
+    assert r"\bar{" not in out
+
+
+def test_show_latex_bar_notation(capsys):
+    code, out, _ = run(capsys, "show", "linear", "--latex", "--notation", "bar")
+    assert code == 0
+    assert r"\bar{" in out
+    assert r"\frac{\partial" not in out
+
+
+@pytest.mark.parametrize("name", ["linear", "cross_entropy", "sigmoid"])
+def test_show_stage_code_compiles(capsys, name):
+    code, out, err = run(capsys, "show", name, "--stage", "code")
+    assert code == 0
+    assert err == ""
+    compiled = compile(out, f"<{name}>", "exec")
+    namespace: dict = {}
+    exec(compiled, namespace)  # symdl's own generated output
+    assert namespace["NAME"] == name
+    assert callable(namespace["forward"]) and callable(namespace["backward"])
+    for const in ("ARGS", "PARAMS", "CONSTS", "OUTPUTS", "SHAPES", "FORMULAS", "INDEX_RANGES"):
+        assert const in namespace, const
+
+
+def test_show_stage_lower(capsys):
+    code, out, err = run(capsys, "show", "linear", "--stage", "lower")
+    assert code == 0
+    assert err == ""
+    assert "# forward" in out and "# backward" in out
+    forward, backward = out.split("# backward")
+    assert "x" in forward and "weight" in forward
+    for grad in ("dx", "dweight", "dbias"):
+        assert re.search(rf"^{grad} = ", backward, re.M), (grad, out)
+
+
+def test_show_stage_spec(capsys):
+    code, out, err = run(capsys, "show", "linear", "--stage", "spec")
+    assert code == 0
+    assert err == ""
+    assert "linear" in out
+    assert "y[n, o]" in out
+    assert "dweight" not in out  # the spec stage precedes differentiation
+
+
+def test_show_unknown_layer(capsys):
+    code, out, err = run(capsys, "show", "no_such_layer")
+    assert code == 2
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert "no_such_layer" in lines[0]
+    for name in CATALOGUE:
+        assert name in lines[0], name
+
+
+def test_show_unknown_layer_as_subprocess():
+    proc = run_subprocess("show", "linearr")
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "linearr" in lines[0]
+    assert "linear" in lines[0].replace("linearr", "") and "softmax" in lines[0]
+
+
+# ---- generate ------------------------------------------------------------------------------
+
+
+def test_generate_writes_exactly_the_named_files_and_is_idempotent(capsys, tmp_path):
+    out_dir = tmp_path / "gen"
+    code, out, err = run(capsys, "generate", "-o", out_dir, "linear", "softmax")
+    assert code == 0, err
+    assert sorted(os.listdir(out_dir)) == ["linear.py", "softmax.py"]
+    assert "2 written" in out
+    for name in ("linear", "softmax"):
+        text = (out_dir / f"{name}.py").read_text(encoding="utf-8")
+        assert not is_hand_edited(text)
+        module = import_path(out_dir / f"{name}.py")
+        assert module.NAME == name
+
+    # pretend the files are old, so a rewrite would be visible in the mtime
+    old = 1_000_000_000
+    before = {}
+    for name in ("linear", "softmax"):
+        path = out_dir / f"{name}.py"
+        os.utime(path, ns=(old * 10**9, old * 10**9))
+        st = path.stat()
+        before[name] = (st.st_mtime_ns, st.st_ino, path.read_bytes())
+
+    code, out, err = run(capsys, "generate", "-o", out_dir, "linear", "softmax")
+    assert code == 0, err
+    assert "0 written" in out and "2 unchanged" in out
+    assert sorted(os.listdir(out_dir)) == ["linear.py", "softmax.py"]
+    for name in ("linear", "softmax"):
+        path = out_dir / f"{name}.py"
+        st = path.stat()
+        assert (st.st_mtime_ns, st.st_ino, path.read_bytes()) == before[name], name
+
+
+def test_generate_check_detects_hand_edits(capsys, tmp_path):
+    out_dir = tmp_path / "gen"
+    assert run(capsys, "generate", "-o", out_dir, "linear", "softmax")[0] == 0
+    linear = out_dir / "linear.py"
+    original = linear.read_text(encoding="utf-8")
+
+    code, out, err = run(capsys, "generate", "--check", "-o", out_dir, "linear", "softmax")
+    assert code == 0, out + err
+
+    with open(linear, "a", encoding="utf-8") as fh:
+        fh.write("# a hand edit\n")
+    edited = linear.read_text(encoding="utf-8")
+
+    code, out, err = run(capsys, "generate", "--check", "-o", out_dir, "linear", "softmax")
+    assert code == 1
+    assert "linear" in out
+    assert "edited by hand" in out
+    assert "softmax (" not in out  # softmax is up to date and not reported
+    assert linear.read_text(encoding="utf-8") == edited  # --check never writes
+
+    # a plain generate keeps the hand-edited file and fails
+    code, out, err = run(capsys, "generate", "-o", out_dir, "linear", "softmax")
+    assert code == 1
+    assert "linear" in out + err
+    assert linear.read_text(encoding="utf-8") == edited
+
+    # --force overwrites it with the engine's output
+    code, out, err = run(capsys, "generate", "--force", "-o", out_dir, "linear", "softmax")
+    assert code == 0, out + err
+    assert linear.read_text(encoding="utf-8") == original
+    assert run(capsys, "generate", "--check", "-o", out_dir, "linear", "softmax")[0] == 0
+
+
+def test_generate_check_reports_missing_file(capsys, tmp_path):
+    out_dir = tmp_path / "gen"
+    assert run(capsys, "generate", "-o", out_dir, "linear", "softmax")[0] == 0
+    (out_dir / "softmax.py").unlink()
+    code, out, err = run(capsys, "generate", "--check", "-o", out_dir, "linear", "softmax")
+    assert code == 1
+    assert "softmax" in out and "missing" in out
+    assert "linear (" not in out
+    assert not (out_dir / "softmax.py").exists()  # --check never writes
+
+
+def test_generate_check_on_empty_directory(capsys, tmp_path):
+    code, out, err = run(capsys, "generate", "--check", "-o", tmp_path, "relu")
+    assert code == 1
+    assert "relu" in out and "missing" in out
+    assert os.listdir(tmp_path) == []
+
+
+def test_generate_whole_catalogue(capsys, tmp_path):
+    code, out, err = run(capsys, "generate", "-o", tmp_path)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{name}.py" for name in CATALOGUE)
+    assert f"{len(CATALOGUE)} written" in out
+
+
+def test_generate_unknown_layer_writes_nothing(capsys, tmp_path):
+    code, out, err = run(capsys, "generate", "-o", tmp_path, "linear", "bogus_layer")
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "bogus_layer" in err
+    assert os.listdir(tmp_path) == []
+
+
+# ---- check ---------------------------------------------------------------------------------
+
+
+def test_check_two_layers(capsys):
+    code, out, err = run(capsys, "check", "linear", "relu")
+    assert code == 0, out + err
+    lines = out.splitlines()
+    for name in ("linear", "relu"):
+        mine = [line for line in lines if line.startswith(f"{name}:")]
+        assert len(mine) == 1, out
+        assert "ok" in mine[0] and "FAILED" not in mine[0]
+    assert "2 passed, 0 failed" in lines[-1]
+
+
+# ---- derive --------------------------------------------------------------------------------
+
+
+def test_derive_writes_an_importable_correct_module(capsys, tmp_path):
+    code, out, err = run(
+        capsys, "derive", "dense", DENSE, "--inputs", "u,x", "--params", "w,b", "-o", tmp_path
+    )
+    assert code == 0, err
+    path = tmp_path / "dense.py"
+    assert os.listdir(tmp_path) == ["dense.py"]
+    assert str(path) in out
+    module = import_path(path)
+    assert module.NAME == "dense"
+    assert module.ARGS == ("u", "x", "w", "b")
+    assert module.PARAMS == ("w", "b")
+    assert module.CONSTS == ()
+    assert module.OUTPUTS == ("y",)
+    assert not is_hand_edited(path.read_text(encoding="utf-8"))
+    result = gradcheck(module)
+    assert result.ok, str(result)
+    assert set(result.errors) == {"u", "x", "w", "b"}
+
+
+def test_derive_module_computes_the_equation(capsys, tmp_path):
+    code, _, err = run(
+        capsys, "derive", "dense", DENSE, "--inputs", "u,x", "--params", "w,b", "-o", tmp_path
+    )
+    assert code == 0, err
+    module = import_path(tmp_path / "dense.py")
+    rng = np.random.default_rng(1)
+    u, x = rng.standard_normal((3, 5)), rng.standard_normal((3, 4))
+    w, b = rng.standard_normal((5, 4)), rng.standard_normal(5)
+    y, cache = module.forward(u, x, w, b)
+    np.testing.assert_allclose(y, np.tanh(x @ w.T + b) + u, rtol=1e-12, atol=1e-12)
+    du, dx, dw, db = module.backward(np.ones_like(y), cache)
+    g = 1 - np.tanh(x @ w.T + b) ** 2
+    np.testing.assert_allclose(du, np.ones_like(u))
+    np.testing.assert_allclose(dx, g @ w, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dw, g.T @ x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(db, g.sum(axis=0), rtol=1e-12, atol=1e-12)
+
+
+def test_derive_check_and_show(capsys, tmp_path):
+    code, out, err = run(
+        capsys,
+        "derive", "dense", DENSE, "--inputs", "u,x", "--params", "w,b",
+        "-o", tmp_path, "--check", "--show",
+    )
+    assert code == 0, err
+    # --show: the derived gradients
+    for grad in ("du", "dx", "dw", "db"):
+        assert re.search(rf"^\s*{grad}\[[^\]]*\] = ", out, re.M), (grad, out)
+    # --check: a gradcheck line reporting ok
+    assert re.search(r"^dense: ok\b", out, re.M), out
+    assert (tmp_path / "dense.py").exists()
+
+
+def test_derive_hyperparameter_default(capsys, tmp_path):
+    code, out, err = run(
+        capsys,
+        "derive", "scaled", "y[n,o] = x[n,o] / (eps + Sum(x[n,i]*x[n,i], i))",
+        "--inputs", "x", "--hyper", "eps=1e-3", "-o", tmp_path,
+    )
+    assert code == 0, err
+    module = import_path(tmp_path / "scaled.py")
+    assert module.ARGS == ("x",)
+    assert module.HYPERPARAMETERS == {"eps": 1e-3}
+    param = inspect.signature(module.forward).parameters["eps"]
+    assert param.kind in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD)
+    assert param.default == 1e-3
+    x = np.random.default_rng(2).standard_normal((3, 4))
+    y_default, _ = module.forward(x)
+    y_explicit, _ = module.forward(x, eps=1e-3)
+    y_other, _ = module.forward(x, eps=10.0)
+    np.testing.assert_array_equal(y_default, y_explicit)
+    np.testing.assert_allclose(y_default, x / (1e-3 + (x * x).sum(axis=1, keepdims=True)))
+    assert not np.allclose(y_default, y_other)
+    assert gradcheck(module).ok
+
+
+def test_derive_consts_are_keyword_only(capsys, tmp_path):
+    code, out, err = run(
+        capsys,
+        "derive", "sq", "L = Sum((x[n] - target[n])**2, n)",
+        "--inputs", "x", "--consts", "target", "-o", tmp_path,
+    )
+    assert code == 0, err
+    module = import_path(tmp_path / "sq.py")
+    assert module.ARGS == ("x",)
+    assert module.CONSTS == ("target",)
+    params = inspect.signature(module.forward).parameters
+    assert params["target"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["target"].default is inspect.Parameter.empty
+    x, t = np.array([1.0, 2.0, 3.0]), np.array([0.5, 2.0, 1.0])
+    loss, cache = module.forward(x, target=t)
+    assert float(loss) == pytest.approx(0.25 + 0.0 + 4.0)
+    (dx,) = module.backward(np.array(1.0), cache)
+    np.testing.assert_allclose(dx, 2 * (x - t))
+    with pytest.raises(TypeError):
+        module.forward(x, t)  # positional const is rejected
+    assert gradcheck(module).ok
+
+
+def test_derive_as_subprocess(tmp_path):
+    proc = run_subprocess(
+        "derive", "dense", DENSE, "--inputs", "u,x", "--params", "w,b", "-o", tmp_path, "--check"
+    )
+    assert proc.returncode == 0, proc.stderr
+    module = import_path(tmp_path / "dense.py")
+    assert module.ARGS == ("u", "x", "w", "b")
+    assert gradcheck(module).ok
+
+
+# ---- help ----------------------------------------------------------------------------------
+
+
+def test_subcommand_list_matches_parser():
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    assert set(sub.choices) == set(SUBCOMMANDS)
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[c, "--help"] for c in SUBCOMMANDS]])
+def test_help(capsys, argv):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: symdl")
+    if argv[0] != "--help":
+        assert f"symdl {argv[0]}" in out.splitlines()[0]
+    assert err == ""
+
