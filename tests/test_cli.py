@@ -87,10 +87,12 @@ def test_show_linear_prints_forward_and_gradients(capsys):
     assert code == 0
     assert err == ""
     # the forward equation
-    assert re.search(r"^\s*y\[n, o\] = .*weight\[o, i\]\*x\[n, i\].*bias\[o\]", out, re.M), out
+    assert re.search(
+        r"^\s*y\[n, o\] = .*weight\[o, i\]\*x\[n, i\].*bias\[o\]", out, re.MULTILINE
+    ), out
     # the derived gradients, one per argument
     for grad in ("dx", "dweight", "dbias"):
-        assert re.search(rf"^\s*{grad}\[[^\]]*\] = ", out, re.M), (grad, out)
+        assert re.search(rf"^\s*{grad}\[[^\]]*\] = ", out, re.MULTILINE), (grad, out)
 
 
 def test_show_latex(capsys):
@@ -116,7 +118,7 @@ def test_show_stage_code_compiles(capsys, name):
     assert err == ""
     compiled = compile(out, f"<{name}>", "exec")
     namespace: dict = {}
-    exec(compiled, namespace)  # symdl's own generated output
+    exec(compiled, namespace)  # noqa: S102 - symdl's own generated output
     assert namespace["NAME"] == name
     assert callable(namespace["forward"]) and callable(namespace["backward"])
     for const in ("ARGS", "PARAMS", "CONSTS", "OUTPUTS", "SHAPES", "FORMULAS", "INDEX_RANGES"):
@@ -131,7 +133,7 @@ def test_show_stage_lower(capsys):
     forward, backward = out.split("# backward")
     assert "x" in forward and "weight" in forward
     for grad in ("dx", "dweight", "dbias"):
-        assert re.search(rf"^{grad} = ", backward, re.M), (grad, out)
+        assert re.search(rf"^{grad} = ", backward, re.MULTILINE), (grad, out)
 
 
 def test_show_stage_spec(capsys):
@@ -234,7 +236,7 @@ def test_generate_check_reports_missing_file(capsys, tmp_path):
     out_dir = tmp_path / "gen"
     assert run(capsys, "generate", "-o", out_dir, "linear", "softmax")[0] == 0
     (out_dir / "softmax.py").unlink()
-    code, out, err = run(capsys, "generate", "--check", "-o", out_dir, "linear", "softmax")
+    code, out, _err = run(capsys, "generate", "--check", "-o", out_dir, "linear", "softmax")
     assert code == 1
     assert "softmax" in out and "missing" in out
     assert "linear (" not in out
@@ -242,7 +244,7 @@ def test_generate_check_reports_missing_file(capsys, tmp_path):
 
 
 def test_generate_check_on_empty_directory(capsys, tmp_path):
-    code, out, err = run(capsys, "generate", "--check", "-o", tmp_path, "relu")
+    code, out, _err = run(capsys, "generate", "--check", "-o", tmp_path, "relu")
     assert code == 1
     assert "relu" in out and "missing" in out
     assert os.listdir(tmp_path) == []
@@ -256,7 +258,7 @@ def test_generate_whole_catalogue(capsys, tmp_path):
 
 
 def test_generate_unknown_layer_writes_nothing(capsys, tmp_path):
-    code, out, err = run(capsys, "generate", "-o", tmp_path, "linear", "bogus_layer")
+    code, _out, err = run(capsys, "generate", "-o", tmp_path, "linear", "bogus_layer")
     assert code == 2
     assert len(err.splitlines()) == 1 and "bogus_layer" in err
     assert os.listdir(tmp_path) == []
@@ -321,23 +323,39 @@ def test_derive_module_computes_the_equation(capsys, tmp_path):
 def test_derive_check_and_show(capsys, tmp_path):
     code, out, err = run(
         capsys,
-        "derive", "dense", DENSE, "--inputs", "u,x", "--params", "w,b",
-        "-o", tmp_path, "--check", "--show",
+        "derive",
+        "dense",
+        DENSE,
+        "--inputs",
+        "u,x",
+        "--params",
+        "w,b",
+        "-o",
+        tmp_path,
+        "--check",
+        "--show",
     )
     assert code == 0, err
     # --show: the derived gradients
     for grad in ("du", "dx", "dw", "db"):
-        assert re.search(rf"^\s*{grad}\[[^\]]*\] = ", out, re.M), (grad, out)
+        assert re.search(rf"^\s*{grad}\[[^\]]*\] = ", out, re.MULTILINE), (grad, out)
     # --check: a gradcheck line reporting ok
-    assert re.search(r"^dense: ok\b", out, re.M), out
+    assert re.search(r"^dense: ok\b", out, re.MULTILINE), out
     assert (tmp_path / "dense.py").exists()
 
 
 def test_derive_hyperparameter_default(capsys, tmp_path):
-    code, out, err = run(
+    code, _out, err = run(
         capsys,
-        "derive", "scaled", "y[n,o] = x[n,o] / (eps + Sum(x[n,i]*x[n,i], i))",
-        "--inputs", "x", "--hyper", "eps=1e-3", "-o", tmp_path,
+        "derive",
+        "scaled",
+        "y[n,o] = x[n,o] / (eps + Sum(x[n,i]*x[n,i], i))",
+        "--inputs",
+        "x",
+        "--hyper",
+        "eps=1e-3",
+        "-o",
+        tmp_path,
     )
     assert code == 0, err
     module = import_path(tmp_path / "scaled.py")
@@ -357,10 +375,17 @@ def test_derive_hyperparameter_default(capsys, tmp_path):
 
 
 def test_derive_consts_are_keyword_only(capsys, tmp_path):
-    code, out, err = run(
+    code, _out, err = run(
         capsys,
-        "derive", "sq", "L = Sum((x[n] - target[n])**2, n)",
-        "--inputs", "x", "--consts", "target", "-o", tmp_path,
+        "derive",
+        "sq",
+        "L = Sum((x[n] - target[n])**2, n)",
+        "--inputs",
+        "x",
+        "--consts",
+        "target",
+        "-o",
+        tmp_path,
     )
     assert code == 0, err
     module = import_path(tmp_path / "sq.py")
@@ -409,4 +434,3 @@ def test_help(capsys, argv):
     if argv[0] != "--help":
         assert f"symdl {argv[0]}" in out.splitlines()[0]
     assert err == ""
-

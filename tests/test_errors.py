@@ -25,7 +25,7 @@ GENERATED = Path(__file__).resolve().parents[1] / "generated"
 
 BAD_EQUATIONS = [
     ("unknown-function", "y[n] = foo(x[n])", {}, ["'foo'"]),
-    ("index-one-side", "y[n] = x[n, j]", {}, ["j"]),
+    ("index-one-side", "y[n] = x[n, j]", {}, ["index j"]),
     ("rank-mismatch-two-equations", "y[n] = x[n]; z[n] = x[n, n]", {}, ["'x'"]),
     ("rank-mismatch-one-equation", "y[n, i] = x[n] * x[n, i]", {}, ["'x'"]),
     ("dunder-import", "y[n] = __import__('os').system('touch CANARY')", {}, ["line 1, column"]),
@@ -39,8 +39,8 @@ BAD_EQUATIONS = [
     ("lambda", "y[n] = (lambda a: a)(x[n])", {}, ["line 1, column"]),
     ("list-comprehension", "y[n] = x[n] + [a for a in x]", {}, ["line 1, column 15"]),
     ("f-string", "y[n] = x[n] + f'{x}'", {}, ["line 1, column 15"]),
-    ("exec", "y[n] = exec('open(\"CANARY\", \"w\")')", {}, ["'exec'"]),
-    ("exec-statement", "exec('open(\"CANARY\", \"w\")')", {}, ["line 1, column 1"]),
+    ("exec", 'y[n] = exec(\'open("CANARY", "w")\')', {}, ["'exec'"]),
+    ("exec-statement", 'exec(\'open("CANARY", "w")\')', {}, ["line 1, column 1"]),
     ("open", "y[n] = x[n] + open('/etc/passwd')", {}, ["'open'"]),
     ("keyword-argument", "y[n] = exp(x=1)", {}, ["'exp'"]),
     ("conditional-expression", "y[n] = x[n] if 1 else 2", {}, ["line 1, column 8"]),
@@ -129,8 +129,18 @@ def test_import_canary_through_subprocess(tmp_path):
         "y[n] = x[n] * __import__('os').system('touch CANARY')",
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", "symdl", "derive", "evil", text, "--inputs", "x",
-             "-o", str(out_dir)],
+            [
+                sys.executable,
+                "-m",
+                "symdl",
+                "derive",
+                "evil",
+                text,
+                "--inputs",
+                "x",
+                "-o",
+                str(out_dir),
+            ],
             capture_output=True,
             text=True,
             cwd=tmp_path,
@@ -148,7 +158,9 @@ def test_import_canary_through_subprocess(tmp_path):
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_symdl_generated_{name}", GENERATED / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"_symdl_generated_{name}", GENERATED / f"{name}.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -178,8 +190,20 @@ def _linear_args(dtype=np.float64, n=3):
 @pytest.mark.parametrize(
     "module, args, kwargs, argname, shape",
     [
-        ("linear", lambda: (np.zeros((3, 4, 1)), np.zeros((5, 4)), np.zeros(5)), {}, "x", (3, 4, 1)),
-        ("linear", lambda: (np.zeros((3, 4)), np.zeros((5, 4)), np.zeros((5, 1))), {}, "bias", (5, 1)),
+        (
+            "linear",
+            lambda: (np.zeros((3, 4, 1)), np.zeros((5, 4)), np.zeros(5)),
+            {},
+            "x",
+            (3, 4, 1),
+        ),
+        (
+            "linear",
+            lambda: (np.zeros((3, 4)), np.zeros((5, 4)), np.zeros((5, 1))),
+            {},
+            "bias",
+            (5, 1),
+        ),
         ("linear", lambda: (np.zeros(4), np.zeros((5, 4)), np.zeros(5)), {}, "x", (4,)),
         (
             "cross_entropy",
@@ -188,7 +212,13 @@ def _linear_args(dtype=np.float64, n=3):
             "target",
             (3, 2),
         ),
-        ("cross_entropy", lambda: (np.zeros(7),), lambda: {"target": np.zeros(7, dtype=np.int64)}, "logits", (7,)),
+        (
+            "cross_entropy",
+            lambda: (np.zeros(7),),
+            lambda: {"target": np.zeros(7, dtype=np.int64)},
+            "logits",
+            (7,),
+        ),
         (
             "embedding",
             lambda: (np.zeros((3, 4, 2)),),
@@ -234,15 +264,29 @@ def test_inconsistent_const_shape(mods):
 @pytest.mark.parametrize(
     "module, call, argname",
     [
-        ("linear", lambda m: m.forward(np.zeros((3, 4), dtype=np.int64), np.zeros((5, 4)), np.zeros(5)), "x"),
-        ("linear", lambda m: m.forward(np.zeros((3, 4)), np.zeros((5, 4), dtype=np.int32), np.zeros(5)), "weight"),
-        ("linear", lambda m: m.forward(np.zeros((3, 4)), np.zeros((5, 4)), np.zeros(5, dtype=bool)), "bias"),
+        (
+            "linear",
+            lambda m: m.forward(np.zeros((3, 4), dtype=np.int64), np.zeros((5, 4)), np.zeros(5)),
+            "x",
+        ),
+        (
+            "linear",
+            lambda m: m.forward(np.zeros((3, 4)), np.zeros((5, 4), dtype=np.int32), np.zeros(5)),
+            "weight",
+        ),
+        (
+            "linear",
+            lambda m: m.forward(np.zeros((3, 4)), np.zeros((5, 4)), np.zeros(5, dtype=bool)),
+            "bias",
+        ),
         ("sigmoid", lambda m: m.forward(np.arange(6).reshape(2, 3)), "x"),
         ("sigmoid", lambda m: m.forward([[1, 2], [3, 4]]), "x"),
         ("softmax", lambda m: m.forward(np.zeros((2, 3), dtype=np.int64)), "x"),
         (
             "cross_entropy",
-            lambda m: m.forward(np.zeros((3, 4), dtype=np.int64), target=np.zeros(3, dtype=np.int64)),
+            lambda m: m.forward(
+                np.zeros((3, 4), dtype=np.int64), target=np.zeros(3, dtype=np.int64)
+            ),
             "logits",
         ),
     ],
@@ -256,9 +300,17 @@ def test_integer_where_float_required(mods, module, call, argname):
 @pytest.mark.parametrize(
     "module, call, argname",
     [
-        ("cross_entropy", lambda m: m.forward(np.zeros((3, 4)), target=np.array([0.0, 1.0, 2.0])), "target"),
+        (
+            "cross_entropy",
+            lambda m: m.forward(np.zeros((3, 4)), target=np.array([0.0, 1.0, 2.0])),
+            "target",
+        ),
         ("cross_entropy", lambda m: m.forward(np.zeros((3, 4)), target=[0.0, 1.0, 2.0]), "target"),
-        ("embedding", lambda m: m.forward(np.zeros((3, 4)), indices=np.array([0.0, 1.0])), "indices"),
+        (
+            "embedding",
+            lambda m: m.forward(np.zeros((3, 4)), indices=np.array([0.0, 1.0])),
+            "indices",
+        ),
     ],
 )
 def test_float_where_indices_required(mods, module, call, argname):
@@ -270,9 +322,21 @@ def test_float_where_indices_required(mods, module, call, argname):
 @pytest.mark.parametrize(
     "module, call, argname",
     [
-        ("cross_entropy", lambda m: m.forward(np.zeros((3, 4)), target=np.array([0, 1, 4])), "target"),
-        ("cross_entropy", lambda m: m.forward(np.zeros((3, 4)), target=np.array([0, -1, 2])), "target"),
-        ("embedding", lambda m: m.forward(np.zeros((3, 4)), indices=np.array([[0, 3]])), "indices"),
+        (
+            "cross_entropy",
+            lambda m: m.forward(np.zeros((3, 4)), target=np.array([0, 1, 4])),
+            "target",
+        ),
+        (
+            "cross_entropy",
+            lambda m: m.forward(np.zeros((3, 4)), target=np.array([0, -1, 2])),
+            "target",
+        ),
+        (
+            "embedding",
+            lambda m: m.forward(np.zeros((3, 4)), indices=np.array([[0, 3]])),
+            "indices",
+        ),
         ("embedding", lambda m: m.forward(np.zeros((3, 4)), indices=np.array([-1])), "indices"),
     ],
 )
@@ -297,10 +361,25 @@ def test_in_range_indices_are_accepted(mods):
         ("linear", lambda m: m.forward(*_linear_args()), np.zeros((3, 6)), "y"),
         ("linear", lambda m: m.forward(*_linear_args()), np.zeros((5, 3)), "y"),
         ("linear", lambda m: m.forward(*_linear_args()), np.zeros(15), "y"),
-        ("cross_entropy", lambda m: m.forward(np.zeros((3, 4)), target=np.array([0, 1, 2])), np.zeros(3), "L"),
-        ("mse_loss", lambda m: m.forward(np.zeros((3, 4)), target=np.ones((3, 4))), np.zeros((1,)), "L"),
+        (
+            "cross_entropy",
+            lambda m: m.forward(np.zeros((3, 4)), target=np.array([0, 1, 2])),
+            np.zeros(3),
+            "L",
+        ),
+        (
+            "mse_loss",
+            lambda m: m.forward(np.zeros((3, 4)), target=np.ones((3, 4))),
+            np.zeros((1,)),
+            "L",
+        ),
         ("sigmoid", lambda m: m.forward(np.zeros((2, 3))), np.zeros((3, 2)), "y"),
-        ("embedding", lambda m: m.forward(np.zeros((3, 4)), indices=np.array([0, 1])), np.zeros((2, 5)), "y"),
+        (
+            "embedding",
+            lambda m: m.forward(np.zeros((3, 4)), indices=np.array([0, 1])),
+            np.zeros((2, 5)),
+            "y",
+        ),
     ],
 )
 def test_backward_dout_wrong_shape(mods, module, make, dout, outname):
@@ -389,7 +468,9 @@ def test_noncontiguous_cross_entropy(mods):
     target = np.array([0, 9, 3, 9, 2, 9])[::2]  # strided: [0, 3, 2]
     _assert_same_results(mods["cross_entropy"], (logits,), {"target": target})
     logits = np.asfortranarray(rng.standard_normal((3, 4)))
-    _assert_same_results(mods["cross_entropy"], (logits,), {"target": np.ascontiguousarray(target)})
+    _assert_same_results(
+        mods["cross_entropy"], (logits,), {"target": np.ascontiguousarray(target)}
+    )
 
 
 def test_noncontiguous_embedding(mods):
@@ -413,9 +494,21 @@ def test_float32_in_float32_out(mods):
         ("linear", _linear_args(f32), {}),
         ("sigmoid", (rng.standard_normal((2, 3)).astype(f32),), {}),
         ("softmax", (rng.standard_normal((2, 3)).astype(f32),), {}),
-        ("cross_entropy", (rng.standard_normal((3, 4)).astype(f32),), {"target": np.array([0, 3, 1])}),
-        ("mse_loss", (rng.standard_normal((3, 4)).astype(f32),), {"target": rng.standard_normal((3, 4)).astype(f32)}),
-        ("embedding", (rng.standard_normal((5, 4)).astype(f32),), {"indices": np.array([[0, 4], [2, 2]])}),
+        (
+            "cross_entropy",
+            (rng.standard_normal((3, 4)).astype(f32),),
+            {"target": np.array([0, 3, 1])},
+        ),
+        (
+            "mse_loss",
+            (rng.standard_normal((3, 4)).astype(f32),),
+            {"target": rng.standard_normal((3, 4)).astype(f32)},
+        ),
+        (
+            "embedding",
+            (rng.standard_normal((5, 4)).astype(f32),),
+            {"indices": np.array([[0, 4], [2, 2]])},
+        ),
     ]
     for name, args, kwargs in cases:
         module = mods[name]
@@ -426,7 +519,7 @@ def test_float32_in_float32_out(mods):
             assert g.dtype == f32, (name, g.dtype)
             assert g.shape == a.shape, name
         # close to the float64 result
-        out64, cache64 = module.forward(*(a.astype(np.float64) for a in args), **kwargs)
+        out64, _ = module.forward(*(a.astype(np.float64) for a in args), **kwargs)
         np.testing.assert_allclose(out, out64, rtol=1e-4, atol=1e-5)
 
 
