@@ -61,20 +61,19 @@ def _snippet(module, name: str) -> str:
 
 
 def _shape_expr(dims, dim_vars, batch=False) -> str:
-    if batch and tuple(dims) == ("...",):
-        return "batch_shape"
-    parts = []
-    prefix = ""
-    for d in dims:
-        if d == "...":
-            prefix = "batch_shape + " if batch else ""
-            if not batch:
-                parts.append(dim_vars[d])
-            continue
-        parts.append(dim_vars[d])
-    inner = ", ".join(parts)
-    tup = f"({inner},)" if len(parts) == 1 else f"({inner})"
-    return f"{prefix}{tup}" if prefix else tup
+    """The shape tuple of a tensor: ``(N, C, batch)`` flattened, or with ``batch=True`` the
+    full shape ``(N, C) + batch_shape``."""
+
+    def tup(parts):
+        return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+
+    if not batch or "..." not in dims:
+        return tup([dim_vars[d] for d in dims]) if dims else "()"
+    k = list(dims).index("...")
+    before = [dim_vars[d] for d in dims[:k]]
+    after = [dim_vars[d] for d in dims[k + 1 :]]
+    pieces = ([tup(before)] if before else []) + ["batch_shape"] + ([tup(after)] if after else [])
+    return " + ".join(pieces)
 
 
 def module_source(lowered: Lowered, source: str, command: str) -> str:
@@ -122,7 +121,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         pre.append('batch_shape = sizes["..."]')
         pre.append(f"{dv['...']} = int(np.prod(batch_shape))")
         for a in bound:
-            if a.dims and a.dims[0] == "...":
+            if "..." in a.dims:
                 pre.append(f"{a.var} = {a.var}.reshape({_shape_expr(a.dims, dv)})")
     for c in lowered.consts:
         if c.name in lowered.index_ranges:
@@ -139,7 +138,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     for name, var, dims in lowered.outputs:
         if not dims:
             reshapes.append(f"{var} = np.asarray({var}, dtype=dtype)")
-        elif dims[0] == "...":
+        elif "..." in dims:
             reshapes.append(f"{var} = {var}.reshape({_shape_expr(dims, dv, batch=True)})")
         out_vars.append(var)
     cache_items = [f'"{k}": {v}' for k, v in lowered.cache]
@@ -172,12 +171,12 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     for (name, var, dims), dvar, src in zip(lowered.outputs, lowered.dout_vars, douts):
         shape = _shape_expr(dims, dv, batch=True) if dims else "()"
         bpre.append(f'{dvar} = _check_dout("{name}", {src}, {shape}, dtype)')
-        if dims and dims[0] == "...":
+        if "..." in dims:
             bpre.append(f"{dvar} = {dvar}.reshape({_shape_expr(dims, dv)})")
 
     rets = []
     for (name, text), a in zip(lowered.grads, lowered.args):
-        if a.dims and a.dims[0] == "...":
+        if "..." in a.dims:
             text = f"{text}.reshape({_shape_expr(a.dims, dv, batch=True)})"
         rets.append(text)
     returns = rets[0] + "," if len(rets) == 1 else ", ".join(rets)

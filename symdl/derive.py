@@ -26,7 +26,6 @@ import sympy as sp
 from .errors import DeriveError
 from .functions import stop_gradient
 from .spec import (
-    ELL,
     Assign,
     Layer,
     Spec,
@@ -218,8 +217,6 @@ def _derive(spec: Spec) -> Derivation:
                 key = (a.scope, node)
                 if key not in hoisted:
                     idx = ordered(free_indices(node), a.all_indices)
-                    if ELL in idx:
-                        idx = (ELL,) + tuple(i for i in idx if i != ELL)
                     name = fresh()
                     dims = tuple(spec.index_dims[(a.scope, i)] for i in idx)
                     tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")

@@ -24,7 +24,8 @@ import sympy as sp
 from .errors import SpecError
 from .functions import ALLOWED_FUNCTIONS, IndexMax, IndexSum, Size, _Reduction
 
-#: The leading-dimensions index: ``x[..., d]`` in equation text, ``x[ELL, d]`` from Python.
+#: The batch-dimensions index: ``x[..., d]`` in equation text, ``x[ELL, d]`` from Python. It
+#: stands for any number of dimensions (shared by every tensor that uses it), at any one position.
 ELL = sp.Symbol("...", integer=True)
 
 _IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -68,7 +69,7 @@ class TensorInfo:
 
     @property
     def has_ell(self) -> bool:
-        return bool(self.dims) and self.dims[0] == "..."
+        return "..." in self.dims
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,8 +375,6 @@ def _build_spec(layer: Layer) -> Spec:
                     f"the left side of {where(k)} requires plain index symbols, got "
                     f"{sp.sstr(ix)} at position {p + 1} of {tname}"
                 )
-            if ix == ELL and p != 0:
-                raise SpecError(f"'...' requires the first position, got position {p + 1} in {where(k)}")
         if len(set(lhs_idx)) != len(lhs_idx):
             raise SpecError(
                 f"the left side of {where(k)} requires distinct indices, got "
@@ -392,7 +391,7 @@ def _build_spec(layer: Layer) -> Spec:
                 f"Sum(..., {names}) around it, got it on the right side only"
             )
         ranks[tname] = len(lhs_idx)
-        has_ell[tname] = bool(lhs_idx) and lhs_idx[0] == ELL
+        has_ell[tname] = ELL in lhs_idx
         defined.append(tname)
 
     for n in declared:
@@ -443,9 +442,7 @@ def _build_spec(layer: Layer) -> Spec:
                 op = "sum" if isinstance(expr, IndexSum) else "max"
                 assigns.append(Assign(name, free, op, body, tuple(expr.indices), k))
                 ranks[name] = len(free)
-                has_ell[name] = bool(free) and free[0] == ELL
-                if ELL in free and free[0] != ELL:
-                    free = (ELL,) + tuple(s for s in free if s != ELL)
+                has_ell[name] = ELL in free
                 return sp.IndexedBase(name, real=True)[free] if free else sp.Symbol(name, real=True)
             if not expr.args or isinstance(expr, (sp.Indexed, Size)):
                 return expr
@@ -638,11 +635,9 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
                 f"an earlier equation defining it, got neither"
             )
         idx = tuple(expr.indices)
-        _check_rank(name, len(idx), idx and idx[0] == ELL, where, ranks, has_ell)
+        _check_rank(name, len(idx), ELL in idx, where, ranks, has_ell)
         for p, ix in enumerate(idx):
             if is_index(ix):
-                if ix == ELL and p != 0:
-                    raise SpecError(f"'...' requires the first position, got position {p + 1} of {name} in {where}")
                 continue
             if isinstance(ix, sp.Indexed):
                 cname = tensor_name(ix)
@@ -657,7 +652,7 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
                             f"a gather index {cname}[...] requires plain index symbols, got "
                             f"{sp.sstr(jx)} in {where}"
                         )
-                _check_rank(cname, len(ix.indices), bool(ix.indices) and ix.indices[0] == ELL, where, ranks, has_ell)
+                _check_rank(cname, len(ix.indices), ELL in ix.indices, where, ranks, has_ell)
                 gather_consts.add(cname)
                 continue
             raise SpecError(

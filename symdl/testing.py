@@ -208,9 +208,11 @@ def reference_forward(layer, *args, **kwargs):
     batch_shape = None
     for name, a in arrays.items():
         dims = spec.tensors[name].dims
-        if dims and dims[0] == "...":
-            batch_shape = a.shape[: a.ndim - (len(dims) - 1)]
-            arrays[name] = a.reshape((-1,) + a.shape[len(batch_shape) :])
+        if "..." in dims:
+            k = dims.index("...")
+            after = len(dims) - 1 - k
+            batch_shape = a.shape[k : a.ndim - after]
+            arrays[name] = a.reshape(a.shape[:k] + (-1,) + a.shape[a.ndim - after :])
         for d, n in zip(dims, arrays[name].shape):
             sizes[d] = n
     funcs = _scalar_functions()
@@ -259,8 +261,9 @@ def reference_forward(layer, *args, **kwargs):
     for o in spec.outputs:
         arr = arrays[o]
         dims = spec.tensors[o].dims
-        if dims and dims[0] == "...":
-            arr = arr.reshape(tuple(batch_shape) + arr.shape[1:])
+        if "..." in dims:
+            k = dims.index("...")
+            arr = arr.reshape(arr.shape[:k] + tuple(batch_shape) + arr.shape[k + 1 :])
         outs.append(arr)
     _ = ELL
     return outs[0] if len(outs) == 1 else tuple(outs)

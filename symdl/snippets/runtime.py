@@ -50,23 +50,24 @@ def _common_dtype(arrays):
 def _bind_shapes(arrays, shapes):
     """Check each array's shape against its dimension names; return the size of each name.
 
-    A leading "..." stands for any number of batch dimensions, shared by every argument.
+    A "..." stands for any number of batch dimensions, shared by every argument.
     """
     sizes = {}
     source = {}
     for name, array in arrays.items():
         dims = shapes[name]
         shape = array.shape
-        if dims and dims[0] == "...":
-            fixed = len(dims) - 1
-            if len(shape) < fixed:
+        if "..." in dims:
+            k = dims.index("...")
+            after = len(dims) - 1 - k
+            if len(shape) < len(dims) - 1:
                 raise ValueError(
-                    f"{NAME}: argument {name!r} requires at least {fixed} dimensions "
-                    f"(..., {', '.join(dims[1:])}), got shape {shape}"
+                    f"{NAME}: argument {name!r} requires at least {len(dims) - 1} dimensions "
+                    f"({', '.join(dims)}), got shape {shape}"
                 )
-            pairs = [("...", shape[: len(shape) - fixed])] + list(
-                zip(dims[1:], shape[len(shape) - fixed :])
-            )
+            batch = shape[k : len(shape) - after]
+            pairs = list(zip(dims[:k], shape[:k])) + [("...", batch)]
+            pairs += list(zip(dims[k + 1 :], shape[len(shape) - after :]))
         else:
             if len(shape) != len(dims):
                 raise ValueError(
