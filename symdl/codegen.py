@@ -23,6 +23,7 @@ from .errors import CodegenError
 from .latex import backward_text, formulas, forward_text
 from .lower import Lowered, lower
 from .snippets import erf as _erf_snippet
+from .snippets import extras as _extras
 from .snippets import runtime as _runtime
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -186,6 +187,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         helpers.append(_snippet(_runtime, "_check_index"))
     for h in sorted(lowered.helpers):
         helpers.append(_snippet(_erf_snippet, h))
+    extras = [_snippet(_extras, h) for h in spec.extras]
 
     shapes = spec.shapes()
     shape_items = [(n, shapes[n]) for n in list(spec.args) + list(spec.consts) + list(spec.outputs)]
@@ -219,6 +221,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         backward=lowered.backward,
         returns=returns,
         helpers=helpers,
+        extras=extras,
     )
     text = _environment().get_template("module.py.j2").render(**context)
     text = format_source(text)

@@ -243,6 +243,8 @@ def _derive(spec: Spec) -> Derivation:
         # longest expressions first so an outer match wins over its inner parts
         for src in sorted(table, key=lambda e: (-sp.count_ops(e), sp.default_sort_key(e))):
             p = p.xreplace({src: table[src]}) if p.has(src) else p
+            if src.is_Pow and not src.exp.is_integer:
+                p = _reuse_power(p, src, table[src])
         return p
 
     # ---- the backward program, in reverse order of the forward assignments -------------------
@@ -293,7 +295,12 @@ def _derive(spec: Spec) -> Derivation:
         for ix in c.lhs:
             if not is_index(ix):
                 referenced.add(occurrence_name(ix))
-    cached = tuple(t for t in list(spec.args) + list(spec.consts) + [a.target for a in forward] if t in referenced)
+    referenced |= set(spec.keep)
+    cached = tuple(
+        t
+        for t in list(spec.args) + list(spec.consts) + [a.target for a in forward]
+        if t in referenced
+    )
     return Derivation(
         spec=spec,
         forward=forward,
@@ -304,6 +311,17 @@ def _derive(spec: Spec) -> Derivation:
         cached=cached,
         needs_grad=frozenset(needs),
     )
+
+
+def _reuse_power(p, src, target):
+    """Powers of a base the forward raised to a fractional power, through the forward value:
+    with ``r = b**(-1/2)`` cached, ``b**(-3/2) -> r**3`` (before -> after)."""
+    base, exp = src.base, src.exp
+
+    def match(e):
+        return isinstance(e, sp.Pow) and e.base == base and (e.exp / exp).is_integer
+
+    return p.replace(match, lambda e: target ** (e.exp / exp))
 
 
 def _strip_stop_gradient(expr):

@@ -15,6 +15,7 @@ The result is a :class:`Lowered` module description that the code generator rend
 from __future__ import annotations
 
 import dataclasses
+import re
 import string
 
 import sympy as sp
@@ -107,6 +108,7 @@ class Lowerer:
         self.flags = {"dtype": False}
         self.phase = _Phase()
         self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
+        self.memo: dict[str, str] = {}  # contraction source -> the temporary holding it
 
     def v(self, name: str) -> str:
         """The variable holding tensor (or adjoint) ``name``."""
@@ -130,6 +132,10 @@ class Lowerer:
 
     def emit(self, code: str, comment: str | None = None):
         self.phase.lines.append(Line(code, comment))
+        target = code.split(" = ", 1)[0].strip() if " = " in code else None
+        if target and target.isidentifier():  # a rebound name invalidates what read it
+            pattern = re.compile(rf"\b{re.escape(target)}\b")
+            self.memo = {k: v for k, v in self.memo.items() if not pattern.search(k) or v == target}
 
     def align(self, var: str, idx: tuple, frame: tuple) -> str:
         """``var`` (axes in the order ``idx``) as an array that broadcasts against ``frame``."""
@@ -240,9 +246,39 @@ class Lowerer:
             axes = tuple(range(len(out), len(frame)))
             return f"{_paren(text)}.max(axis={_axes(axes)})"
         coeff, operands, rest = self.factor(body)
+        redset = set(red)
+        # factors free of every reduced index multiply the result after the reduction
+        outer_rest = [f for f in rest if not free_indices(f) & redset]
+        outer_ops = [(v, i) for v, i in operands if not set(i) & redset]
+        if (outer_rest or outer_ops) and len(outer_rest) + len(outer_ops) < len(rest) + len(operands):
+            rest = [f for f in rest if f not in outer_rest]
+            operands = [o for o in operands if o not in outer_ops]
+            inner_out = tuple(
+                i for i in out if any(i in idx for _, idx in operands) or any(i in free_indices(f) for f in rest)
+            )
+            inner_body = sp.Mul(*rest) * sp.Mul(
+                *[sp.IndexedBase(v, real=True)[idx] for v, idx in operands]
+            )
+            for v, idx in operands:
+                self._register(v)
+            inner = self.reduction("sum", inner_body, inner_out, red, scope)
+            tmp = inner if inner.isidentifier() else self.memo.get(inner)
+            if tmp is None:
+                tmp = self.namer.temp()
+                self.emit(f"{tmp} = {inner}")
+                self.memo[inner] = tmp
+            self._register(tmp)
+            outer = coeff * sp.Mul(*outer_rest) * sp.Mul(
+                *[sp.IndexedBase(v, real=True)[idx] for v, idx in outer_ops]
+            )
+            for v, idx in outer_ops:
+                self._register(v)
+            expr = outer * (sp.IndexedBase(tmp, real=True)[inner_out] if inner_out else sp.Symbol(tmp, real=True))
+            text = self.elementwise(expr, tuple(out), scope)
+            return self.full(text, expr, tuple(out), scope)
         if rest:
             r = sp.Mul(*rest)
-            idx = ordered(free_indices(r), frame)
+            idx = self.storage_order(r, frame)
             tmp = self.namer.temp()
             text = self.full(self.elementwise(r, idx, scope), r, idx, scope)
             self.emit(f"{tmp} = {text}")
@@ -255,11 +291,14 @@ class Lowerer:
         if not operands:
             text = self.scalar(coeff)
             coeff = sp.S.One
-        elif len(operands) == 1:
-            var, idx = operands[0]
-            text = self.sum_one(var, idx, out, red)
         else:
-            text = self.contract(operands, out, red)
+            if len(operands) == 1:
+                var, idx = operands[0]
+                text = self.sum_one(var, idx, out, red)
+            else:
+                text = self.contract(operands, out, red)
+            if text in self.memo:
+                text = self.memo[text]
         if coeff != 1:
             if coeff == -1:
                 text = f"-{_paren(text)}"
@@ -271,6 +310,19 @@ class Lowerer:
             kept = tuple(i for i in out if i in present)
             text = f"np.broadcast_to({self.align(_paren(text), kept, tuple(out))}, {shape})"
         return text
+
+    def _register(self, var: str):
+        """Let a lowering temporary stand as an operand in expressions."""
+        self.arrays.add(var)
+        self.var.setdefault(var, var)
+
+    def storage_order(self, expr: sp.Expr, frame: tuple) -> tuple:
+        """Index order for a temporary: that of its largest operand, then the frame's."""
+        occs = [o for o in occurrences(expr, self.arrays) if isinstance(o, sp.Indexed)]
+        best = max(occs, key=lambda o: len(plain_indices(o)), default=None)
+        first = list(plain_indices(best)) if best is not None else []
+        rest = [i for i in ordered(free_indices(expr), frame) if i not in first]
+        return tuple(i for i in first if i in free_indices(expr)) + tuple(rest)
 
     def scalar(self, expr: sp.Expr) -> str:
         names = {}

@@ -110,6 +110,8 @@ class Spec:
     dims: tuple[str, ...]
     doc: str = ""
     gathers: dict[str, str] = dataclasses.field(default_factory=dict)  # int const -> range dim
+    keep: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -254,6 +256,8 @@ class Layer:
         int_consts=(),
         doc: str = "",
         checks: Mapping[str, object] | None = None,
+        keep=(),
+        extras=(),
     ):
         self.name = name
         self.equations = [_as_pair(eq, k) for k, eq in enumerate(equations)]
@@ -266,6 +270,8 @@ class Layer:
         self.shapes = {k: tuple(v) for k, v in (shapes or {}).items()}
         self.doc = doc
         self.checks = dict(checks or {})
+        self.keep = _names(keep)  # intermediates always cached (for callers, e.g. batch stats)
+        self.extras = _names(extras)  # helper functions from symdl/snippets/extras.py
         self._spec: Spec | None = None
 
     def __repr__(self) -> str:
@@ -394,6 +400,9 @@ def _build_spec(layer: Layer) -> Spec:
         has_ell[tname] = ELL in lhs_idx
         defined.append(tname)
 
+    for n in layer.keep:
+        if n not in defined:
+            raise SpecError(f"keep names {n!r}, which requires a tensor defined by an equation")
     for n in declared:
         if n not in ranks:
             raise SpecError(f"argument {n!r} requires a use in the equations, got none")
@@ -474,9 +483,6 @@ def _build_spec(layer: Layer) -> Spec:
             uf.find(("I", a.scope, ix))
     # one shared batch shape for every '...'
     ell_keys = [key for key in list(uf.parent) if key[0] == "I" and key[2] == ELL]
-    for t, r in ranks.items():
-        if has_ell.get(t):
-            ell_keys.append(("T", t, 0))
     for key in ell_keys[1:]:
         uf.union(ell_keys[0], key)
 
@@ -607,6 +613,8 @@ def _build_spec(layer: Layer) -> Spec:
         dims=tuple(dims_order),
         doc=layer.doc,
         gathers=gathers,
+        keep=layer.keep,
+        extras=layer.extras,
     )
 
 

@@ -497,6 +497,86 @@ DOMAINS = {
     "gan_generator_loss": _make_gan_gen,
 }
 
+
+# ---------------------------------------------------------------------------
+# Normalization and dropout
+# ---------------------------------------------------------------------------
+
+
+def _np_layer_norm(x, weight, bias, eps=1e-5):
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
+
+
+def _np_rms_norm(x, weight, eps=1e-6):
+    return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * weight
+
+
+def _np_batch_norm(x, weight, bias, eps=1e-5):
+    axes = (0,) + tuple(range(2, x.ndim))
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean = x.mean(axis=axes).reshape(shape)
+    var = x.var(axis=axes).reshape(shape)
+    return (x - mean) / np.sqrt(var + eps) * weight.reshape(shape) + bias.reshape(shape)
+
+
+TORCH.update(
+    {
+        "layer_norm": lambda torch, x, weight, bias, eps=1e-5: _F(torch).layer_norm(
+            x, (x.shape[-1],), weight, bias, eps=eps
+        ),
+        "rms_norm": lambda torch, x, weight, eps=1e-6: _F(torch).rms_norm(
+            x, (x.shape[-1],), weight, eps=eps
+        ),
+        "batch_norm": lambda torch, x, weight, bias, eps=1e-5: _F(torch).batch_norm(
+            x, None, None, weight, bias, training=True, eps=eps
+        ),
+        "dropout": lambda torch, x, mask, p: x * mask / (1 - p),
+    }
+)
+NUMPY.update(
+    {
+        "layer_norm": _np_layer_norm,
+        "rms_norm": _np_rms_norm,
+        "batch_norm": _np_batch_norm,
+        "dropout": lambda x, mask, p: np.where(mask != 0, x / (1 - p), 0.0),
+    }
+)
+
+
+def _make_layer_norm(rng, dtype=np.float64):
+    x = rng.standard_normal((2, 3, 5)).astype(dtype)
+    return (x, rng.uniform(0.5, 1.5, 5).astype(dtype), rng.standard_normal(5).astype(dtype)), {
+        "eps": 1e-5
+    }
+
+
+def _make_rms_norm(rng, dtype=np.float64):
+    x = rng.standard_normal((3, 4)).astype(dtype)
+    return (x, rng.uniform(0.5, 1.5, 4).astype(dtype)), {"eps": 1e-6}
+
+
+def _make_batch_norm(rng, dtype=np.float64):
+    x = rng.standard_normal((2, 3, 4, 5)).astype(dtype)
+    return (x, rng.uniform(0.5, 1.5, 3).astype(dtype), rng.standard_normal(3).astype(dtype)), {}
+
+
+def _make_dropout(rng, dtype=np.float64):
+    x = rng.standard_normal((3, 4)).astype(dtype)
+    mask = (rng.random((3, 4)) >= 0.25).astype(dtype)
+    return (x,), {"mask": mask, "p": 0.25}
+
+
+DOMAINS.update(
+    {
+        "layer_norm": _make_layer_norm,
+        "rms_norm": _make_rms_norm,
+        "batch_norm": _make_batch_norm,
+        "dropout": _make_dropout,
+    }
+)
+
 NAMES = tuple(NUMPY)
 
 assert set(TORCH) == set(NUMPY) == set(DOMAINS), "registries out of sync"

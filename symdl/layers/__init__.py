@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ..errors import SpecError
 from ..spec import Layer
-from . import activations, dense, losses
+from . import activations, dense, losses, normalization
 
-FAMILIES = (activations, dense, losses)
+FAMILIES = (activations, dense, losses, normalization)
 
 
 def catalogue() -> dict[str, Layer]:
