@@ -13,7 +13,7 @@ F = torch.nn.functional
 RTOL, ATOL = 1e-7, 1e-12
 
 
-def _compare(module, torch_fn, args, kwargs, rng):
+def _compare(module, torch_fn, args, kwargs, rng, check=True):
     out, cache = module.forward(*args, **kwargs)
     dout = rng.standard_normal(out.shape)
     grads = module.backward(dout, cache)
@@ -23,10 +23,14 @@ def _compare(module, torch_fn, args, kwargs, rng):
     np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=RTOL, atol=ATOL)
     for name, g, tg in zip(module.ARGS, grads, t_grads):
         np.testing.assert_allclose(g, tg.numpy(), rtol=RTOL, atol=ATOL, err_msg=name)
-    assert gradcheck(module, args, kwargs, rng=rng).ok
+    if check:
+        result = gradcheck(module, args, kwargs, rng=rng)
+        assert result.ok, str(result)
 
 
-@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 4, 5), (1, 4)], ids=["2d", "4d", "batch1"])
+@pytest.mark.parametrize(
+    "shape", [(5, 3), (2, 3), (2, 3, 4, 5), (1, 4)], ids=["2d", "2d-batch2", "4d-batch2", "batch1"]
+)
 def test_batch_norm_matches_torch(shape, rng):
     m = load_generated("batch_norm")
     x = rng.standard_normal(shape) * 2 + 1
@@ -39,6 +43,9 @@ def test_batch_norm_matches_torch(shape, rng):
         (x, w, b),
         {},
         rng,
+        # two values per channel normalise to exactly -1 and +1: the gradient is ~0 and a
+        # finite-difference ratio is meaningless there (PyTorch agreement is still checked)
+        check=shape[0] * int(np.prod(shape[2:])) > 2,
     )
 
 
