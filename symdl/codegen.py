@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 
 import jinja2
+import sympy as sp
+from sympy.printing.str import StrPrinter
 
 from . import __version__
 from .derive import Derivation, derive
@@ -31,6 +33,50 @@ if not TEMPLATES.is_dir():  # a source checkout: templates/ beside the package
     TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 HASH_PREFIX = "# sha256: "
+
+
+def _conversion(default) -> str:
+    """``int`` or ``float``: how a hyperparameter is converted on the way in."""
+    if default is int or (isinstance(default, int) and not isinstance(default, bool)):
+        return "int"
+    return "float"
+
+
+class _IntPrinter(StrPrinter):
+    """Integer size formulas as Python: floor(a/b) -> a // b, Min -> min."""
+
+    def __init__(self, names):
+        super().__init__({"order": "none"})
+        self.names = names
+
+    def _print_Symbol(self, expr):
+        return self.names.get(expr.name, expr.name)
+
+    def _print_floor(self, expr):
+        num, den = sp.fraction(sp.together(expr.args[0]))
+        if den == 1:
+            return self._print(num)
+        den_text = self._print(den)
+        if not (den.is_Symbol or den.is_Integer):
+            den_text = f"({den_text})"
+        return f"({self._print(num)}) // {den_text}"
+
+    def _print_Min(self, expr):
+        return "min(" + ", ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Add(self, expr, order=None):
+        terms = sorted(expr.args, key=lambda t: (t.is_number, sp.default_sort_key(t)))
+        text = self._print(terms[0])
+        for t in terms[1:]:
+            if t.could_extract_minus_sign():
+                text += f" - {self.parenthesize(-t, 50)}"
+            else:
+                text += f" + {self.parenthesize(t, 40)}"
+        return text
+
+
+def _int_formula(expr, names) -> str:
+    return _IntPrinter(names).doprint(expr)
 
 
 def _pyrepr(value) -> str:
@@ -87,7 +133,12 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     params = [a.var for a in lowered.args]
     kwonly = [c.var for c in lowered.consts]
     for name, var, default in lowered.hyper:
-        kwonly.append(var if default is None else f"{var}={default!r}")
+        if default is None or isinstance(default, type):
+            kwonly.append(var)
+        elif isinstance(default, str):
+            kwonly.append(f"{var}=None")
+        else:
+            kwonly.append(f"{var}={default!r}")
     signature = ", ".join(params + (["*"] + kwonly if kwonly else []))
 
     # argument checks
@@ -110,6 +161,8 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         x
         for x in spec.dims
         if x != "..."
+        and x not in spec.derived
+        and x not in spec.hyper_dims
         and (
             x in lowered.forward_dims
             or x in lowered.backward_dims
@@ -128,9 +181,56 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         if c.name in lowered.index_ranges:
             dim = lowered.index_ranges[c.name]
             pre.append(f'_check_index("{c.name}", {c.var}, {dv[dim]})')
+    hyper_vars = {name: var for name, var, _ in lowered.hyper}
     for name, var, default in lowered.hyper:
-        conv = "int" if isinstance(default, int) and not isinstance(default, bool) else "float"
-        pre.append(f"{var} = {conv}({var})")
+        if isinstance(default, str):  # defaults to another hyperparameter (stride = kernel)
+            conv = _conversion(spec.hyper[default])
+            pre.append(f"{var} = {hyper_vars[default]} if {var} is None else {conv}({var})")
+        else:
+            pre.append(f"{var} = {_conversion(default)}({var})")
+    pad_hypers = {str(w) for widths in spec.pads.values() for w in widths.values() if w.is_Symbol}
+    coef_hypers = {
+        s.name for f in spec.derived.values() for s in f.free_symbols if s.name in spec.hyper
+    } | set(spec.hyper_dims)
+    for name in sorted(pad_hypers):
+        pre.append(
+            f"if {hyper_vars[name]} < 0:\n    raise ValueError("
+            f'f"{{NAME}}: {name} requires a non-negative integer, got {{{hyper_vars[name]}}}")'
+        )
+    for name in sorted(coef_hypers - pad_hypers):
+        pre.append(
+            f"if {hyper_vars[name]} < 1:\n    raise ValueError("
+            f'f"{{NAME}}: {name} requires a positive integer, got {{{hyper_vars[name]}}}")'
+        )
+    names = {**{s: v for s, v in dv.items()}, **hyper_vars}
+    for a in bound:
+        widths = spec.pads.get(a.name)
+        if widths:
+            pairs = []
+            for p in range(len(a.dims)):
+                w = _int_formula(widths[p], names) if p in widths else "0"
+                pairs.append(f"({w}, {w})")
+            value = spec.pad_values.get(a.name, 0.0)
+            value_text = {float("-inf"): "-np.inf", float("inf"): "np.inf"}.get(value, repr(value))
+            extra = "" if value == 0 else f", constant_values={value_text}"
+            pre.append(f"{a.var} = np.pad({a.var}, ({', '.join(pairs)}){extra})")
+    for dname, formula in spec.derived.items():
+        text = _int_formula(formula, names)
+        pre.append(f"{dv[dname]} = {text}")
+        shown = _int_formula(formula, {k: k for k in names})
+        pre.append(
+            f"if {dv[dname]} < 1:\n    raise ValueError("
+            f'f"{{NAME}}: dimension {dname!r} = {shown} = {{{dv[dname]}}} requires at least 1: '
+            f'the window does not fit the input")'
+        )
+    for dname, formula in spec.bounds:
+        text = _int_formula(formula, names)
+        shown = _int_formula(formula, {k: k for k in names})
+        pre.append(
+            f"if {dv[dname]} > {text}:\n    raise ValueError("
+            f'f"{{NAME}}: dimension {dname!r} = {{{dv[dname]}}} requires at most {shown} = '
+            f'{{{text}}}")'
+        )
 
     # outputs
     epilogue: list[str] = []
@@ -186,7 +286,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     if lowered.index_ranges:
         helpers.append(_snippet(_runtime, "_check_index"))
     for h in sorted(lowered.helpers):
-        helpers.append(_snippet(_erf_snippet, h))
+        helpers.append(_snippet(_erf_snippet if hasattr(_erf_snippet, h) else _runtime, h))
     extras = [_snippet(_extras, h) for h in spec.extras]
 
     shapes = spec.shapes()
@@ -207,7 +307,9 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         args=tuple(spec.args),
         params=tuple(spec.params),
         consts=tuple(spec.consts),
-        hyper_defaults={k: v for k, v in spec.hyper.items()},
+        hyper_defaults={
+            k: (None if v is None or isinstance(v, (type, str)) else v) for k, v in spec.hyper.items()
+        },
         outputs=tuple(spec.outputs),
         index_ranges=dict(sorted(lowered.index_ranges.items())),
         shapes=shape_items,

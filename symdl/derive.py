@@ -59,6 +59,7 @@ class Contribution:
     source: int  # position of the forward assignment in Derivation.forward
     partial: sp.Expr  # the local partial d body / d occurrence (for reports)
     occurrence: sp.Expr
+    outs: tuple = ()  # the forward assignment's own (left-hand) indices
 
     @property
     def is_gather(self) -> bool:
@@ -171,22 +172,36 @@ def _derive(spec: Spec) -> Derivation:
                         active.add(occurrence_name(o))
         return active
 
+    # a Max on the gradient path routes its gradient to the first arg-max: the forward
+    # records a mask of that position (an "argmax" assignment over all of the Max's indices)
+    masks: dict[str, str] = {}
+    active = active_targets(forward)
+    with_masks: list[Assign] = []
+    for a in forward:
+        with_masks.append(a)
+        if a.op == "max" and a.target in needs and a.target in active:
+            name = "argmax_" + a.target
+            while name in tensors or name in all_names:
+                name = "_" + name
+            idx = a.all_indices
+            dims = tuple(spec.index_dims[(a.scope, i)] for i in idx)
+            tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")
+            with_masks.append(Assign(name, idx, "argmax", a.expr, a.reduce, a.scope))
+            masks[a.target] = name
+    forward = with_masks
+
     def raw_partials(forward):
         out = []  # (position, assign, occurrence, partial)
         active = active_targets(forward)
         for pos, a in enumerate(forward):
-            if a.target not in needs or a.target not in active:
+            if a.target not in needs or a.target not in active or a.op == "argmax":
                 continue
-            if a.op == "max":
-                raise DeriveError(
-                    f"differentiating Max over an index (in the equation defining "
-                    f"{a.target!r}) is not implemented; wrap it in stop_gradient(...) when it "
-                    f"is a shift-invariant stabiliser"
-                )
             for occ in occurrences(a.expr, tensors):
                 if occurrence_name(occ) not in needs:
                     continue
                 p = local_partial(a.expr, occ)
+                if a.op == "max":  # d max_J body / d body[J] = [J is the first arg-max]
+                    p = p * _indexed(masks[a.target], a.all_indices)
                 if p != 0:
                     out.append((pos, a, occ, p))
         return out
@@ -283,6 +298,7 @@ def _derive(spec: Spec) -> Derivation:
                     source=pos,
                     partial=p,
                     occurrence=occ,
+                    outs=a.indices,
                 )
             )
 
@@ -293,7 +309,7 @@ def _derive(spec: Spec) -> Derivation:
         for occ in occurrences(c.body, tensors):
             referenced.add(occurrence_name(occ))
         for ix in c.lhs:
-            if not is_index(ix):
+            if isinstance(ix, sp.Indexed):  # a gather's index tensor
                 referenced.add(occurrence_name(ix))
     referenced |= set(spec.keep)
     cached = tuple(

@@ -25,7 +25,10 @@ from .errors import LowerError
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import (
     ELL,
+    affine_terms,
     dim_symbol,
+    is_affine,
+    position_symbols,
     Assign,
     free_indices,
     is_index,
@@ -103,7 +106,12 @@ class Lowerer:
             self.var[adj] = self.namer.claim(adj)
         self.dim_vars: dict[str, str] = {}
         for dname in self.spec.dims:
+            if dname in self.spec.hyper_dims:  # a range given by a hyperparameter: its variable
+                self.dim_vars[dname] = self.var[self.spec.hyper_dims[dname]]
+                continue
             self.dim_vars[dname] = self.namer.claim("batch" if dname == "..." else _identifier(dname))
+        self.views: dict = {}  # strided views made in the current function
+        self.owned: set[str] = set()  # arrays this function allocated (safe to add into)
         self.helpers: set[str] = set()
         self.flags = {"dtype": False}
         self.phase = _Phase()
@@ -122,10 +130,15 @@ class Lowerer:
         return self.dim_vars[dname]
 
     def shape_of(self, tensor: str) -> str:
+        """The shape of ``tensor`` as stored (padded axes included)."""
         dims = self.tensors[tensor].dims
         for dname in dims:
             self.phase.dims.add(dname)
-        parts = [self.dim_vars[d] for d in dims]
+        pads = self.spec.pads.get(tensor, {})
+        parts = [
+            self.dim_vars[d] + (f" + 2 * {self.scalar(pads[p])}" if p in pads else "")
+            for p, d in enumerate(dims)
+        ]
         if not parts:
             return "()"
         return f"({', '.join(parts)},)" if len(parts) == 1 else f"({', '.join(parts)})"
@@ -160,9 +173,65 @@ class Lowerer:
             text = f"{text}[{', '.join(subs)}]"
         return text
 
+    def needs_view(self, occ, scope: int) -> bool:
+        """Whether an occurrence reads a strided window rather than the whole array: an affine
+        position, or a plain index ranging over less than the axis (or a padded axis)."""
+        if not isinstance(occ, sp.Indexed):
+            return False
+        info = self.tensors.get(occurrence_name(occ))
+        if info is None:
+            return False
+        pads = self.spec.pads.get(info.name, {})
+        for p, ix in enumerate(occ.indices):
+            if is_affine(ix):
+                return True
+            if is_index(ix) and (p in pads or self.spec.index_dims.get((scope, ix)) != info.dims[p]):
+                return True
+        return False
+
+    def view(self, occ, scope: int) -> tuple[str, tuple]:
+        """A strided view (no copy) of an affine occurrence; axes in the order of its symbols."""
+        key = (sp.srepr(occ), scope)
+        if key in self.views:
+            return self.views[key]
+        name = occurrence_name(occ)
+        var = self.v(name)
+        syms = plain_indices(occ)
+        slices, strides = [], {s: [] for s in syms}
+        for p, ix in enumerate(occ.indices):
+            if isinstance(ix, sp.Indexed):
+                raise LowerError(
+                    f"a gather and an affine position in one occurrence ({sp.sstr(occ)}) is "
+                    f"not implemented"
+                )
+            terms, const = ([(sp.S.One, ix)], sp.S.Zero) if is_index(ix) else affine_terms(ix)
+            slices.append(f"{self.scalar(const)}:" if const != 0 else ":")
+            for coeff, sym in terms:
+                st = f"{var}.strides[{p}]"
+                strides[sym].append(st if coeff == 1 else f"{self.scalar(coeff)} * {st}")
+        while slices and slices[-1] == ":":
+            slices.pop()
+        base = f"{var}[{', '.join(slices)}]" if slices else var
+        shape = ", ".join(self.dimvar(scope, s) for s in syms)
+        stride_text = ", ".join(" + ".join(strides[s]) for s in syms)
+        if len(syms) == 1:
+            shape, stride_text = shape + ",", stride_text + ","
+        tmp = self.namer.temp()
+        self.emit(
+            f"{tmp} = np.lib.stride_tricks.as_strided({base}, shape=({shape}), "
+            f"strides=({stride_text}), writeable=False)",
+            f"{equation_text(occ)} as a strided view, no copy",
+        )
+        self._register(tmp)
+        self.views[key] = (tmp, syms)
+        return tmp, syms
+
     def operand(self, occ, frame: tuple, scope: int) -> str:
         """Source for one tensor occurrence, aligned to ``frame``."""
         name = occurrence_name(occ)
+        if self.needs_view(occ, scope):
+            tmp, syms = self.view(occ, scope)
+            return self.align(tmp, syms, frame)
         var = self.v(name)
         idx = occurrence_indices(occ)
         if all(is_index(i) for i in idx):
@@ -245,7 +314,7 @@ class Lowerer:
             text = self.full(self.elementwise(body, frame, scope), body, frame, scope)
             axes = tuple(range(len(out), len(frame)))
             return f"{_paren(text)}.max(axis={_axes(axes)})"
-        coeff, operands, rest = self.factor(body)
+        coeff, operands, rest = self.factor(body, scope)
         redset = set(red)
         # factors free of every reduced index multiply the result after the reduction
         outer_rest = [f for f in rest if not free_indices(f) & redset]
@@ -337,13 +406,15 @@ class Lowerer:
                 names[s] = self.v(s.name)
         return NumpyPrinter(names, set(), self.helpers, self.flags).doprint(_floats(expr))
 
-    def factor(self, body: sp.Expr):
+    def factor(self, body: sp.Expr, scope: int):
         """Split a product into a scalar coefficient, plain operands and other factors."""
         coeff = sp.S.One
         operands: list[tuple[str, tuple]] = []
         rest = []
         for f in sp.Mul.make_args(body):
-            if isinstance(f, sp.Indexed) and all(is_index(i) for i in f.indices):
+            if self.needs_view(f, scope):
+                operands.append(self.view(f, scope))
+            elif isinstance(f, sp.Indexed) and all(is_index(i) for i in f.indices):
                 operands.append((self.v(occurrence_name(f)), tuple(f.indices)))
             elif not free_indices(f) and not any(
                 isinstance(o, sp.Indexed) for o in occurrences(f, self.arrays)
@@ -380,6 +451,12 @@ class Lowerer:
         comment = f"{_lhs_text(a.target, a.indices)} = {equation_text(_rhs_of(a))}"
         if a.op == "map":
             text = self.full(self.elementwise(a.expr, a.indices, a.scope), a.expr, a.indices, a.scope)
+        elif a.op == "argmax":
+            frame = a.indices
+            body = self.full(self.elementwise(a.expr, frame, a.scope), a.expr, frame, a.scope)
+            self.helpers.add("_argmax_mask")
+            comment = f"{_lhs_text(a.target, frame)} = [({', '.join(i.name for i in a.reduce)}) is the first arg-max of {equation_text(a.expr)}]"
+            text = f"_argmax_mask({body}, {len(a.reduce)})"
         else:
             text = self.reduction(a.op, a.expr, a.indices, a.reduce, a.scope)
         self.emit(f"{var} = {text}", comment)
@@ -389,6 +466,9 @@ class Lowerer:
         rhs = c.body if not c.reduce else _Sum(c.body, c.reduce)
         op = "=" if c.first else "+="
         comment = f"{_lhs_text(c.target, c.lhs)} {op} {equation_text(rhs)}"
+        if self.needs_view(c.occurrence, c.scope):
+            self.scatter_affine(c, var, comment)
+            return
         if not c.is_gather:
             body_name = occurrence_name(c.body) if isinstance(c.body, (sp.Indexed, sp.Symbol)) else None
             if (
@@ -435,6 +515,110 @@ class Lowerer:
         if not c.first:
             self.emit(f"{var} = {self.v(c.target)} + {into}")
             self.alias.pop(var, None)
+
+    def index_text(self, expr: sp.Expr, extra: dict) -> str:
+        """An integer index expression (hyperparameters, dimensions, loop variables)."""
+        names = dict(extra)
+        for sym in expr.free_symbols:
+            if sym in names:
+                continue
+            if sym.name in self.spec.hyper:
+                self.phase.hyper.add(sym.name)
+                names[sym] = self.var[sym.name]
+            elif sym.name in self.dim_vars:
+                self.phase.dims.add(sym.name)
+                names[sym] = self.dim_vars[sym.name]
+        return NumpyPrinter(names, set(), self.helpers, self.flags).doprint(expr)
+
+    def scatter_affine(self, c: Contribution, var: str, comment: str):
+        """The adjoint of a strided read: values over the occurrence's symbols, added into the
+        (padded) array through strided slices, looping over kernel offsets only."""
+        occ = c.occurrence
+        frame = plain_indices(occ)
+        red = tuple(i for i in c.over if i not in frame)
+        if red:
+            text = self.reduction("sum", c.body, frame, red, c.scope)
+        else:
+            text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
+        if text.isidentifier():
+            vals = text
+            if comment:
+                self.emit(f"# {comment}")
+        else:
+            vals = self.namer.temp()
+            self.emit(f"{vals} = {text}", comment)
+        self.flags["dtype"] = True
+        own = not c.first and var in self.owned and var not in self.alias
+        into = var if (c.first or own) else self.namer.temp()
+        if c.first or not own:
+            self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
+            self.owned.add(into)
+        positions = list(occ.indices)
+        loop: list = []
+        for ix in positions:
+            syms = position_symbols(ix)
+            if is_affine(ix) and len(syms) > 1:
+                primary = next((s for s in syms if s in c.outs), syms[0])
+                loop += [s for s in syms if s != primary and s not in loop]
+        free = [s for ix in positions for s in position_symbols(ix) if s not in loop]
+        simple = len(free) == len(set(free)) and all(
+            not isinstance(ix, sp.Indexed)
+            and len([s for s in position_symbols(ix) if s not in loop]) <= 1
+            for ix in positions
+        )
+        if not simple:  # general affine map: one scatter-add with index arrays
+            arrays = []
+            for ix in positions:
+                names = {
+                    s: self.align(f"np.arange({self.dimvar(c.scope, s)})", (s,), frame)
+                    for s in position_symbols(ix)
+                }
+                arrays.append(self.index_text(ix, names))
+            self.emit(f"np.add.at({into}, ({', '.join(arrays)}), {vals})")
+        else:
+            loop_vars = {s: self.namer.claim(s.name) for s in loop}
+            info = self.tensors[c.tensor]
+            slices = []
+            for p, ix in enumerate(positions):
+                syms = [s for s in position_symbols(ix) if s not in loop]
+                if not syms:
+                    slices.append(self.index_text(ix, loop_vars))
+                    continue
+                sym = syms[0]
+                terms, _ = ([(sp.S.One, ix)], None) if is_index(ix) else affine_terms(ix)
+                coeff = dict((t, k) for k, t in terms)[sym]
+                start_expr = ix.subs(sym, 0)
+                size = self.dimvar(c.scope, sym)
+                padded = p in self.spec.pads.get(c.tensor, {})
+                if start_expr == 0 and coeff == 1 and not padded and (
+                    self.spec.index_dims[(c.scope, sym)] == info.dims[p]
+                ):
+                    slices.append(":")
+                    continue
+                start = self.index_text(start_expr, loop_vars)
+                a = self.index_text(coeff, loop_vars)
+                lo = "" if start_expr == 0 else start
+                base = "" if start_expr == 0 else f"{start} + "
+                if coeff == 1:
+                    slices.append(f"{lo}:{base}{size}")
+                else:
+                    slices.append(f"{lo}:{base}{a} * ({size} - 1) + 1:{a}")
+            while slices and slices[-1] == ":":
+                slices.pop()
+            vsub = [loop_vars[s] if s in loop_vars else ":" for s in frame]
+            while vsub and vsub[-1] == ":":
+                vsub.pop()
+            target = f"{into}[{', '.join(slices)}]" if slices else into
+            source = f"{vals}[{', '.join(vsub)}]" if vsub else vals
+            indent = ""
+            for s in loop:
+                self.emit(f"{indent}for {loop_vars[s]} in range({self.dimvar(c.scope, s)}):")
+                indent += "    "
+            self.emit(f"{indent}{target} += {source}")
+        if not c.first and into != var:
+            self.emit(f"{var} = {self.v(c.target)} + {into}")
+            self.alias.pop(var, None)
+            self.owned.add(var)
 
 
 class _TempSymbols:
@@ -607,6 +791,9 @@ def _lower(d: Derivation) -> Lowered:
 
     # backward
     lw.phase = _Phase()
+    lw.views = {}
+    lw.memo = {}
+    lw.owned = set()
     lw.flags["dtype"] = False
     defined: set[str] = set()
     for c in d.backward:
@@ -618,7 +805,22 @@ def _lower(d: Derivation) -> Lowered:
             lw.flags["dtype"] = True
             grads.append((n, f"np.zeros({lw.shape_of(n)}, dtype=dtype)"))
         else:
-            grads.append((n, lw.v(adj)))
+            text = lw.v(adj)
+            pads = spec.pads.get(n, {})
+            if pads:
+                dims = d.tensors[n].dims
+                parts = []
+                for p, dname in enumerate(dims):
+                    if p in pads:
+                        w = lw.scalar(pads[p])
+                        parts.append(f"{w}:{w} + {lw.dim_vars[dname]}")
+                        lw.phase.dims.add(dname)
+                    else:
+                        parts.append(":")
+                while parts and parts[-1] == ":":
+                    parts.pop()
+                text = f"{text}[{', '.join(parts)}]"
+            grads.append((n, text))
     bwd = lw.phase
     for o in spec.outputs:
         bwd.dims.update(d.tensors[o].dims)

@@ -65,11 +65,38 @@ class _Converter:
                 _fail("a gathered index requires an integer tensor like target[n]", node)
             items = [self.index(i, gather_ok=False) for i in _subscript_items(node)]
             return sp.IndexedBase(node.value.id, real=True)[tuple(items)]
+        if isinstance(node, (ast.BinOp, ast.Constant, ast.UnaryOp)):
+            return self.affine(node)
         _fail(
-            "an index position requires an index name, '...' or an integer tensor like "
-            f"target[n], got {ast.unparse(node)!r}",
+            "an index position requires an index name, '...', an integer tensor like "
+            f"target[n] or an affine expression like stride*i + p, got {ast.unparse(node)!r}",
             node,
         )
+
+    def affine(self, node):
+        """An affine index expression: index names, integer hyperparameters, integers, + - *."""
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, bool) or not isinstance(node.value, int):
+                _fail(f"an index expression requires integers, got {ast.unparse(node)!r}", node)
+            if abs(node.value) > MAX_INT:
+                _fail(f"an integer literal requires a magnitude <= {MAX_INT}, got a larger one", node)
+            return sp.Integer(node.value)
+        if isinstance(node, ast.Name):
+            if node.id in self.hyper:
+                return sp.Symbol(node.id, real=True)
+            if node.id in self.tensors:
+                _fail(f"an index expression requires index names, got tensor {node.id!r}", node)
+            return sp.Symbol(node.id, integer=True)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -self.affine(node.operand)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult)):
+            a, b = self.affine(node.left), self.affine(node.right)
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            return a * b
+        _fail(f"an index expression requires + - * of indices and integers, got {ast.unparse(node)!r}", node)
 
     def reduction_indices(self, node):
         if isinstance(node, ast.Tuple):
@@ -197,6 +224,11 @@ def _collect_indices(tree, tensors: set[str]) -> set[str]:
     def visit_index(node):
         if isinstance(node, ast.Name):
             names.add(node.id)
+        elif isinstance(node, ast.BinOp):
+            visit_index(node.left)
+            visit_index(node.right)
+        elif isinstance(node, ast.UnaryOp):
+            visit_index(node.operand)
         elif isinstance(node, ast.Subscript):
             for i in _subscript_items(node):
                 visit_index(i)
@@ -270,7 +302,7 @@ def parse_equations(text: str, tensors, hyper=()) -> list[tuple[sp.Expr, sp.Expr
         if n in hyper:
             _fail(f"the left side requires a tensor name, got hyperparameter {n!r}", tree.body[0])
     all_tensors = tensors | set(lhs_names)
-    conv = _Converter(all_tensors, hyper, _collect_indices(tree, all_tensors))
+    conv = _Converter(all_tensors, hyper, _collect_indices(tree, all_tensors | hyper))
     out = []
     for stmt in tree.body:
         target = stmt.targets[0]

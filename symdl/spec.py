@@ -112,6 +112,13 @@ class Spec:
     gathers: dict[str, str] = dataclasses.field(default_factory=dict)  # int const -> range dim
     keep: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()
+    # affine index maps
+    affine: dict[int, frozenset] = dataclasses.field(default_factory=dict)  # scope -> symbols
+    derived: dict[str, sp.Expr] = dataclasses.field(default_factory=dict)  # dim -> size formula
+    bounds: list[tuple[str, sp.Expr]] = dataclasses.field(default_factory=list)  # dim <= bound
+    pads: dict[str, dict[int, sp.Expr]] = dataclasses.field(default_factory=dict)
+    pad_values: dict[str, float] = dataclasses.field(default_factory=dict)
+    hyper_dims: dict[str, str] = dataclasses.field(default_factory=dict)  # dim -> hyperparameter
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -183,13 +190,51 @@ def occurrence_indices(node) -> tuple:
     return tuple(node.indices) if isinstance(node, sp.Indexed) else ()
 
 
+def position_symbols(ix) -> list[sp.Symbol]:
+    """The index symbols of one index position: a symbol, a gather ``c[n, m]``, or an affine
+    expression ``stride*i + p``, in order of appearance."""
+    if is_index(ix):
+        return [ix]
+    if isinstance(ix, sp.Indexed):
+        return list(ix.indices)
+    terms, _ = affine_terms(ix)
+    return [sym for _, sym in terms]
+
+
+def is_affine(ix) -> bool:
+    """An index position that is neither a plain symbol nor a gather."""
+    return not is_index(ix) and not isinstance(ix, sp.Indexed)
+
+
+def affine_terms(ix) -> tuple[list[tuple[sp.Expr, sp.Symbol]], sp.Expr]:
+    """``a*i + b*p + c`` -> ``([(a, i), (b, p)], c)``, symbols in a deterministic order."""
+    syms = sorted((s for s in ix.free_symbols if is_index(s)), key=lambda s: s.name)
+    expanded = sp.expand(ix)
+    terms = []
+    for sym in syms:
+        coeff = expanded.coeff(sym)
+        terms.append((coeff, sym))
+    const = sp.expand(expanded - sum(c * s for c, s in terms))
+    # order of appearance in the printed expression, for readable views (i before p)
+    order = {s: k for k, s in enumerate(_appearance(ix))}
+    terms.sort(key=lambda t: order.get(t[1], 99))
+    return terms, const
+
+
+def _appearance(expr) -> list[sp.Symbol]:
+    out: list[sp.Symbol] = []
+    for node in sp.preorder_traversal(expr):
+        if is_index(node) and node not in out:
+            out.append(node)
+    return out
+
+
 def plain_indices(node) -> tuple[sp.Symbol, ...]:
     """Every index symbol an occurrence depends on, in order of first appearance (the symbols
-    inside a gather ``c[n]`` included)."""
+    inside a gather ``c[n]`` or an affine position ``s*i + p`` included)."""
     out: list[sp.Symbol] = []
     for ix in occurrence_indices(node):
-        syms = [ix] if is_index(ix) else list(ix.indices)
-        for s in syms:
+        for s in position_symbols(ix):
             if s not in out:
                 out.append(s)
     return tuple(out)
@@ -258,6 +303,8 @@ class Layer:
         checks: Mapping[str, object] | None = None,
         keep=(),
         extras=(),
+        pad: Mapping[str, Mapping] | None = None,
+        ranges: Mapping[str, str] | None = None,
     ):
         self.name = name
         self.equations = [_as_pair(eq, k) for k, eq in enumerate(equations)]
@@ -272,6 +319,10 @@ class Layer:
         self.checks = dict(checks or {})
         self.keep = _names(keep)  # intermediates always cached (for callers, e.g. batch stats)
         self.extras = _names(extras)  # helper functions from symdl/snippets/extras.py
+        # zero (or constant) padding of arguments: {"x": {"axes": {2: "padding"}, "value": 0.0}}
+        self.pad = {k: dict(v) for k, v in (pad or {}).items()}
+        # index ranges given by hyperparameters: {"p": "kernel_size"}
+        self.ranges = dict(ranges or {})
         self._spec: Spec | None = None
 
     def __repr__(self) -> str:
@@ -406,7 +457,10 @@ def _build_spec(layer: Layer) -> Spec:
     for n in declared:
         if n not in ranks:
             raise SpecError(f"argument {n!r} requires a use in the equations, got none")
+    pad_widths = {w for info in layer.pad.values() for w in dict(info.get("axes", {})).values()}
     for n in layer.hyper:
+        if n in pad_widths or n in layer.ranges.values() or n in layer.hyper.values():
+            continue
         used = any(
             sp.Symbol(n, real=True) in rhs.free_symbols or n in {s.name for s in rhs.free_symbols}
             for _, rhs in layer.equations
@@ -465,6 +519,21 @@ def _build_spec(layer: Layer) -> Spec:
             assigns.append(Assign(tname, lhs_idx, "map", hoist(rhs, lhs_idx), (), k))
 
     # ---- dimensions -----------------------------------------------------------------------
+    # Symbols used in an affine position are sized by constraints, not by equality: in
+    # y[b, i] = x[b, i + 1] - x[b, i], i ranges over one less than x's axis.
+    # A tensor that a symbol indexes through an affine position elsewhere in the same equation
+    # takes that symbol's plain positions as constraints too.
+    affine: dict[int, set] = {}
+    affine_in: dict[tuple, set] = {}  # (scope, tensor) -> symbols in its affine positions
+    for a in assigns:
+        for occ in occurrences(a.expr, ranks):
+            for ix in occurrence_indices(occ):
+                if is_affine(ix):
+                    affine.setdefault(a.scope, set()).update(position_symbols(ix))
+                    affine_in.setdefault((a.scope, occurrence_name(occ)), set()).update(
+                        position_symbols(ix)
+                    )
+    constraints: list[tuple] = []  # (scope, symbol, tensor, axis, coeff, others, const)
     uf = _UnionFind()
     for a in assigns:
         uf.find(("I", a.scope, ELL)) if ELL in a.all_indices else None
@@ -473,14 +542,29 @@ def _build_spec(layer: Layer) -> Spec:
         for occ in occurrences(a.expr, ranks):
             oname = occurrence_name(occ)
             for p, ix in enumerate(occurrence_indices(occ)):
-                if is_index(ix):
+                if is_index(ix) and ix not in affine_in.get((a.scope, oname), ()):
                     uf.union(("T", oname, p), ("I", a.scope, ix))
-                else:  # a gather c[n, ...]: the index tensor's axes follow its own indices
+                elif is_index(ix):
+                    constraints.append((a.scope, ix, oname, p, sp.S.One, (), sp.S.Zero))
+                elif isinstance(ix, sp.Indexed):  # a gather c[n, ...]: its own axes
                     cname = tensor_name(ix)
                     for q, jx in enumerate(ix.indices):
                         uf.union(("T", cname, q), ("I", a.scope, jx))
+                else:
+                    terms, const = affine_terms(ix)
+                    for coeff, sym in terms:
+                        others = tuple((c, o) for c, o in terms if o != sym)
+                        constraints.append((a.scope, sym, oname, p, coeff, others, const))
+                        uf.find(("I", a.scope, sym))
         for ix in a.reduce:
             uf.find(("I", a.scope, ix))
+    for sym_name, hname in layer.ranges.items():
+        if hname not in layer.hyper:
+            raise SpecError(
+                f"the range of index {sym_name!r} requires a declared hyperparameter, got {hname!r}"
+            )
+        for key in [k for k in list(uf.parent) if k[0] == "I" and k[2].name == sym_name]:
+            uf.union(("H", hname), key)
     # one shared batch shape for every '...'
     ell_keys = [key for key in list(uf.parent) if key[0] == "I" and key[2] == ELL]
     for key in ell_keys[1:]:
@@ -505,6 +589,14 @@ def _build_spec(layer: Layer) -> Spec:
                     f"got two"
                 )
             names[root] = d
+    for hname in set(layer.ranges.values()):
+        root = uf.find(("H", hname))
+        if root in names and names[root] != hname:
+            raise SpecError(
+                f"dimension {names[root]!r} and hyperparameter {hname!r} must be equal by the "
+                f"equations, which requires one name, got two"
+            )
+        names[root] = hname
     if ell_keys:
         root = uf.find(ell_keys[0])
         if root in names and names[root] != "...":
@@ -538,7 +630,7 @@ def _build_spec(layer: Layer) -> Spec:
             index_dims[(a.scope, ix)] = names[uf.find(("I", a.scope, ix))]
         for occ in occurrences(a.expr, ranks):
             for ix in occurrence_indices(occ):
-                for s in [ix] if is_index(ix) else list(ix.indices):
+                for s in position_symbols(ix):
                     index_dims[(a.scope, s)] = names[uf.find(("I", a.scope, s))]
 
     tensors_: dict[str, TensorInfo] = {}
@@ -555,12 +647,71 @@ def _build_spec(layer: Layer) -> Spec:
         kind = "int" if (t in gather_consts or t in layer.int_consts) else "float"
         tensors_[t] = TensorInfo(t, role, r, dims, kind)
 
-    # every dimension must be readable from an argument's shape
-    provided = {d for t in declared for d in tensors_[t].dims}
+    # padding of arguments
+    pads: dict[str, dict[int, sp.Expr]] = {}
+    pad_values: dict[str, float] = {}
+    for t, info in layer.pad.items():
+        if t not in declared:
+            raise SpecError(f"pad names {t!r}, which requires an argument of the layer")
+        widths = {}
+        for axis, width in dict(info.get("axes", {})).items():
+            if not (isinstance(axis, int) and 0 <= axis < ranks[t]):
+                raise SpecError(f"pad of {t!r} requires axes in [0, {ranks[t]}), got {axis!r}")
+            if isinstance(width, str):
+                if width not in layer.hyper:
+                    raise SpecError(f"pad width of {t!r} requires a hyperparameter, got {width!r}")
+                widths[axis] = sp.Symbol(width, real=True)
+            else:
+                widths[axis] = sp.Integer(width)
+        pads[t] = widths
+        pad_values[t] = float(info.get("value", 0.0))
+
+    def axis_size(t, p):
+        size = dim_symbol(tensors_[t].dims[p])
+        if p in pads.get(t, {}):
+            size = size + 2 * pads[t][p]
+        return size
+
+    # every dimension comes from an argument's shape, a hyperparameter, or affine constraints
+    provided = {d for t in declared for d in tensors_[t].dims} | set(layer.ranges.values())
+    by_dim: dict[str, list] = {}
+    for scope, sym, t, p, coeff, others, const in constraints:
+        by_dim.setdefault(index_dims[(scope, sym)], []).append((scope, t, p, coeff, others, const))
+    derived: dict[str, sp.Expr] = {}
+    bounds: list[tuple[str, sp.Expr]] = []
+    pending = [d for d in by_dim if d not in provided]
+    known = set(provided)
+    while pending:
+        progress = False
+        for dname in list(pending):
+            cons = by_dim[dname]
+            needed = {index_dims[(sc, o)] for sc, _, _, _, others, _ in cons for _, o in others}
+            if not needed <= known:
+                continue
+            options = []
+            for scope, t, p, coeff, others, const in cons:
+                reach = sum((c * (dim_symbol(index_dims[(scope, o)]) - 1) for c, o in others), sp.S.Zero)
+                options.append(sp.floor((axis_size(t, p) - 1 - const - reach) / coeff) + 1)
+            derived[dname] = sp.Min(*options) if len(options) > 1 else options[0]
+            known.add(dname)
+            pending.remove(dname)
+            progress = True
+        if not progress:
+            raise SpecError(
+                f"the range of dimension {pending[0]!r} requires the sizes of the other indices "
+                f"in its affine positions, got a cycle"
+            )
+    for dname, cons in by_dim.items():
+        if dname in provided:
+            for scope, t, p, coeff, others, const in cons:
+                if any(index_dims[(scope, o)] in derived for _, o in others):
+                    continue  # implied: the derived size was chosen to satisfy it
+                reach = sum((c * (dim_symbol(index_dims[(scope, o)]) - 1) for c, o in others), sp.S.Zero)
+                bounds.append((dname, sp.floor((axis_size(t, p) - 1 - const - reach) / coeff) + 1))
     for a in assigns:
         for ix in a.all_indices:
             d = index_dims[(a.scope, ix)]
-            if d not in provided:
+            if d not in known:
                 raise SpecError(
                     f"the range of index {ix.name} in equation {a.scope + 1} requires a "
                     f"dimension of some argument's shape, got none (dimension {d!r} is not the "
@@ -584,7 +735,7 @@ def _build_spec(layer: Layer) -> Spec:
     for a in assigns:
         for occ in occurrences(a.expr, ranks):
             for p, ix in enumerate(occurrence_indices(occ)):
-                if not is_index(ix):
+                if isinstance(ix, sp.Indexed):
                     dim = tensors_[occurrence_name(occ)].dims[p]
                     cname = tensor_name(ix)
                     if gathers.get(cname, dim) != dim:
@@ -599,6 +750,9 @@ def _build_spec(layer: Layer) -> Spec:
         for d in tensors_[t].dims:
             if d not in dims_order:
                 dims_order.append(d)
+    for d in sorted(set(layer.ranges.values())) + list(derived):
+        if d not in dims_order:
+            dims_order.append(d)
     return Spec(
         name=layer.name,
         inputs=layer.inputs,
@@ -615,6 +769,12 @@ def _build_spec(layer: Layer) -> Spec:
         gathers=gathers,
         keep=layer.keep,
         extras=layer.extras,
+        affine={k: frozenset(v) for k, v in affine.items()},
+        derived=derived,
+        bounds=bounds,
+        pads=pads,
+        pad_values=pad_values,
+        hyper_dims={h: h for h in layer.ranges.values()},
     )
 
 
@@ -663,10 +823,8 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
                 _check_rank(cname, len(ix.indices), ELL in ix.indices, where, ranks, has_ell)
                 gather_consts.add(cname)
                 continue
-            raise SpecError(
-                f"an index position requires an index symbol or an integer constant c[n], got "
-                f"{sp.sstr(ix)} at position {p + 1} of {name} in {where}"
-            )
+            _check_affine(ix, p, name, where, layer)
+            continue
         if len(set(i for i in idx if is_index(i))) != len([i for i in idx if is_index(i)]):
             raise SpecError(f"a tensor occurrence requires distinct indices, got {sp.sstr(expr)} in {where}")
         return
@@ -706,6 +864,45 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
         raise SpecError(f"{where} requires known operations, got {type(expr).__name__}: {sp.sstr(expr)}")
     for a in expr.args:
         _check_expr(a, k, known, layer, ranks, has_ell, gather_consts, bound)
+
+
+def _check_affine(ix, p, name, where, layer):
+    """An affine index position: a sum of index symbols times positive integer coefficients
+    (numbers or integer hyperparameters) plus a non-negative offset."""
+    text = sp.sstr(ix)
+
+    def fail(rule):
+        raise SpecError(
+            f"index position {p + 1} of {name} in {where} requires {rule}, got {text}",
+            position=p,
+        )
+
+    for sym in ix.free_symbols:
+        if is_index(sym):
+            continue
+        if sym.name not in layer.hyper:
+            fail("index symbols, integers and hyperparameters only")
+    if not any(is_index(sym) for sym in ix.free_symbols):
+        fail("at least one index symbol")
+    if ix.has(ELL):
+        fail("no '...' inside an expression")
+    index_syms = [sym for sym in ix.free_symbols if is_index(sym)]
+    try:
+        poly = sp.Poly(sp.expand(ix), *index_syms)
+    except sp.PolynomialError:
+        fail("an affine expression like stride*i + p")
+    if poly.total_degree() > 1:
+        fail("an affine expression (no products of indices)")
+    terms, const = affine_terms(ix)
+    for coeff, sym in terms:
+        if coeff.free_symbols & set(index_syms):
+            fail("an affine expression")
+        if coeff.is_number and not (coeff.is_integer and coeff > 0):
+            fail(f"a positive integer coefficient of {sym.name}")
+        if not coeff.is_number and not coeff.is_Symbol and not coeff.is_Mul:
+            fail(f"a coefficient of {sym.name} made of integers and hyperparameters")
+    if const.is_number and not (const.is_integer and const >= 0):
+        fail("a non-negative integer offset (shift the index instead)")
 
 
 def _check_rank(name, rank, ell, where, ranks, has_ell):

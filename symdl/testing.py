@@ -68,7 +68,7 @@ def random_inputs(module, rng, checks: Mapping | None = None, sizes=None, dtype=
     checks = dict(checks or {})
     domains = checks.get("domains", {})
     avoid = checks.get("avoid", {})
-    sizes = dimension_sizes(module, sizes)
+    sizes = dimension_sizes(module, {**checks.get("sizes", {}), **(sizes or {})})
     index_ranges = getattr(module, "INDEX_RANGES", {})
     values = {}
     for name in list(module.ARGS) + list(module.CONSTS):
@@ -193,7 +193,7 @@ def reference_forward(layer, *args, **kwargs):
 
     import sympy as sp
 
-    from .spec import ELL, Layer, is_index, occurrence_indices, occurrence_name, occurrences
+    from .spec import ELL, Dim, Layer, is_index, occurrence_indices, occurrence_name, occurrences
 
     spec = layer.spec() if isinstance(layer, Layer) else layer
     values = dict(zip(spec.args, args))
@@ -203,6 +203,9 @@ def reference_forward(layer, *args, **kwargs):
             hyper[k] = v
         else:
             values[k] = v
+    for k, v in list(hyper.items()):  # a default naming another hyperparameter
+        if isinstance(v, str) or v is None:
+            hyper[k] = hyper.get(v) if isinstance(v, str) else v
     arrays = {k: np.asarray(v) for k, v in values.items()}
     sizes: dict = {}
     batch_shape = None
@@ -215,6 +218,17 @@ def reference_forward(layer, *args, **kwargs):
             arrays[name] = a.reshape(a.shape[:k] + (-1,) + a.shape[a.ndim - after :])
         for d, n in zip(dims, arrays[name].shape):
             sizes[d] = n
+        widths = spec.pads.get(name)
+        if widths:
+            subs = {sp.Symbol(h, real=True): hyper[h] for h in spec.hyper}
+            pad = [(int(widths[p].subs(subs)),) * 2 if p in widths else (0, 0) for p in range(arrays[name].ndim)]
+            arrays[name] = np.pad(arrays[name], pad, constant_values=spec.pad_values.get(name, 0.0))
+    for d, h in spec.hyper_dims.items():
+        sizes[d] = int(hyper[h])
+    hsubs = {sp.Symbol(h, real=True): v for h, v in hyper.items() if v is not None}
+    for d, formula in spec.derived.items():
+        dsubs = {Dim(k): v for k, v in sizes.items() if k != "..."}
+        sizes[d] = int(formula.xreplace({**dsubs, **hsubs}))
     funcs = _scalar_functions()
     for a in spec.assigns:
         names = list(spec.tensors)
@@ -222,7 +236,8 @@ def reference_forward(layer, *args, **kwargs):
         dummies = [sp.Dummy(f"o{k}") for k in range(len(occs))]
         body = a.expr.xreplace(dict(zip(occs, dummies)))
         hyper_syms = sorted(
-            (s for s in body.free_symbols if s.name in spec.hyper), key=lambda s: s.name
+            (s for s in body.free_symbols if s.name in spec.hyper and not s.is_integer),
+            key=lambda s: s.name,
         )
         dim_syms = sorted(
             (s for s in body.free_symbols if s.name in sizes and s not in hyper_syms),
@@ -239,7 +254,9 @@ def reference_forward(layer, *args, **kwargs):
         def resolve(ix, env):
             if is_index(ix):
                 return env[ix]
-            return int(arrays[occurrence_name(ix)][tuple(env[j] for j in ix.indices)])
+            if isinstance(ix, sp.Indexed):
+                return int(arrays[occurrence_name(ix)][tuple(env[j] for j in ix.indices)])
+            return int(ix.xreplace({**hsubs, **{k: v for k, v in env.items()}}))
 
         for point in itertools.product(*ranges):
             env = dict(zip(idx_all, point))

@@ -577,6 +577,101 @@ DOMAINS.update(
     }
 )
 
+
+# ---------------------------------------------------------------------------
+# Convolution and pooling (plain loops over output positions)
+# ---------------------------------------------------------------------------
+
+
+def _pad(x, padding, value=0.0):
+    width = [(0, 0), (0, 0)] + [(padding, padding)] * (x.ndim - 2)
+    return np.pad(x, width, constant_values=value)
+
+
+def _np_conv2d(x, weight, bias, stride=1, padding=0, dilation=1):
+    xp = _pad(x, padding)
+    f_, _, kh, kw = weight.shape
+    oh = (xp.shape[2] - dilation * (kh - 1) - 1) // stride + 1
+    ow = (xp.shape[3] - dilation * (kw - 1) - 1) // stride + 1
+    y = np.empty((x.shape[0], f_, oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            rows = stride * i + dilation * np.arange(kh)
+            cols = stride * j + dilation * np.arange(kw)
+            patch = xp[:, :, rows][:, :, :, cols]
+            y[:, :, i, j] = np.tensordot(patch, weight, axes=([1, 2, 3], [1, 2, 3])) + bias
+    return y
+
+
+def _np_conv1d(x, weight, bias, stride=1, padding=0, dilation=1):
+    return _np_conv2d(x[:, :, None, :], weight[:, :, None, :], bias, stride, 0, dilation)[
+        :, :, 0
+    ] if padding == 0 else _np_conv1d(_pad(x, padding), weight, bias, stride, 0, dilation)
+
+
+def _np_pool(x, kernel_size, stride=None, padding=0, kind="max"):
+    stride = kernel_size if stride is None else stride
+    xp = _pad(x, padding, -np.inf if kind == "max" else 0.0)
+    oh = (xp.shape[2] - kernel_size) // stride + 1
+    ow = (xp.shape[3] - kernel_size) // stride + 1
+    y = np.empty(x.shape[:2] + (oh, ow))
+    for i in range(oh):
+        for j in range(ow):
+            win = xp[:, :, stride * i : stride * i + kernel_size, stride * j : stride * j + kernel_size]
+            y[:, :, i, j] = win.max(axis=(2, 3)) if kind == "max" else win.mean(axis=(2, 3))
+    return y
+
+
+TORCH.update(
+    {
+        "conv1d": lambda torch, x, w, b, stride=1, padding=0, dilation=1: _F(torch).conv1d(
+            x, w, b, stride=stride, padding=padding, dilation=dilation
+        ),
+        "conv2d": lambda torch, x, w, b, stride=1, padding=0, dilation=1: _F(torch).conv2d(
+            x, w, b, stride=stride, padding=padding, dilation=dilation
+        ),
+        "max_pool2d": lambda torch, x, kernel_size, stride=None, padding=0: _F(torch).max_pool2d(
+            x, kernel_size, stride, padding
+        ),
+        "avg_pool2d": lambda torch, x, kernel_size, stride=None, padding=0: _F(torch).avg_pool2d(
+            x, kernel_size, stride, padding
+        ),
+    }
+)
+NUMPY.update(
+    {
+        "conv1d": _np_conv1d,
+        "conv2d": _np_conv2d,
+        "max_pool2d": lambda x, **kw: _np_pool(x, kind="max", **kw),
+        "avg_pool2d": lambda x, **kw: _np_pool(x, kind="avg", **kw),
+    }
+)
+DOMAINS.update(
+    {
+        "conv1d": lambda rng, dtype=np.float64: (
+            tuple(
+                rng.standard_normal(s).astype(dtype) for s in [(2, 3, 11), (4, 3, 3), (4,)]
+            ),
+            {"stride": 2, "padding": 1, "dilation": 2},
+        ),
+        "conv2d": lambda rng, dtype=np.float64: (
+            tuple(
+                rng.standard_normal(s).astype(dtype)
+                for s in [(2, 3, 7, 6), (4, 3, 3, 2), (4,)]
+            ),
+            {"stride": 2, "padding": 1},
+        ),
+        "max_pool2d": lambda rng, dtype=np.float64: (
+            (rng.standard_normal((2, 3, 5, 6)).astype(dtype),),
+            {"kernel_size": 2, "stride": 1, "padding": 1},
+        ),
+        "avg_pool2d": lambda rng, dtype=np.float64: (
+            (rng.standard_normal((2, 3, 5, 6)).astype(dtype),),
+            {"kernel_size": 3, "stride": 2, "padding": 1},
+        ),
+    }
+)
+
 NAMES = tuple(NUMPY)
 
 assert set(TORCH) == set(NUMPY) == set(DOMAINS), "registries out of sync"

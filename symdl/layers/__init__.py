@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ..errors import SpecError
 from ..spec import Layer
-from . import activations, dense, losses, normalization
+from . import activations, convolution, dense, losses, normalization
 
-FAMILIES = (activations, dense, losses, normalization)
+FAMILIES = (activations, dense, losses, normalization, convolution)
 
 
 def catalogue() -> dict[str, Layer]:

@@ -111,3 +111,11 @@ def _check_index(name, array, size):
             f"{NAME}: argument {name!r} requires integers in [0, {size}), got values in "
             f"[{array.min()}, {array.max()}]"
         )
+
+
+def _argmax_mask(values, axes):
+    """True at the first maximum over the trailing ``axes`` axes of ``values``, else False."""
+    lead = values.shape[: values.ndim - axes]
+    flat = values.reshape(lead + (-1,))
+    first = flat.argmax(axis=-1)
+    return (np.arange(flat.shape[-1]) == first[..., None]).reshape(values.shape)
