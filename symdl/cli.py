@@ -33,8 +33,17 @@ def _source_of(layer) -> str:
     return f"the layer {layer.name!r}"
 
 
-def _select(names):
-    layers = _catalogue()
+def _optimizers():
+    from .optim import catalogue
+
+    return catalogue()
+
+
+def _select(names, optimizers=False):
+    """Catalogue entries by name (all layers, and the optimizers too when allowed)."""
+    layers = dict(_catalogue())
+    if optimizers:
+        layers.update(_optimizers())
     if not names:
         return list(layers.values())
     unknown = [n for n in names if n not in layers]
@@ -44,6 +53,12 @@ def _select(names):
             f"{', '.join(layers)}"
         )
     return [layers[n] for n in names]
+
+
+def _is_optimizer(entry) -> bool:
+    from .optim import Optimizer
+
+    return isinstance(entry, Optimizer)
 
 
 def load_module(source: str, name: str) -> types.ModuleType:
@@ -57,6 +72,10 @@ def load_module(source: str, name: str) -> types.ModuleType:
 def _render(layer, command: str | None = None) -> str:
     from .codegen import generate_source
 
+    if _is_optimizer(layer):
+        from .optim import optimizer_text
+
+        return optimizer_text(layer, command)
     return generate_source(layer, _source_of(layer), command or f"symdl generate {layer.name}")
 
 
@@ -66,6 +85,8 @@ def _render(layer, command: str | None = None) -> str:
 def cmd_list(args) -> int:
     for layer in _catalogue().values():
         print(f"{layer.name:34s} {layer.doc}")
+    for opt in _optimizers().values():
+        print(f"{opt.name:34s} optimizer: {opt.doc}")
     return EXIT_OK
 
 
@@ -73,7 +94,16 @@ def cmd_show(args) -> int:
     from .derive import derive
     from .latex import formulas
 
-    layer = _select([args.name])[0]
+    layer = _select([args.name], optimizers=True)[0]
+    if _is_optimizer(layer):
+        from .optim import optimizer_latex
+
+        if args.latex:
+            for key, tex in optimizer_latex(layer).items():
+                print(f"% {key}\n{tex}")
+        else:
+            print(_render(layer).split('r"""', 1)[1].split('"""', 1)[0].strip())
+        return EXIT_OK
     stage = args.stage
     if stage == "spec":
         spec = layer.spec()
@@ -109,7 +139,7 @@ def cmd_generate(args) -> int:
     from .codegen import is_hand_edited, write_atomic
 
     out_dir = Path(args.output)
-    layers = _select(args.names)
+    layers = _select(args.names, optimizers=True)
     start = time.perf_counter()
     rendered = {}
     for layer in layers:  # render everything first: one failure writes nothing

@@ -22,7 +22,10 @@ from symdl.codegen import is_hand_edited
 from symdl.layers import catalogue
 from symdl.testing import gradcheck
 
-CATALOGUE = list(catalogue())
+from symdl.optim import catalogue as _optimizers  # noqa: E402
+
+LAYER_NAMES = list(catalogue())
+CATALOGUE = LAYER_NAMES + list(_optimizers())
 SUBCOMMANDS = ("list", "show", "generate", "check", "derive")
 
 DENSE = "y[n,o] = tanh(Sum(w[o,i]*x[n,i], i) + b[o]) + u[n,o]"

@@ -14,8 +14,10 @@ from conftest import GENERATED, ROOT
 from symdl.cli import _render
 from symdl.codegen import is_hand_edited
 from symdl.layers import catalogue
+from symdl.optim import catalogue as optimizers
 
-NAMES = list(catalogue())
+LAYERS = {**catalogue(), **optimizers()}
+NAMES = list(LAYERS)
 REGENERATE = "symdl generate  (or: python -m symdl generate)"
 
 
@@ -24,7 +26,7 @@ def test_generated_file_is_fresh(name):
     path = GENERATED / f"{name}.py"
     assert path.exists(), f"{path} is missing; regenerate with: {REGENERATE}"
     current = path.read_text(encoding="utf-8")
-    expected = _render(catalogue()[name])
+    expected = _render(LAYERS[name])
     if current != expected:
         diff = "".join(
             difflib.unified_diff(
@@ -118,6 +120,14 @@ def test_modules_import_with_numpy_alone(tmp_path):
             spec = importlib.util.spec_from_file_location(path.stem, path)
             m = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(m)
+            if hasattr(m, "STATE"):  # an optimizer
+                p = np.linspace(-1.0, 1.0, 12).reshape(3, 4)
+                state = m.init_state(p)
+                kw = {{"lr": 0.1, **{{k: 0.9 for k, v in m.HYPERPARAMETERS.items() if v is None}}}}
+                out = m.step(p, 0.1 * p, *state, **kw)
+                assert out[0].shape == p.shape
+                ok += 1
+                continue
             data = np.load(Path.cwd() / (path.stem + ".npz"))
             args = [data[f"arg{{k}}"] for k in range(len(m.ARGS))]
             kw = {{c: data[c] for c in m.CONSTS}}
