@@ -197,6 +197,10 @@ class Lowerer:
         name = occurrence_name(occ)
         var = self.v(name)
         syms = plain_indices(occ)
+        basic = self.basic_slice(occ, scope, var)
+        if basic is not None:
+            self.views[key] = (basic, syms)
+            return basic, syms
         slices, strides = [], {s: [] for s in syms}
         for p, ix in enumerate(occ.indices):
             if isinstance(ix, sp.Indexed):
@@ -225,6 +229,40 @@ class Lowerer:
         self._register(tmp)
         self.views[key] = (tmp, syms)
         return tmp, syms
+
+    def basic_slice(self, occ, scope: int, var: str) -> str | None:
+        """``gi[:, H:2 * H]`` for a window that is a plain slice: each position holds at most
+        one index symbol, none twice (else None: a strided view is needed)."""
+        seen: set = set()
+        parts = []
+        info = self.tensors[occurrence_name(occ)]
+        pads = self.spec.pads.get(info.name, {})
+        for p, ix in enumerate(occ.indices):
+            syms = position_symbols(ix)
+            if len(syms) != 1 or syms[0] in seen or isinstance(ix, sp.Indexed):
+                return None
+            sym = syms[0]
+            seen.add(sym)
+            terms, const = ([(sp.S.One, ix)], sp.S.Zero) if is_index(ix) else affine_terms(ix)
+            coeff = terms[0][0]
+            size = self.dimvar(scope, sym)
+            full = (
+                const == 0
+                and coeff == 1
+                and p not in pads
+                and self.spec.index_dims[(scope, sym)] == info.dims[p]
+            )
+            if full:
+                parts.append(":")
+                continue
+            start = self.scalar(const) if const != 0 else ""
+            extent = dim_symbol(self.spec.index_dims[(scope, sym)])
+            stop = self.scalar(const + coeff * (extent - 1) + 1)
+            step = "" if coeff == 1 else f":{self.scalar(coeff)}"
+            parts.append(f"{start}:{stop}{step}")
+        while parts and parts[-1] == ":":
+            parts.pop()
+        return f"{var}[{', '.join(parts)}]" if parts else var
 
     def operand(self, occ, frame: tuple, scope: int) -> str:
         """Source for one tensor occurrence, aligned to ``frame``."""
@@ -540,13 +578,14 @@ class Lowerer:
             text = self.reduction("sum", c.body, frame, red, c.scope)
         else:
             text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
-        if text.isidentifier():
-            vals = text
+        if text.isidentifier() or text in self.memo:
+            vals = self.memo.get(text, text)
             if comment:
                 self.emit(f"# {comment}")
         else:
             vals = self.namer.temp()
             self.emit(f"{vals} = {text}", comment)
+            self.memo[text] = vals
         self.flags["dtype"] = True
         own = not c.first and var in self.owned and var not in self.alias
         into = var if (c.first or own) else self.namer.temp()
@@ -595,14 +634,12 @@ class Lowerer:
                 ):
                     slices.append(":")
                     continue
-                start = self.index_text(start_expr, loop_vars)
-                a = self.index_text(coeff, loop_vars)
-                lo = "" if start_expr == 0 else start
-                base = "" if start_expr == 0 else f"{start} + "
-                if coeff == 1:
-                    slices.append(f"{lo}:{base}{size}")
-                else:
-                    slices.append(f"{lo}:{base}{a} * ({size} - 1) + 1:{a}")
+                lo = "" if start_expr == 0 else self.index_text(start_expr, loop_vars)
+                extent = dim_symbol(self.spec.index_dims[(c.scope, sym)])
+                stop = self.index_text(start_expr + coeff * (extent - 1) + 1, loop_vars)
+                step = "" if coeff == 1 else f":{self.index_text(coeff, loop_vars)}"
+                del size
+                slices.append(f"{lo}:{stop}{step}")
             while slices and slices[-1] == ":":
                 slices.pop()
             vsub = [loop_vars[s] if s in loop_vars else ":" for s in frame]
@@ -688,6 +725,9 @@ def _lhs_text(name: str, idx: tuple) -> str:
 
 
 def _identifier(name: str) -> str:
+    factor, _, base = name.partition("*")
+    if base and factor.isdigit():  # "4*H" -> "H_x4"
+        return f"{_identifier(base)}_x{factor}"
     out = "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in name)
     return out if out and not out[0].isdigit() else f"d_{out}"
 

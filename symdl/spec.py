@@ -521,16 +521,16 @@ def _build_spec(layer: Layer) -> Spec:
     # ---- dimensions -----------------------------------------------------------------------
     # Symbols used in an affine position are sized by constraints, not by equality: in
     # y[b, i] = x[b, i + 1] - x[b, i], i ranges over one less than x's axis.
-    # A tensor that a symbol indexes through an affine position elsewhere in the same equation
-    # takes that symbol's plain positions as constraints too.
+    # A tensor read through an affine position anywhere takes its plain positions as
+    # constraints too (gi[b, j] beside gi[b, H + j]: j ranges over part of the axis).
     affine: dict[int, set] = {}
-    affine_in: dict[tuple, set] = {}  # (scope, tensor) -> symbols in its affine positions
+    affine_in: dict[str, set] = {}  # tensor -> symbols in its affine positions (any equation)
     for a in assigns:
         for occ in occurrences(a.expr, ranks):
             for ix in occurrence_indices(occ):
                 if is_affine(ix):
                     affine.setdefault(a.scope, set()).update(position_symbols(ix))
-                    affine_in.setdefault((a.scope, occurrence_name(occ)), set()).update(
+                    affine_in.setdefault(occurrence_name(occ), set()).update(
                         position_symbols(ix)
                     )
     constraints: list[tuple] = []  # (scope, symbol, tensor, axis, coeff, others, const)
@@ -542,7 +542,7 @@ def _build_spec(layer: Layer) -> Spec:
         for occ in occurrences(a.expr, ranks):
             oname = occurrence_name(occ)
             for p, ix in enumerate(occurrence_indices(occ)):
-                if is_index(ix) and ix not in affine_in.get((a.scope, oname), ()):
+                if is_index(ix) and oname not in affine_in:
                     uf.union(("T", oname, p), ("I", a.scope, ix))
                 elif is_index(ix):
                     constraints.append((a.scope, ix, oname, p, sp.S.One, (), sp.S.Zero))
@@ -701,13 +701,25 @@ def _build_spec(layer: Layer) -> Spec:
                 f"the range of dimension {pending[0]!r} requires the sizes of the other indices "
                 f"in its affine positions, got a cycle"
             )
+    def stacked(expr):  # "4*H" is four times H
+        reps = {}
+        for sym in expr.free_symbols:
+            factor, _, base = sym.name.partition("*")
+            if isinstance(sym, Dim) and base and factor.isdigit():
+                reps[sym] = int(factor) * Dim(base)
+        return expr.xreplace(reps)
+
     for dname, cons in by_dim.items():
         if dname in provided:
             for scope, t, p, coeff, others, const in cons:
                 if any(index_dims[(scope, o)] in derived for _, o in others):
                     continue  # implied: the derived size was chosen to satisfy it
                 reach = sum((c * (dim_symbol(index_dims[(scope, o)]) - 1) for c, o in others), sp.S.Zero)
-                bounds.append((dname, sp.floor((axis_size(t, p) - 1 - const - reach) / coeff) + 1))
+                bound = sp.floor((axis_size(t, p) - 1 - const - reach) / coeff) + 1
+                slack = sp.simplify(stacked(bound) - dim_symbol(dname))
+                if slack.is_nonnegative or (dname, bound) in bounds:
+                    continue  # always true, or already checked
+                bounds.append((dname, bound))
     for a in assigns:
         for ix in a.all_indices:
             d = index_dims[(a.scope, ix)]
@@ -878,10 +890,10 @@ def _check_affine(ix, p, name, where, layer):
         )
 
     for sym in ix.free_symbols:
-        if is_index(sym):
+        if is_index(sym) or isinstance(sym, Dim):
             continue
         if sym.name not in layer.hyper:
-            fail("index symbols, integers and hyperparameters only")
+            fail("index symbols, integers, dimension sizes and hyperparameters only")
     if not any(is_index(sym) for sym in ix.free_symbols):
         fail("at least one index symbol")
     if ix.has(ELL):

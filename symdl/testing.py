@@ -45,12 +45,18 @@ def dimension_sizes(module, sizes: Mapping[str, int] | None = None) -> dict:
     """A distinct size per dimension name of ``module.SHAPES`` ('...' gets a 2-D batch)."""
     out: dict = {"...": (2, 3)}
     k = 0
+    stacked = []
     for dims in module.SHAPES.values():
         for d in dims:
-            if d not in out:
+            factor, _, base = d.partition("*")
+            if base and factor.isdigit():
+                stacked.append((d, int(factor), base))
+            elif d not in out:
                 out[d] = DISTINCT_SIZES[k % len(DISTINCT_SIZES)]
                 k += 1
     out.update(sizes or {})
+    for d, factor, base in stacked:  # "4*H": four times H
+        out[d] = factor * out[base]
     return out
 
 
@@ -256,7 +262,8 @@ def reference_forward(layer, *args, **kwargs):
                 return env[ix]
             if isinstance(ix, sp.Indexed):
                 return int(arrays[occurrence_name(ix)][tuple(env[j] for j in ix.indices)])
-            return int(ix.xreplace({**hsubs, **{k: v for k, v in env.items()}}))
+            dims = {Dim(k): v for k, v in sizes.items() if k != "..."}
+            return int(ix.xreplace({**hsubs, **dims, **env}))
 
         for point in itertools.product(*ranges):
             env = dict(zip(idx_all, point))

@@ -672,6 +672,63 @@ DOMAINS.update(
     }
 )
 
+
+# ---------------------------------------------------------------------------
+# Recurrent cells (PyTorch's gate order)
+# ---------------------------------------------------------------------------
+
+
+def _sig(x):
+    return special.expit(x)
+
+
+def _np_rnn_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    return np.tanh(x @ w_ih.T + b_ih + h @ w_hh.T + b_hh)
+
+
+def _np_gru_cell(x, h, w_ih, w_hh, b_ih, b_hh):
+    gi = x @ w_ih.T + b_ih
+    gh = h @ w_hh.T + b_hh
+    i_r, i_z, i_n = np.split(gi, 3, axis=1)
+    h_r, h_z, h_n = np.split(gh, 3, axis=1)
+    r, z = _sig(i_r + h_r), _sig(i_z + h_z)
+    n = np.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h
+
+
+def _np_lstm_cell(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    gates = x @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+    i, f, g, o = np.split(gates, 4, axis=1)
+    c1 = _sig(f) * c + _sig(i) * np.tanh(g)
+    return _sig(o) * np.tanh(c1), c1
+
+
+def _make_cell(gates, with_c=False):
+    def make(rng, dtype=np.float64):
+        b, i, h = 3, 5, 4
+        shapes = [(b, i), (b, h)] + ([(b, h)] if with_c else [])
+        shapes += [(gates * h, i), (gates * h, h), (gates * h,), (gates * h,)]
+        return tuple((0.5 * rng.standard_normal(s)).astype(dtype) for s in shapes), {}
+
+    return make
+
+
+TORCH.update(
+    {
+        "rnn_cell": lambda torch, x, h, *w: torch.rnn_tanh_cell(x, h, *w),
+        "gru_cell": lambda torch, x, h, *w: torch.gru_cell(x, h, *w),
+        "lstm_cell": lambda torch, x, h, c, *w: tuple(torch.lstm_cell(x, (h, c), *w)),
+    }
+)
+NUMPY.update({"rnn_cell": _np_rnn_cell, "gru_cell": _np_gru_cell, "lstm_cell": _np_lstm_cell})
+DOMAINS.update(
+    {
+        "rnn_cell": _make_cell(1),
+        "gru_cell": _make_cell(3),
+        "lstm_cell": _make_cell(4, with_c=True),
+    }
+)
+
 NAMES = tuple(NUMPY)
 
 assert set(TORCH) == set(NUMPY) == set(DOMAINS), "registries out of sync"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ..errors import SpecError
 from ..spec import Layer
-from . import activations, convolution, dense, losses, normalization
+from . import activations, convolution, dense, losses, normalization, recurrent
 
-FAMILIES = (activations, dense, losses, normalization, convolution)
+FAMILIES = (activations, dense, losses, normalization, convolution, recurrent)
 
 
 def catalogue() -> dict[str, Layer]:

@@ -85,6 +85,18 @@ def _bind_shapes(arrays, shapes):
                 )
             sizes[dim] = size
             source.setdefault(dim, name)
+            factor, _, base = dim.partition("*")
+            if base and factor.isdigit():  # a stacked axis such as "4*H"
+                k = int(factor)
+                if base not in sizes and size % k == 0:
+                    sizes[base] = size // k
+                    source[base] = name
+                if sizes.get(base, -1) * k != size:
+                    raise ValueError(
+                        f"{NAME}: argument {name!r} expected shape ({', '.join(dims)}), got "
+                        f"{shape}: dimension {dim!r} requires {k} * {base} = "
+                        f"{k * sizes[base] if base in sizes else '?'}, got {size}"
+                    )
     return sizes
 
 
