@@ -196,8 +196,8 @@ def _recurrent(name, gates):
     def run_torch(a, k):
         if name == "lstm":
             x, h0, c0, wih, whh, bih, bhh = a
-            y, (hT, cT) = torch._VF.lstm(x, (h0[None], c0[None]), [wih, whh, bih, bhh],
-                                         True, 1, 0.0, True, False, False)
+            y, hT, cT = torch._VF.lstm(x, (h0[None], c0[None]), [wih, whh, bih, bhh],
+                                       True, 1, 0.0, True, False, False)
             return y, hT[0], cT[0]
         x, h0, wih, whh, bih, bhh = a
         y, hT = torch._VF.gru(x, h0[None], [wih, whh, bih, bhh], True, 1, 0.0, True, False, False)
@@ -472,6 +472,20 @@ def max_rel_err(got, want):
     return worst
 
 
+def check_reference(wl, dtype):
+    """max relative error of the hand-written NumPy reference against PyTorch (no timing)."""
+    args, kw = wl.make(dtype, np.random.default_rng(1234))
+    fwd, bwd = ref.REFERENCES[wl.module]
+    impl = NumpyImpl("numpy", fwd, bwd, args, kw)
+    out, _ = fwd(*args, **kw)
+    rng = np.random.default_rng(5)
+    douts = tuple(np.asarray(1.0, dtype) if o.ndim == 0 else randn(rng, o.shape, dtype)
+                  for o in as_tuple(out))
+    _, _, o, g = impl.run(douts)
+    _, _, to, tg = TorchImpl(wl.torch_fn, args, kw, wl.torch_kw).run(douts)
+    return max_rel_err(tuple(as_tuple(o)) + tuple(g), tuple(to) + tuple(tg))
+
+
 def bench_workload(wl, dtype, opts):
     module_path = opts.generated / f"{wl.module}.py"
     rng = np.random.default_rng(1234)
@@ -678,7 +692,27 @@ def main(argv=None):
     p.add_argument("--generated", type=Path, default=ROOT / "generated",
                    help="directory of the generated modules (default: ROOT/generated)")
     p.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    p.add_argument("--check-references", action="store_true",
+                   help="only compare every hand-written NumPy reference with PyTorch (needs "
+                        "torch; also for workloads whose generated module does not exist yet)")
     opts = p.parse_args(argv)
+
+    if opts.check_references:
+        if torch is None:
+            p.error("--check-references needs PyTorch")
+        torch.set_num_threads(opts.threads)
+        failed = 0
+        for dt in {"float32": [np.float32], "float64": [np.float64],
+                   "both": [np.float32, np.float64]}[opts.dtype]:
+            for wl in WORKLOADS:
+                if opts.only and not ({wl.label, wl.module, wl.label.split()[0]} & set(opts.only)):
+                    continue
+                err = check_reference(wl, dt)
+                tol = wl.tol[np.dtype(dt).name]
+                failed += err > tol
+                print(f"{wl.label:<16} {np.dtype(dt).name:<8} max rel err {err:.1e} "
+                      f"{'ok' if err <= tol else 'FAIL (tol %g)' % tol}")
+        return 1 if failed else 0
 
     opts.warmup = 1 if opts.quick else 2
     opts.min_reps = 3 if opts.quick else 10
@@ -742,4 +776,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

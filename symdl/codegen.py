@@ -36,10 +36,20 @@ HASH_PREFIX = "# sha256: "
 
 
 def _conversion(default) -> str:
-    """``int`` or ``float``: how a hyperparameter is converted on the way in."""
+    """``int``, ``bool`` or ``float``: how a hyperparameter is converted on the way in."""
+    if default is bool or isinstance(default, bool):
+        return "bool"
     if default is int or (isinstance(default, int) and not isinstance(default, bool)):
         return "int"
     return "float"
+
+
+def _float_formula(expr, names) -> str:
+    """A scalar formula of sizes and hyperparameters (a default such as 1/sqrt(E))."""
+    from .printing import NumpyPrinter
+
+    mapping = {s: names.get(s.name, s.name) for s in expr.free_symbols}
+    return f"float({NumpyPrinter(mapping, set(), set(), {}).doprint(expr)})"
 
 
 class _IntPrinter(StrPrinter):
@@ -63,6 +73,12 @@ class _IntPrinter(StrPrinter):
 
     def _print_Min(self, expr):
         return "min(" + ", ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_Relational(self, expr):
+        return f"{self._print(expr.lhs)} {expr.rel_op} {self._print(expr.rhs)}"
+
+    def _print_Mod(self, expr):
+        return f"{self.parenthesize(expr.args[0], 50)} % {self.parenthesize(expr.args[1], 50)}"
 
     def _print_Add(self, expr, order=None):
         terms = sorted(expr.args, key=lambda t: (t.is_number, sp.default_sort_key(t)))
@@ -131,11 +147,11 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
 
     # signature
     params = [a.var for a in lowered.args]
-    kwonly = [c.var for c in lowered.consts]
+    kwonly = [f"{c.var}=None" if c.name in spec.optional else c.var for c in lowered.consts]
     for name, var, default in lowered.hyper:
         if default is None or isinstance(default, type):
             kwonly.append(var)
-        elif isinstance(default, str):
+        elif isinstance(default, (str, sp.Expr)):
             kwonly.append(f"{var}=None")
         else:
             kwonly.append(f"{var}={default!r}")
@@ -149,14 +165,26 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         "dtype = _common_dtype({" + ", ".join(f'"{a.name}": {a.var}' for a in lowered.args) + "})"
     )
     for c in lowered.consts:
+        if c.name in spec.optional:
+            continue  # filled in once the sizes are known
         if c.kind == "int":
             pre.append(f'{c.var} = _int_arg("{c.name}", {c.var})')
         else:
             pre.append(f'{c.var} = _float_arg("{c.name}", {c.var}, dtype)')
-    bound = lowered.args + lowered.consts
+    for c in lowered.consts:
+        if c.name in spec.optional:
+            pre.append(
+                f"if {c.var} is not None:\n    {c.var} = _float_arg(\"{c.name}\", {c.var}, dtype)"
+            )
+    bound = lowered.args + [c for c in lowered.consts if c.name not in spec.optional]
+    optional_bound = [c for c in lowered.consts if c.name in spec.optional]
     pre.append(
         "sizes = _bind_shapes({" + ", ".join(f'"{a.name}": {a.var}' for a in bound) + "}, SHAPES)"
     )
+    for c in optional_bound:
+        pre.append(
+            f"if {c.var} is not None:\n    _bind_shapes({{\"{c.name}\": {c.var}}}, SHAPES, sizes)"
+        )
     fdims = [
         x
         for x in spec.dims
@@ -182,10 +210,13 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
             dim = lowered.index_ranges[c.name]
             pre.append(f'_check_index("{c.name}", {c.var}, {dv[dim]})')
     hyper_vars = {name: var for name, var, _ in lowered.hyper}
+    expr_defaults = []
     for name, var, default in lowered.hyper:
         if isinstance(default, str):  # defaults to another hyperparameter (stride = kernel)
             conv = _conversion(spec.hyper[default])
             pre.append(f"{var} = {hyper_vars[default]} if {var} is None else {conv}({var})")
+        elif isinstance(default, sp.Expr):  # a formula of the sizes, once they are known
+            expr_defaults.append((var, default))
         else:
             pre.append(f"{var} = {_conversion(default)}({var})")
     pad_hypers = {str(w) for widths in spec.pads.values() for w in widths.values() if w.is_Symbol}
@@ -214,6 +245,13 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
             value_text = {float("-inf"): "-np.inf", float("inf"): "np.inf"}.get(value, repr(value))
             extra = "" if value == 0 else f", constant_values={value_text}"
             pre.append(f"{a.var} = np.pad({a.var}, ({', '.join(pairs)}){extra})")
+    for c in optional_bound:
+        fill = repr(float(spec.optional[c.name]))
+        shape = _shape_expr(c.dims, dv)
+        pre.append(f"if {c.var} is None:\n    {c.var} = np.full({shape}, {fill}, dtype=dtype)")
+    for var, default in expr_defaults:
+        text = _float_formula(default, names)
+        pre.append(f"{var} = {text} if {var} is None else float({var})")
     for dname, formula in spec.derived.items():
         text = _int_formula(formula, names)
         pre.append(f"{dv[dname]} = {text}")
@@ -222,6 +260,11 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
             f"if {dv[dname]} < 1:\n    raise ValueError("
             f'f"{{NAME}}: dimension {dname!r} = {shown} = {{{dv[dname]}}} requires at least 1: '
             f'the window does not fit the input")'
+        )
+    for relation, message in spec.asserts:
+        text = _int_formula(relation, names)
+        pre.append(
+            f"if not ({text}):\n    raise ValueError(f\"{{NAME}}: {message}\")"
         )
     for dname, formula in spec.bounds:
         text = _int_formula(formula, names)
@@ -308,7 +351,8 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         params=tuple(spec.params),
         consts=tuple(spec.consts),
         hyper_defaults={
-            k: (None if v is None or isinstance(v, (type, str)) else v) for k, v in spec.hyper.items()
+            k: (None if v is None or isinstance(v, (type, str, sp.Expr)) else v)
+            for k, v in spec.hyper.items()
         },
         outputs=tuple(spec.outputs),
         index_ranges=dict(sorted(lowered.index_ranges.items())),

@@ -318,6 +318,9 @@ class Lowerer:
             elif s.is_integer and s.is_positive and s.name in self.dim_vars:
                 self.phase.dims.add(s.name)
                 names[s] = self.dim_vars[s.name]
+            elif is_index(s) and s in frame:  # the value of an index: 0, 1, 2, ...
+                names[s] = self.align(f"np.arange({self.dimvar(scope, s)})", (s,), frame)
+                arrays.add(s)
             else:
                 raise LowerError(f"lowering requires known symbols, got {s.name!r}")
         temps = _TempSymbols(self.namer, names, arrays)

@@ -180,6 +180,12 @@ class _Converter:
             return ops[type(node.ops[0])](a, b)
         if isinstance(node, ast.Call):
             return self.call(node)
+        if isinstance(node, ast.BoolOp):  # conditions: a > 0 and b < c
+            parts = [self.expr(v) for v in node.values]
+            for part, v in zip(parts, node.values):
+                if not isinstance(part, (sp.core.relational.Relational, sp.logic.boolalg.BooleanFunction)):
+                    _fail("'and' / 'or' require comparisons on both sides", v)
+            return sp.And(*parts) if isinstance(node.op, ast.And) else sp.Or(*parts)
         _fail(f"{type(node).__name__} is not allowed in equations", node)
 
     def call(self, node: ast.Call):
@@ -204,7 +210,7 @@ class _Converter:
             if len(node.args) != 3:
                 _fail(f"where(cond, a, b) requires 3 arguments, got {len(node.args)}", node)
             cond = self.expr(node.args[0])
-            if not isinstance(cond, sp.core.relational.Relational):
+            if not isinstance(cond, (sp.core.relational.Relational, sp.logic.boolalg.BooleanFunction)):
                 _fail("where(cond, a, b) requires a comparison as its condition", node.args[0])
             return sp.Piecewise((self.expr(node.args[1]), cond), (self.expr(node.args[2]), True))
         if name not in ELEMENTWISE:

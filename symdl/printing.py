@@ -59,6 +59,20 @@ class NumpyPrinter(_SympyNumPyPrinter):
         self.helpers = helpers  # helper functions used (filled while printing)
         self.flags = flags  # {"dtype": bool} whether the code needs the dtype variable
 
+    def _print(self, expr, **kwargs):
+        text = super()._print(expr, **kwargs)
+        # a NumPy function of scalars returns a NumPy scalar, which would promote float32
+        # arrays; as a Python float it stays weak
+        if (
+            isinstance(expr, sp.Basic)
+            and text.startswith("np.")
+            and text not in ("np.pi", "np.e")
+            and not text.startswith("np.where")
+            and not self._is_array(expr)
+        ):
+            return f"float({text})"
+        return text
+
     def _module_format(self, fqn, register=True):
         text = super()._module_format(fqn, register)
         return "np." + text[len("numpy.") :] if text.startswith("numpy.") else text

@@ -119,6 +119,8 @@ class Spec:
     pads: dict[str, dict[int, sp.Expr]] = dataclasses.field(default_factory=dict)
     pad_values: dict[str, float] = dataclasses.field(default_factory=dict)
     hyper_dims: dict[str, str] = dataclasses.field(default_factory=dict)  # dim -> hyperparameter
+    optional: dict[str, float] = dataclasses.field(default_factory=dict)
+    asserts: list = dataclasses.field(default_factory=list)
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -305,6 +307,9 @@ class Layer:
         extras=(),
         pad: Mapping[str, Mapping] | None = None,
         ranges: Mapping[str, str] | None = None,
+        dims: Mapping[str, sp.Expr] | None = None,
+        optional: Mapping[str, float] | None = None,
+        asserts: Sequence[tuple] = (),
     ):
         self.name = name
         self.equations = [_as_pair(eq, k) for k, eq in enumerate(equations)]
@@ -321,8 +326,14 @@ class Layer:
         self.extras = _names(extras)  # helper functions from symdl/snippets/extras.py
         # zero (or constant) padding of arguments: {"x": {"axes": {2: "padding"}, "value": 0.0}}
         self.pad = {k: dict(v) for k, v in (pad or {}).items()}
-        # index ranges given by hyperparameters: {"p": "kernel_size"}
+        # index ranges given by hyperparameters or by named formulas: {"p": "kernel_size"}
         self.ranges = dict(ranges or {})
+        # dimensions computed from others: {"D": floor(Dim("E") / num_heads)}
+        self.dims = dict(dims or {})
+        # constants that may be omitted (None): filled with this value, e.g. a mask of ones
+        self.optional = dict(optional or {})
+        # run-time conditions on sizes and hyperparameters: [(relational, "message"), ...]
+        self.asserts = list(asserts)
         self._spec: Spec | None = None
 
     def __repr__(self) -> str:
@@ -458,8 +469,11 @@ def _build_spec(layer: Layer) -> Spec:
         if n not in ranks:
             raise SpecError(f"argument {n!r} requires a use in the equations, got none")
     pad_widths = {w for info in layer.pad.values() for w in dict(info.get("axes", {})).values()}
+    in_formulas = {s.name for f in layer.dims.values() for s in sp.sympify(f).free_symbols}
     for n in layer.hyper:
-        if n in pad_widths or n in layer.ranges.values() or n in layer.hyper.values():
+        if n in pad_widths or n in layer.ranges.values() or n in in_formulas:
+            continue
+        if any(v == n for v in layer.hyper.values() if isinstance(v, str)):
             continue
         used = any(
             sp.Symbol(n, real=True) in rhs.free_symbols or n in {s.name for s in rhs.free_symbols}
@@ -559,12 +573,19 @@ def _build_spec(layer: Layer) -> Spec:
         for ix in a.reduce:
             uf.find(("I", a.scope, ix))
     for sym_name, hname in layer.ranges.items():
-        if hname not in layer.hyper:
+        shape_dims = {d for dims in layer.shapes.values() for d in dims}
+        if hname not in layer.hyper and hname not in layer.dims and hname not in shape_dims:
             raise SpecError(
-                f"the range of index {sym_name!r} requires a declared hyperparameter, got {hname!r}"
+                f"the range of index {sym_name!r} requires a hyperparameter or a named "
+                f"dimension formula, got {hname!r}"
             )
         for key in [k for k in list(uf.parent) if k[0] == "I" and k[2].name == sym_name]:
             uf.union(("H", hname), key)
+    for hname in set(layer.ranges.values()):  # a range named after an argument's dimension
+        for t, dims in layer.shapes.items():
+            for p, dname in enumerate(dims):
+                if dname == hname and t in ranks:
+                    uf.union(("H", hname), ("T", t, p))
     # one shared batch shape for every '...'
     ell_keys = [key for key in list(uf.parent) if key[0] == "I" and key[2] == ELL]
     for key in ell_keys[1:]:
@@ -677,7 +698,7 @@ def _build_spec(layer: Layer) -> Spec:
     by_dim: dict[str, list] = {}
     for scope, sym, t, p, coeff, others, const in constraints:
         by_dim.setdefault(index_dims[(scope, sym)], []).append((scope, t, p, coeff, others, const))
-    derived: dict[str, sp.Expr] = {}
+    derived: dict[str, sp.Expr] = {d: f for d, f in layer.dims.items()}
     bounds: list[tuple[str, sp.Expr]] = []
     pending = [d for d in by_dim if d not in provided]
     known = set(provided)
@@ -701,6 +722,22 @@ def _build_spec(layer: Layer) -> Spec:
                 f"the range of dimension {pending[0]!r} requires the sizes of the other indices "
                 f"in its affine positions, got a cycle"
             )
+    # a size derived from one plain position is just that axis's size: one name, not two
+    aliases = {
+        d: f.name
+        for d, f in derived.items()
+        if isinstance(f, Dim) and d not in layer.dims and d not in layer.shapes.get("", ())
+    }
+    if aliases:
+        for d in aliases:
+            del derived[d]
+        index_dims = {key: aliases.get(v, v) for key, v in index_dims.items()}
+        by_dim = {aliases.get(d, d): cons for d, cons in by_dim.items() if d not in aliases}
+        tensors_ = {
+            t: dataclasses.replace(info, dims=tuple(aliases.get(x, x) for x in info.dims))
+            for t, info in tensors_.items()
+        }
+
     def stacked(expr):  # "4*H" is four times H
         reps = {}
         for sym in expr.free_symbols:
@@ -762,7 +799,7 @@ def _build_spec(layer: Layer) -> Spec:
         for d in tensors_[t].dims:
             if d not in dims_order:
                 dims_order.append(d)
-    for d in sorted(set(layer.ranges.values())) + list(derived):
+    for d in sorted(set(layer.ranges.values()) - set(layer.dims)) + list(derived):
         if d not in dims_order:
             dims_order.append(d)
     return Spec(
@@ -786,7 +823,9 @@ def _build_spec(layer: Layer) -> Spec:
         bounds=bounds,
         pads=pads,
         pad_values=pad_values,
-        hyper_dims={h: h for h in layer.ranges.values()},
+        hyper_dims={h: h for h in layer.ranges.values() if h in layer.hyper},
+        optional=dict(layer.optional),
+        asserts=list(layer.asserts),
     )
 
 
@@ -841,10 +880,10 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
             raise SpecError(f"a tensor occurrence requires distinct indices, got {sp.sstr(expr)} in {where}")
         return
     if isinstance(expr, sp.Symbol):
-        if is_index(expr):
-            raise SpecError(
-                f"index {expr.name} in {where} requires a tensor position, got it used as a value"
-            )
+        if is_index(expr) or isinstance(expr, Dim):
+            if expr == ELL:
+                raise SpecError(f"'...' in {where} requires a tensor position, got it as a value")
+            return  # an index's value (0, 1, ...) or a dimension's size
         if expr.name in known:
             _check_rank(expr.name, 0, False, where, ranks, has_ell)
             return

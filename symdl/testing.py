@@ -212,10 +212,10 @@ def reference_forward(layer, *args, **kwargs):
     for k, v in list(hyper.items()):  # a default naming another hyperparameter
         if isinstance(v, str) or v is None:
             hyper[k] = hyper.get(v) if isinstance(v, str) else v
-    arrays = {k: np.asarray(v) for k, v in values.items()}
+    arrays = {k: np.asarray(v, dtype=float) if np.asarray(v).dtype == bool else np.asarray(v) for k, v in values.items() if v is not None}
     sizes: dict = {}
     batch_shape = None
-    for name, a in arrays.items():
+    for name, a in list(arrays.items()):
         dims = spec.tensors[name].dims
         if "..." in dims:
             k = dims.index("...")
@@ -235,6 +235,14 @@ def reference_forward(layer, *args, **kwargs):
     for d, formula in spec.derived.items():
         dsubs = {Dim(k): v for k, v in sizes.items() if k != "..."}
         sizes[d] = int(formula.xreplace({**dsubs, **hsubs}))
+    dims_now = {Dim(k): v for k, v in sizes.items() if k != "..."}
+    for k, v in list(hyper.items()):  # defaults that are formulas of the sizes
+        if isinstance(v, sp.Expr):
+            hyper[k] = float(v.xreplace(dims_now))
+    for name, fill in spec.optional.items():  # omitted constants (a mask of ones)
+        if values.get(name) is None:
+            shape = tuple(sizes[d] for d in spec.tensors[name].dims)
+            arrays[name] = np.full(shape, fill)
     funcs = _scalar_functions()
     for a in spec.assigns:
         names = list(spec.tensors)
@@ -249,7 +257,10 @@ def reference_forward(layer, *args, **kwargs):
             (s for s in body.free_symbols if s.name in sizes and s not in hyper_syms),
             key=lambda s: s.name,
         )
-        fn = sp.lambdify(dummies + hyper_syms + dim_syms, body, modules=[funcs, "math"])
+        index_syms = sorted((s for s in body.free_symbols if is_index(s)), key=lambda s: s.name)
+        fn = sp.lambdify(
+            dummies + hyper_syms + dim_syms + index_syms, body, modules=[funcs, "math"]
+        )
         consts = [float(hyper[s.name]) for s in hyper_syms] + [sizes[s.name] for s in dim_syms]
         idx_all = a.all_indices
         ranges = [range(sizes[spec.index_dims[(a.scope, i)]]) for i in idx_all]
@@ -272,7 +283,7 @@ def reference_forward(layer, *args, **kwargs):
                 arr = arrays[occurrence_name(occ)]
                 idx = tuple(resolve(ix, env) for ix in occurrence_indices(occ))
                 vals.append(float(arr[idx]) if idx else float(arr))
-            v = float(fn(*vals, *consts))
+            v = float(fn(*vals, *consts, *(env[s] for s in index_syms)))
             key = tuple(env[i] for i in a.indices)
             if a.op == "map":
                 out[key] = v

@@ -729,6 +729,135 @@ DOMAINS.update(
     }
 )
 
+
+# ---------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------
+
+
+def _np_softmax_rows(s, allowed):
+    s = np.where(allowed, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.where(allowed, np.exp(s - m), 0.0)
+    z = e.sum(axis=-1, keepdims=True)
+    return e / np.where(z > 0, z, 1.0)
+
+
+def _np_sdpa(q, k, v, mask=None, causal=False, scale=None):
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    allowed = np.ones((q.shape[1], k.shape[1]), bool) if mask is None else np.asarray(mask) > 0
+    if causal:
+        allowed = allowed & np.tril(np.ones_like(allowed))
+    p = _np_softmax_rows(q @ k.transpose(0, 2, 1) * scale, allowed)
+    return p @ v
+
+
+def _np_mha(x, wi, bi, wo, bo, num_heads, causal=False):
+    n, t, e = x.shape
+    d = e // num_heads
+    q, k, v = np.split(x @ wi.T + bi, 3, axis=-1)
+
+    def heads(a):
+        return a.reshape(n, t, num_heads, d).transpose(0, 2, 1, 3)
+
+    allowed = np.tril(np.ones((t, t), bool)) if causal else np.ones((t, t), bool)
+    p = _np_softmax_rows(heads(q) @ heads(k).transpose(0, 1, 3, 2) / math.sqrt(d), allowed)
+    a = (p @ heads(v)).transpose(0, 2, 1, 3).reshape(n, t, e)
+    return a @ wo.T + bo
+
+
+def _band(t, window):
+    i = np.arange(t)
+    return np.abs(i[:, None] - i[None, :]) <= window
+
+
+def _np_local(q, k, v, window, scale=None):
+    return _np_sdpa(q, k, v, mask=_band(q.shape[1], window), scale=scale)
+
+
+def _np_additive(query, keys, w_query, w_keys, v):
+    scores = np.tanh((query @ w_query.T)[:, None, :] + keys @ w_keys.T) @ v
+    p = special.softmax(scores, axis=-1)
+    return np.einsum("nt,ntd->nd", p, keys)
+
+
+def _torch_sdpa(torch, q, k, v, mask=None, causal=False, scale=None):
+    attn_mask = None if mask is None else mask > 0.5
+    return _F(torch).scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=bool(causal), scale=scale
+    )
+
+
+def _torch_mha(torch, x, wi, bi, wo, bo, num_heads, causal=False):
+    xt = x.transpose(0, 1)
+    t = x.shape[1]
+    mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1) if causal else None
+    out, _ = _F(torch).multi_head_attention_forward(
+        xt, xt, xt, x.shape[2], num_heads, wi, bi, None, None, False, 0.0, wo, bo,
+        training=False, need_weights=False, attn_mask=mask,
+    )
+    return out.transpose(0, 1)
+
+
+def _torch_local(torch, q, k, v, window, scale=None):
+    band = torch.tensor(_band(q.shape[1], window))
+    return _F(torch).scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scale)
+
+
+def _torch_additive(torch, query, keys, w_query, w_keys, v):
+    scores = torch.tanh((query @ w_query.T)[:, None, :] + keys @ w_keys.T) @ v
+    p = torch.softmax(scores, dim=-1)
+    return torch.einsum("nt,ntd->nd", p, keys)
+
+
+def _make_sdpa(rng, dtype=np.float64):
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in [(2, 3, 4), (2, 5, 4), (2, 5, 6)])
+    mask = rng.random((3, 5)) < 0.7
+    mask[np.arange(3), rng.integers(0, 5, 3)] = True  # no fully masked row here
+    return (q, k, v), {"mask": mask}
+
+
+def _make_mha(rng, dtype=np.float64):
+    shapes = [(2, 5, 4), (12, 4), (12,), (4, 4), (4,)]
+    return tuple((0.5 * rng.standard_normal(s)).astype(dtype) for s in shapes), {"num_heads": 2}
+
+
+def _make_local(rng, dtype=np.float64):
+    q, k, v = (rng.standard_normal(s).astype(dtype) for s in [(2, 7, 4), (2, 7, 4), (2, 7, 3)])
+    return (q, k, v), {"window": 2}
+
+
+def _make_additive(rng, dtype=np.float64):
+    shapes = [(2, 3), (2, 5, 4), (6, 3), (6, 4), (6,)]
+    return tuple(rng.standard_normal(s).astype(dtype) for s in shapes), {}
+
+
+TORCH.update(
+    {
+        "scaled_dot_product_attention": _torch_sdpa,
+        "multi_head_self_attention": _torch_mha,
+        "local_attention": _torch_local,
+        "additive_attention": _torch_additive,
+    }
+)
+NUMPY.update(
+    {
+        "scaled_dot_product_attention": _np_sdpa,
+        "multi_head_self_attention": _np_mha,
+        "local_attention": _np_local,
+        "additive_attention": _np_additive,
+    }
+)
+DOMAINS.update(
+    {
+        "scaled_dot_product_attention": _make_sdpa,
+        "multi_head_self_attention": _make_mha,
+        "local_attention": _make_local,
+        "additive_attention": _make_additive,
+    }
+)
+
 NAMES = tuple(NUMPY)
 
 assert set(TORCH) == set(NUMPY) == set(DOMAINS), "registries out of sync"

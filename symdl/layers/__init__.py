@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from ..errors import SpecError
 from ..spec import Layer
-from . import activations, convolution, dense, losses, normalization, recurrent
+from . import activations, attention, convolution, dense, losses, normalization, recurrent
 
-FAMILIES = (activations, dense, losses, normalization, convolution, recurrent)
+FAMILIES = (activations, dense, losses, normalization, convolution, recurrent, attention)
 
 
 def catalogue() -> dict[str, Layer]:

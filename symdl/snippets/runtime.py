@@ -19,7 +19,8 @@ def _float_arg(name, value, dtype=None):
                 f"{array.dtype}"
             )
         return array
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    numeric = (np.floating, np.integer, np.bool_)
+    if not any(np.issubdtype(array.dtype, kind) for kind in numeric):
         raise TypeError(
             f"{NAME}: argument {name!r} requires a numeric array, got dtype {array.dtype}"
         )
@@ -47,13 +48,14 @@ def _common_dtype(arrays):
     return first
 
 
-def _bind_shapes(arrays, shapes):
+def _bind_shapes(arrays, shapes, sizes=None):
     """Check each array's shape against its dimension names; return the size of each name.
 
-    A "..." stands for any number of batch dimensions, shared by every argument.
+    A "..." stands for any number of batch dimensions, shared by every argument. ``sizes``
+    holds sizes already bound (from other arguments) to check against.
     """
-    sizes = {}
-    source = {}
+    sizes = {} if sizes is None else sizes
+    source = {dim: "the other arguments" for dim in sizes}
     for name, array in arrays.items():
         dims = shapes[name]
         shape = array.shape

@@ -1,0 +1,948 @@
+"""Sequence layers from any recurrent cell: a scan of the cell over a time-major input.
+
+A cell is an ordinary :class:`~symdl.spec.Layer` (one time step). :func:`scan_layer` declares
+which of its inputs are read per time step (``x`` -> ``x[t]``), which are carried state
+(``h`` is fed by the cell output ``h1`` of the previous step) and which cell outputs are
+stacked over time (``y[t] = h1``). From the cell's A-normal form the scan builds two layers,
+both derived and lowered by the ordinary engine:
+
+* the **hoisted** part: every assignment that reads the per-step inputs and parameters but not
+  the carried state (for the built-in cells, ``gi = x W_ih^T + b_ih``), plus every state-free
+  sub-expression of a recurrent assignment (``x W_ih^T + b_ih + b_hh`` inside the Elman cell's
+  ``tanh``), with a leading time index on every per-step tensor, so that the input projection
+  of all ``T`` steps is one matrix product;
+* the **step**: the remaining (recurrent) assignments, with the hoisted tensors of one step and
+  the state as its inputs.
+
+The generated module runs the hoisted forward once, the step in a Python loop over time, and in
+backward the step's backward in reverse (backpropagation through time) followed by the hoisted
+part's backward once over all steps. No gradient is written by hand: all four functions are
+the engine's lowered code, rendered by ``templates/scan.py.j2``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import sympy as sp
+
+from . import __version__
+from .errors import SpecError
+from .functions import IndexMax, IndexSum
+from .spec import (
+    Assign,
+    Layer,
+    _names,
+    free_indices,
+    is_index,
+    occurrence_indices,
+    occurrence_name,
+    occurrences,
+    ordered,
+    tensor_name,
+)
+
+TIME_DIM = "T"
+
+
+# ---------------------------------------------------------------------------------------------
+# The declaration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Sequence:
+    """A sequence layer: the scan of ``cell`` over a time-major input.
+
+    ``per_step`` are the cell inputs read at every step (``x`` is ``(T, ...)`` in the sequence),
+    ``state`` maps each carried cell input to the cell output that feeds it at the next step,
+    ``outputs`` maps each stacked sequence output to a cell output (``y[t] = h1``),
+    ``initial`` maps each carried input to the sequence argument holding its initial value
+    (``h -> h0``) and ``final`` maps each final-state output to its carried input
+    (``h_T -> h``). Arguments: per-step inputs and initial states in the cell's input order,
+    then the cell's parameters. Outputs: the stacked outputs, then the final states.
+    """
+
+    name: str
+    cell: Layer
+    per_step: tuple[str, ...]
+    state: dict[str, str]
+    outputs: dict[str, str]
+    initial: dict[str, str]
+    final: dict[str, str]
+    doc: str = ""
+    checks: dict = dataclasses.field(default_factory=dict)
+    _parts: object = dataclasses.field(default=None, repr=False, compare=False)
+
+    # the contract's names, known without building anything
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(n if n in self.per_step else self.initial[n] for n in self.cell.inputs)
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return tuple(self.cell.params)
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        return self.inputs + self.params
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.outputs) + tuple(self.final)
+
+    def parts(self) -> ScanParts:
+        """The hoisted and step layers (built once)."""
+        if self._parts is None:
+            try:
+                self._parts = _split(self)
+            except SpecError as err:
+                raise err.with_context(f"scan {self.name!r} of cell {self.cell.name!r}") from None
+        return self._parts
+
+    def __repr__(self) -> str:
+        return plain_report(self)
+
+
+def scan_layer(
+    cell: Layer,
+    name: str,
+    *,
+    per_step=("x",),
+    state: Mapping[str, str] | None = None,
+    outputs: Mapping[str, str] | None = None,
+    initial: Mapping[str, str] | None = None,
+    final: Mapping[str, str] | None = None,
+    doc: str = "",
+    checks: Mapping | None = None,
+) -> Sequence:
+    """Declare the sequence layer ``name`` as the scan of ``cell`` over time.
+
+    ``state`` maps each carried cell input to the cell output that feeds it next step
+    (default ``{"h": "h1"}``); ``outputs`` maps each stacked output to a cell output (default
+    ``{"y": <the first state's output>}``); ``initial`` defaults to ``{s: s + "0"}`` and
+    ``final`` to ``{s + "_T": s}``. Cheap: the split into hoisted and step layers happens on
+    first use (:meth:`Sequence.parts`), and :func:`sequence_source` renders the module.
+    """
+    per_step = _names(per_step)
+    state = dict(state if state is not None else {"h": "h1"})
+    if not state:
+        raise SpecError(f"scan {name!r} requires at least one carried state, got none")
+    first_out = next(iter(state.values()))
+    outputs = dict(outputs if outputs is not None else {"y": first_out})
+    initial = dict(initial if initial is not None else {s: f"{s}0" for s in state})
+    final = dict(final if final is not None else {f"{s}_T": s for s in state})
+    seq = Sequence(name, cell, per_step, state, outputs, initial, final, doc or cell.doc, dict(checks or {}))
+    _validate(seq)
+    return seq
+
+
+_IDENT = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+
+def _validate(seq: Sequence) -> None:
+    cell = seq.cell
+    where = f"scan {seq.name!r} of cell {cell.name!r}"
+    if not _IDENT.match(seq.name or ""):
+        raise SpecError(f"{where}: a layer name requires letters, digits and underscores, got {seq.name!r}")
+    defined = [tensor_name(lhs) or lhs.name for lhs, _ in cell.equations]
+    for n in seq.per_step:
+        if n not in cell.inputs:
+            raise SpecError(f"{where}: per-step {n!r} requires an input of the cell ({', '.join(cell.inputs)})")
+    for s, o in seq.state.items():
+        if s not in cell.inputs:
+            raise SpecError(f"{where}: state {s!r} requires an input of the cell ({', '.join(cell.inputs)})")
+        if s in seq.per_step:
+            raise SpecError(f"{where}: {s!r} requires one role, got it both per-step and carried state")
+        if o not in defined:
+            raise SpecError(f"{where}: state {s!r} requires a tensor the cell defines, got {o!r}")
+    for y, o in seq.outputs.items():
+        if o not in defined:
+            raise SpecError(f"{where}: output {y!r} requires a tensor the cell defines, got {o!r}")
+    for n in cell.inputs:
+        if n not in seq.per_step and n not in seq.state:
+            raise SpecError(
+                f"{where}: cell input {n!r} requires a role, per-step or carried state, got neither"
+            )
+    if set(seq.initial) != set(seq.state):
+        raise SpecError(f"{where}: initial requires one name per state ({', '.join(seq.state)}), got {sorted(seq.initial)}")
+    if sorted(seq.final.values()) != sorted(seq.state):
+        raise SpecError(f"{where}: final requires one output per state ({', '.join(seq.state)}), got {sorted(seq.final.values())}")
+    if cell.consts or cell.int_consts or cell.hyper or cell.pad or cell.ranges:
+        raise SpecError(
+            f"{where}: a scanned cell requires inputs and parameters only, got constants, "
+            f"hyperparameters, padding or index ranges (not supported by scan yet)"
+        )
+    names = list(seq.args) + list(seq.output_names)
+    for n in names:
+        if not _IDENT.match(n):
+            raise SpecError(f"{where}: a name requires an identifier, got {n!r}")
+    if len(set(names)) != len(names):
+        raise SpecError(f"{where}: argument and output names require uniqueness, got {names}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting the cell: hoisted (all steps at once) and step (one step) layers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScanParts:
+    hoisted: Layer | None  # None: nothing to hoist
+    step: Layer
+    time_varying: tuple[str, ...]  # hoisted outputs with a leading time axis
+    invariant: tuple[str, ...]  # hoisted outputs computed once (parameters only)
+    step_outputs: tuple[str, ...]
+    cell_dims: dict[str, tuple[str, ...]]  # every cell tensor's dimensions
+
+
+def _reads(expr, names) -> set[str]:
+    return {occurrence_name(o) for o in occurrences(expr, names)}
+
+
+def _is_trivial(expr, tensors) -> bool:
+    """An occurrence, a number, or a number times an occurrence: not worth a hoisted array."""
+    if expr.is_number or isinstance(expr, (sp.Indexed, sp.Symbol)):
+        return True
+    if isinstance(expr, sp.Mul):
+        rest = [a for a in expr.args if not a.is_number]
+        return len(rest) == 1 and isinstance(rest[0], (sp.Indexed, sp.Symbol))
+    return False
+
+
+def _split(seq: Sequence) -> ScanParts:
+    cell = seq.cell
+    spec = cell.spec()
+    tensors = spec.tensors
+    dims = {n: info.dims for n, info in tensors.items()}
+    if any("..." in d for d in dims.values()):
+        raise SpecError("a scanned cell requires explicit batch indices, got '...'")
+    if spec.derived or spec.hyper_dims:
+        raise SpecError("a scanned cell requires every dimension from an argument's shape")
+    if TIME_DIM in spec.dims:
+        raise SpecError(f"a scanned cell requires no dimension named {TIME_DIM!r} (the time axis)")
+    for s, o in seq.state.items():
+        if dims[o] != dims[s]:
+            raise SpecError(f"state {s!r} {dims[s]} requires the shape of {o!r}, got {dims[o]}")
+
+    state_in = set(seq.state)
+    per_in = set(seq.per_step)
+    params = set(spec.params)
+    needed_out = list(dict.fromkeys(list(seq.state.values()) + list(seq.outputs.values())))
+
+    # ---- classify: state-dependent, per-step (state-free), constant (parameters only) -------
+    dep_state, dep_step = set(state_in), set(per_in)
+    for a in spec.assigns:
+        r = _reads(a.expr, tensors)
+        if r & dep_state:
+            dep_state.add(a.target)
+        elif r & dep_step:
+            dep_step.add(a.target)
+
+    def plain(a: Assign, expr=None) -> bool:
+        """Every occurrence reads whole axes through plain index symbols (no window)."""
+        for occ in occurrences(a.expr if expr is None else expr, tensors):
+            name = occurrence_name(occ)
+            for p, ix in enumerate(occurrence_indices(occ)):
+                if not is_index(ix) or spec.index_dims[(a.scope, ix)] != dims[name][p]:
+                    return False
+        return True
+
+    # ---- hoistable assignments: state-free, plain, reading only hoistable intermediates -----
+    intermediates = {a.target for a in spec.assigns}
+    hoist: set[str] = set()
+    for a in spec.assigns:
+        r = _reads(a.expr, tensors)
+        if a.target in dep_state or a.target in needed_out or not plain(a):
+            continue
+        if all(n in hoist for n in r & intermediates):
+            hoist.add(a.target)
+
+    def provided(names) -> set[str]:
+        args = set()
+        for n in names:
+            a = by_target[n]
+            args |= _reads(a.expr, tensors) - intermediates
+        return {d for n in args for d in dims[n]}
+
+    by_target = {a.target: a for a in spec.assigns}
+    while True:  # every dimension of the hoisted part comes from its own arguments
+        have = provided(hoist)
+        bad = {n for n in hoist if not set(dims[n]) <= have}
+        if not bad:
+            break
+        for a in spec.assigns:  # demote, with everything reading a demoted tensor
+            if a.target in hoist and (a.target in bad or _reads(a.expr, tensors) & bad):
+                bad.add(a.target)
+        hoist -= bad
+
+    # ---- the step: recurrent assignments, state-free sub-expressions hoisted out --------------
+    taken = set(tensors) | {s.name for a in spec.assigns for s in a.all_indices}
+    counter = [0]
+
+    def fresh() -> str:
+        while f"a{counter[0]}" in taken:
+            counter[0] += 1
+        name = f"a{counter[0]}"
+        taken.add(name)
+        return name
+
+    extra: list[Assign] = []  # new hoisted assignments
+    extra_dims: dict[str, tuple[str, ...]] = {}
+    hoisted_names = set(hoist)
+
+    in_step = dep_state | (intermediates - hoisted_names)  # tensors only the step has
+
+    def movable(e, a) -> bool:
+        """State-free, over the assignment's own indices, reading whole axes."""
+        return (
+            not _reads(e, tensors) & in_step
+            and not free_indices(e) & set(a.reduce)
+            and plain(a, e)
+        )
+
+    def hoistable_sub(e, a) -> bool:
+        if not movable(e, a) or _is_trivial(e, tensors):
+            return False
+        r = _reads(e, tensors)
+        if not r & (dep_step | per_in):
+            return False  # parameters only: cheap, left in the step
+        have = provided(hoisted_names) | {d for n in r - intermediates for d in dims[n]}
+        idx = ordered(free_indices(e), a.all_indices)
+        return all(spec.index_dims[(a.scope, i)] in have for i in idx)
+
+    def new_hoisted(e, a) -> sp.Expr:
+        idx = ordered(free_indices(e), a.all_indices)
+        name = fresh()
+        extra.append(Assign(name, idx, "map", e, (), a.scope))
+        extra_dims[name] = tuple(spec.index_dims[(a.scope, i)] for i in idx)
+        return sp.IndexedBase(name, real=True)[idx] if idx else sp.Symbol(name, real=True)
+
+    def extract(e, a):
+        if not e.args or isinstance(e, (sp.Indexed, sp.Symbol)):
+            return e
+        if hoistable_sub(e, a):
+            return new_hoisted(e, a)
+        if isinstance(e, sp.Add):  # the state-free terms of a sum, as one hoisted term
+            free = [term for term in e.args if movable(term, a)]
+            if len(free) >= 2 and hoistable_sub(sp.Add(*free), a):
+                rest = [extract(term, a) for term in e.args if term not in free]
+                return sp.Add(new_hoisted(sp.Add(*free), a), *rest)
+        return e.func(*[extract(x, a) for x in e.args])
+
+    step_assigns: list[Assign] = []
+    for a in spec.assigns:
+        if a.target in hoist:
+            continue
+        step_assigns.append(dataclasses.replace(a, expr=extract(a.expr, a)))
+
+    # ---- what each part needs ----------------------------------------------------------------
+    step_reads: set[str] = set()
+    for a in step_assigns:
+        step_reads |= _reads(a.expr, set(tensors) | set(extra_dims))
+    hoisted_all = [a for a in spec.assigns if a.target in hoist] + extra
+    hoisted_out = [a.target for a in hoisted_all if a.target in step_reads]
+    live: set[str] = set(hoisted_out)
+    for a in reversed(hoisted_all):
+        if a.target in live:
+            live |= _reads(a.expr, set(tensors) | set(extra_dims)) & (hoist | set(extra_dims))
+    hoisted_assigns = [a for a in hoisted_all if a.target in live]
+    all_dims = {**dims, **extra_dims}
+    all_names = set(tensors) | set(extra_dims)
+
+    # time-varying hoisted tensors: those reading a per-step input
+    varying: set[str] = set(per_in)
+    for a in hoisted_assigns:
+        if _reads(a.expr, all_names) & varying:
+            varying.add(a.target)
+
+    # ---- the two layers ------------------------------------------------------------------------
+    user_names = {tensor_name(lhs) or lhs.name for lhs, _ in spec.equations}
+    hoisted_layer = None
+    t = _time_index(spec, taken)
+    if hoisted_assigns:
+        timed = [_with_time(a, varying, t) for a in hoisted_assigns]
+        h_reads: set[str] = set()
+        for a in hoisted_assigns:
+            h_reads |= _reads(a.expr, all_names)
+        h_inputs = [n for n in spec.inputs if n in h_reads]
+        h_params = [n for n in spec.params if n in h_reads]
+        shapes = {n: ((TIME_DIM,) if n in varying else ()) + dims[n] for n in h_inputs + h_params}
+        hoisted_layer = Layer(
+            f"{seq.name}_hoisted",
+            _equations(timed, user_names, outputs=set(hoisted_out)),
+            inputs=h_inputs,
+            params=h_params,
+            outputs=hoisted_out,
+            shapes=shapes,
+            doc=f"the state-free part of {cell.name}, for all time steps at once",
+            extras=cell.extras,
+        )
+    s_inputs = (
+        [n for n in hoisted_out if n in varying]
+        + [n for n in spec.inputs if n in per_in and n in step_reads]
+        + [n for n in spec.inputs if n in state_in]
+        + [n for n in hoisted_out if n not in varying]
+    )
+    s_params = [n for n in spec.params if n in step_reads]
+    step_outputs = tuple(needed_out)
+    step_layer = Layer(
+        f"{seq.name}_step",
+        _equations(step_assigns, user_names, outputs=set(step_outputs)),
+        inputs=s_inputs,
+        params=s_params,
+        outputs=step_outputs,
+        shapes={n: all_dims[n] for n in s_inputs + s_params},
+        doc=f"one time step of {cell.name}",
+        extras=cell.extras,
+    )
+    parts = ScanParts(
+        hoisted=hoisted_layer,
+        step=step_layer,
+        time_varying=tuple(n for n in hoisted_out if n in varying),
+        invariant=tuple(n for n in hoisted_out if n not in varying),
+        step_outputs=step_outputs,
+        cell_dims=all_dims,
+    )
+    _check_parts(parts, varying)
+    return parts
+
+
+def _time_index(spec, taken) -> sp.Symbol:
+    for cand in ("t", "tau", "step_t"):
+        if cand not in taken and cand not in spec.hyper:
+            return sp.Symbol(cand, integer=True)
+    raise SpecError("the time index requires a free name, got t, tau and step_t all taken")
+
+
+def _with_time(a: Assign, varying: set[str], t: sp.Symbol) -> Assign:
+    """``a`` with a leading time index on its target (if time-varying) and on every read of a
+    time-varying tensor."""
+    reps = {}
+    for occ in occurrences(a.expr, varying):
+        if isinstance(occ, sp.Indexed):
+            reps[occ] = occ.base[(t,) + tuple(occ.indices)]
+        else:
+            reps[occ] = sp.IndexedBase(occ.name, real=True)[t]
+    expr = a.expr.xreplace(reps)
+    idx = ((t,) + a.indices) if (reps or a.target in varying) else a.indices
+    return dataclasses.replace(a, expr=expr, indices=idx)
+
+
+def _equations(assigns: list[Assign], user_names: set[str], outputs: set[str]) -> list:
+    """Equations from A-normal-form assignments, with the engine's own intermediates (the
+    hoisted ``Sum``s) put back into their one use, so the equations read like the user's."""
+    uses: dict[str, int] = {}
+    names = {a.target for a in assigns}
+    for a in assigns:
+        for occ in occurrences(a.expr, names):
+            uses[occurrence_name(occ)] = uses.get(occurrence_name(occ), 0) + 1
+    inline: dict[sp.Expr, sp.Expr] = {}
+    eqs = []
+    for a in assigns:
+        expr = a.expr.xreplace(inline) if inline else a.expr
+        if a.op == "map":
+            rhs = expr
+        else:
+            rhs = (IndexSum if a.op == "sum" else IndexMax)(expr, a.reduce)
+        lhs = sp.IndexedBase(a.target, real=True)[a.indices] if a.indices else sp.Symbol(a.target, real=True)
+        if (
+            a.target not in user_names
+            and a.target not in outputs
+            and a.op != "map"
+            and uses.get(a.target) == 1
+        ):
+            inline[lhs] = rhs
+            continue
+        eqs.append((lhs, rhs))
+    return eqs
+
+
+def _check_parts(parts: ScanParts, varying: set[str]) -> None:
+    """The engine inferred every dimension as in the cell (a leading T where time-varying)."""
+    for layer in (parts.hoisted, parts.step):
+        if layer is None:
+            continue
+        spec = layer.spec()
+        named = set(spec.args) | {tensor_name(lhs) or lhs.name for lhs, _ in spec.equations}
+        for n, info in spec.tensors.items():
+            if n not in named or n not in parts.cell_dims:
+                continue  # the engine's own intermediates
+            want = parts.cell_dims[n]
+            if layer is parts.hoisted and n in varying:
+                want = (TIME_DIM,) + want
+            if info.dims != want:
+                raise SpecError(
+                    f"tensor {n!r} of {layer.name!r} requires dimensions {want}, got {info.dims} "
+                    f"(an internal inconsistency of the scan)"
+                )
+
+
+# ---------------------------------------------------------------------------------------------
+# Code generation
+# ---------------------------------------------------------------------------------------------
+
+
+def _tuple(items) -> str:
+    items = list(items)
+    if len(items) == 1:
+        return f"({items[0]},)"
+    return "(" + ", ".join(items) + ")"
+
+
+def _used(name: str, code: str) -> bool:
+    return re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", code) is not None
+
+
+class _Part:
+    """One lowered part rendered as a private forward/backward pair of functions."""
+
+    def __init__(self, layer: Layer, prefix: str):
+        from .derive import derive
+        from .lower import lower
+
+        self.layer = layer
+        self.derivation = derive(layer)
+        self.lowered = lower(self.derivation)
+        self.prefix = prefix
+        low = self.lowered
+        self.arg_vars = [a.var for a in low.args]
+        self.out_vars = [v for _, v, _ in low.outputs]
+        self.cache = list(low.cache)
+        fcode = "\n".join(line.code for line in low.forward)
+        bcode = "\n".join(line.code for line in low.backward) + "\n" + "\n".join(t for _, t in low.grads)
+        spec = self.derivation.spec
+        dv = low.dim_vars
+        order = [d for d in spec.dims if d != "..."]
+        self.fdims = [d for d in order if _used(dv[d], fcode)]
+        self.bdims = [d for d in order if _used(dv[d], bcode)]
+        self.fdtype = _used("dtype", fcode)
+        self.bdtype = _used("dtype", bcode)
+
+    def function(self, kind, params, body_lines, returns, doc) -> str:
+        lines = [f"def _{self.prefix}_{kind}({', '.join(params)}):", f'    """{doc}"""']
+        for line in body_lines:
+            if isinstance(line, str):
+                lines.append("    " + line.replace("\n", "\n    "))
+                continue
+            if line.comment:
+                lines.append(f"    # {line.comment}")
+            lines.append("    " + line.code.replace("\n", "\n    "))
+        lines.append(f"    return {returns}")
+        return "\n".join(lines)
+
+
+def sequence_source(seq: Sequence, source: str | None = None, command: str | None = None) -> str:
+    """The complete text of the generated sequence module (nothing is written)."""
+    from .codegen import _environment, _shape_expr, _snippet, format_source, stamp
+    from .latex import backward_text, formulas, forward_text
+    from .lower import _identifier
+    from .printing import Namer
+    from .snippets import erf as _erf_snippet
+    from .snippets import extras as _extras
+    from .snippets import runtime as _runtime
+
+    parts = seq.parts()
+    cell = seq.cell
+    cspec = cell.spec()
+    hp = _Part(parts.hoisted, "hoisted") if parts.hoisted is not None else None
+    sp_ = _Part(parts.step, "step")
+    step_spec = sp_.derivation.spec
+    cdims = parts.cell_dims
+
+    # ---- the sequence's contract ---------------------------------------------------------------
+    arg_dims: dict[str, tuple[str, ...]] = {}
+    for n in cell.inputs:
+        if n in seq.per_step:
+            arg_dims[n] = (TIME_DIM,) + cdims[n]
+        else:
+            arg_dims[seq.initial[n]] = cdims[n]
+    for n in cell.params:
+        arg_dims[n] = cdims[n]
+    out_dims: dict[str, tuple[str, ...]] = {}
+    for y, o in seq.outputs.items():
+        out_dims[y] = (TIME_DIM,) + cdims[o]
+    for f, s in seq.final.items():
+        out_dims[f] = cdims[s]
+    shapes = [(n, arg_dims[n]) for n in seq.args] + [(n, out_dims[n]) for n in seq.output_names]
+
+    # ---- names of the public functions ---------------------------------------------------------
+    namer = Namer()
+    var = {n: namer.claim(n) for n in seq.args}
+    dim_order: list[str] = []
+    for _, ds in shapes:
+        for d in ds:
+            if d not in dim_order:
+                dim_order.append(d)
+    for part in (hp, sp_):
+        if part is not None:
+            for d in part.derivation.spec.dims:
+                if d not in dim_order and d != "...":
+                    dim_order.append(d)
+    dvar = {d: namer.claim(_identifier(d)) for d in dim_order}
+    fused: set[str] = set()
+    bused: set[str] = set()
+
+    def dims_of(part, kind):
+        ds = part.fdims if kind == "forward" else part.bdims
+        (fused if kind == "forward" else bused).update(ds)
+        return [dvar[d] for d in ds]
+
+    def shape(ds, used):
+        used.update(ds)
+        return _shape_expr(ds, dvar)
+
+    state_var = {s: namer.claim(s) for s in seq.state}
+    out_var = {n: namer.claim(n) for n in seq.output_names}
+    hoisted_var = {n: namer.claim(n) for n in parts.time_varying + parts.invariant}
+    t = namer.claim("t")
+    steps = namer.claim("steps")
+    step_cache = namer.claim("step_cache")
+    hoisted_cache = namer.claim("hoisted_cache")
+    step_out_var: dict[str, str] = {}
+
+    # ---- forward -------------------------------------------------------------------------------
+    pre: list[str] = []
+    for n in seq.args:
+        pre.append(f'{var[n]} = _float_arg("{n}", {var[n]})')
+    pre.append("dtype = _common_dtype({" + ", ".join(f'"{n}": {var[n]}' for n in seq.args) + "})")
+    pre.append("sizes = _bind_shapes({" + ", ".join(f'"{n}": {var[n]}' for n in seq.args) + "}, SHAPES)")
+    body: list[str] = []  # after the preamble's size binding (filled below)
+
+    cell_arg_var = {}  # cell input -> sequence variable
+    for n in cell.inputs:
+        cell_arg_var[n] = var[n] if n in seq.per_step else var[seq.initial[n]]
+    for n in cell.params:
+        cell_arg_var[n] = var[n]
+
+    if hp is not None:
+        call_args = [cell_arg_var[n] for n in hp.layer.spec().args] + dims_of(hp, "forward")
+        if hp.fdtype:
+            call_args.append("dtype")
+        outs = [hoisted_var[n] for n in hp.layer.spec().outputs] + [hoisted_cache]
+        body.append(f"{', '.join(outs)} = _hoisted_forward({', '.join(call_args)})")
+    for y, o in seq.outputs.items():
+        body.append(f"{out_var[y]} = np.empty({shape(out_dims[y], fused)}, dtype=dtype)")
+    body.append(
+        ", ".join(state_var[s] for s in seq.state)
+        + " = "
+        + ", ".join(var[seq.initial[s]] for s in seq.state)
+    )
+    body.append(f"{steps} = []")
+    step_args = []
+    for n in step_spec.args:
+        if n in parts.time_varying:
+            step_args.append(f"{hoisted_var[n]}[{t}]")
+        elif n in parts.invariant:
+            step_args.append(hoisted_var[n])
+        elif n in seq.per_step:
+            step_args.append(f"{var[n]}[{t}]")
+        elif n in seq.state:
+            step_args.append(state_var[n])
+        else:
+            step_args.append(var[n])
+    step_args += dims_of(sp_, "forward")
+    if sp_.fdtype:
+        step_args.append("dtype")
+    loop: list[str] = []
+    targets = []
+    after: list[str] = []
+    for o in parts.step_outputs:
+        carried = [s for s, so in seq.state.items() if so == o]
+        stacked = [y for y, yo in seq.outputs.items() if yo == o]
+        if not stacked and len(carried) == 1:
+            targets.append(state_var[carried[0]])
+            continue
+        v = step_out_var.setdefault(o, namer.claim(o))
+        targets.append(v)
+        for y in stacked:
+            after.append(f"{out_var[y]}[{t}] = {v}")
+        for s in carried:  # the stacked copy feeds the next step: the step's own array is freed
+            after.append(f"{state_var[s]} = {out_var[stacked[0]]}[{t}]" if stacked else f"{state_var[s]} = {v}")
+    loop.append(f"{', '.join(targets + [step_cache])} = _step_forward({', '.join(step_args)})")
+    loop += after
+    loop.append(f"{steps}.append({step_cache})")
+    body.append(f"for {t} in range({dvar[TIME_DIM]}):")
+    fused.add(TIME_DIM)
+    body += ["    " + line for line in loop]
+    stacked_states = {s for s, o in seq.state.items() if o in seq.outputs.values()}
+    for f, s in seq.final.items():
+        copy = ".copy()" if s in stacked_states else ""
+        body.append(f"{out_var[f]} = {state_var[s]}{copy}")
+
+    # constants the step's backward reads (parameters, invariant hoisted tensors)
+    step_const = [(k, v) for k, v in sp_.cache if k in step_spec.params or k in parts.invariant]
+    step_percache = [(k, v) for k, v in sp_.cache if (k, v) not in step_const]
+    const_src = {}
+    for k, _ in step_const:
+        const_src[k] = hoisted_var[k] if k in parts.invariant else var[k]
+
+    # ---- backward ------------------------------------------------------------------------------
+    bwd: list[str] = []
+    dvar_ = {}  # gradient variables of the public backward
+    for n in seq.args:
+        dvar_[n] = namer.claim(f"d{n}")
+    dout_var = {n: namer.claim(f"d{n}") for n in seq.output_names}
+    dstate = {s: namer.claim(f"d{s}") for s in seq.state}
+    dhoisted = {n: namer.claim(f"d{n}") for n in parts.time_varying + parts.invariant}
+    bpre: list[str] = []
+    if len(seq.output_names) > 1:
+        bpre.append(", ".join(dout_var[n] for n in seq.output_names) + " = dout")
+        srcs = [dout_var[n] for n in seq.output_names]
+    else:
+        srcs = ["dout"]
+    for n, src in zip(seq.output_names, srcs):
+        bpre.append(f'{dout_var[n]} = _check_dout("{n}", {src}, {shape(out_dims[n], bused)}, dtype)')
+
+    # where each step gradient goes
+    step_grad_target = {}
+    accumulate: list[tuple[str, str]] = []  # (accumulator, per-step temp)
+    for n in step_spec.args:
+        if n in parts.time_varying:
+            bwd.append(f"{dhoisted[n]} = np.empty({shape((TIME_DIM,) + cdims[n], bused)}, dtype=dtype)")
+            step_grad_target[n] = f"{dhoisted[n]}[{t}]"
+        elif n in seq.per_step:
+            bwd.append(f"{dvar_[n]} = np.empty({shape(arg_dims[n], bused)}, dtype=dtype)")
+            step_grad_target[n] = f"{dvar_[n]}[{t}]"
+        elif n in seq.state:
+            step_grad_target[n] = dstate[n]
+        else:
+            acc = dhoisted[n] if n in parts.invariant else dvar_[n]
+            bwd.append(f"{acc} = np.zeros({shape(cdims[n], bused)}, dtype=dtype)")
+            tmp = namer.claim(f"{acc}_{t}")
+            step_grad_target[n] = tmp
+            accumulate.append((acc, tmp))
+    for s in seq.state:
+        f = next(f for f, fs in seq.final.items() if fs == s)
+        bwd.append(f"{dstate[s]} = {dout_var[f]}")
+    douts = []
+    for o in parts.step_outputs:
+        terms = [f"{dout_var[y]}[{t}]" for y, yo in seq.outputs.items() if yo == o]
+        terms += [dstate[s] for s, so in seq.state.items() if so == o]
+        douts.append(" + ".join(terms))
+    bargs = douts + [f"{steps}[{t}]"] + [const_src[k] for k, _ in step_const] + dims_of(sp_, "backward")
+    if sp_.bdtype:
+        bargs.append("dtype")
+    bwd.append(f"for {t} in range({dvar[TIME_DIM]} - 1, -1, -1):")
+    bused.add(TIME_DIM)
+    grads_t = [step_grad_target[n] for n in step_spec.args]
+    bwd.append(f"    {', '.join(grads_t)} = _step_backward({', '.join(bargs)})")
+    for acc, tmp in accumulate:
+        bwd.append(f"    {acc} += {tmp}")
+    if hp is not None:
+        hspec = hp.layer.spec()
+        hargs = [dhoisted[n] for n in hspec.outputs] + [hoisted_cache] + dims_of(hp, "backward")
+        if hp.bdtype:
+            hargs.append("dtype")
+        hgrads = []
+        adds = []
+        for n in hspec.args:
+            seq_name = n if n in seq.per_step or n in cell.params else seq.initial[n]
+            if n in step_spec.args:  # the step contributed too
+                tmp = namer.claim(f"{dvar_[seq_name]}_hoisted")
+                hgrads.append(tmp)
+                adds.append(f"{dvar_[seq_name]} += {tmp}")
+            else:
+                hgrads.append(dvar_[seq_name])
+        bwd.append(f"{', '.join(hgrads)} = _hoisted_backward({', '.join(hargs)})")
+        bwd += adds
+    returns = []
+    for n in seq.args:
+        cell_name = n if n in seq.per_step or n in cell.params else next(s for s, i in seq.initial.items() if i == n)
+        returns.append(dstate[cell_name] if cell_name in seq.state else dvar_[n])
+    returns_text = returns[0] + "," if len(returns) == 1 else ", ".join(returns)
+
+    # ---- the cache and the size bindings ---------------------------------------------------------
+    cache_items = []
+    if hp is not None:
+        cache_items.append(f'"hoisted": {hoisted_cache}')
+    cache_items.append(f'"steps": {steps}')
+    for k, _ in step_const:
+        cache_items.append(f'"{k}": {const_src[k]}')
+    bdims = [d for d in dim_order if d in bused]
+    if bdims:
+        cache_items.append('"sizes": ' + _tuple(dvar[d] for d in bdims))
+    cache_items.append('"dtype": dtype')
+    body.append("cache = {" + ", ".join(cache_items) + "}")
+    outs = [out_var[n] for n in seq.output_names]
+    body.append(f"return {outs[0] if len(outs) == 1 else _tuple(outs)}, cache")
+    fdims = [d for d in dim_order if d in fused or d in bused]  # the cache keeps bdims
+    if fdims:
+        pre.append(", ".join(dvar[d] for d in fdims) + " = " + ", ".join(f'sizes["{d}"]' for d in fdims))
+    from .codegen import _int_formula
+
+    names = {d: dvar[d] for d in dim_order}
+    seen_bounds = []
+    for spec_ in [p.derivation.spec for p in (hp, sp_) if p is not None]:
+        for dname, formula in spec_.bounds:
+            if (dname, formula) in seen_bounds:
+                continue
+            seen_bounds.append((dname, formula))
+            for s in formula.free_symbols:
+                if s.name in dvar and s.name not in fdims:
+                    raise SpecError(f"scan {seq.name!r}: a bound on {dname!r} requires bound sizes")
+            text = _int_formula(formula, names)
+            shown = _int_formula(formula, {k: k for k in names})
+            pre.append(
+                f"if {dvar[dname]} > {text}:\n    raise ValueError("
+                f'f"{{NAME}}: dimension {dname!r} = {{{dvar[dname]}}} requires at most {shown} = '
+                f'{{{text}}}")'
+            )
+    bpre_cache = []
+    keys = [("hoisted", hoisted_cache)] if hp is not None else []
+    keys += [("steps", steps)] + [(k, const_src[k]) for k, _ in step_const]
+    bpre_cache.append(", ".join(v for _, v in keys) + " = " + ", ".join(f'cache["{k}"]' for k, _ in keys))
+    if bdims:
+        bpre_cache.append(", ".join(dvar[d] for d in bdims) + ("," if len(bdims) == 1 else "") + ' = cache["sizes"]')
+    bpre_cache.append('dtype = cache["dtype"]')
+
+    # ---- the private functions -------------------------------------------------------------------
+    private = []
+    if hp is not None:
+        low = hp.lowered
+        params = hp.arg_vars + [low.dim_vars[d] for d in hp.fdims] + (["dtype"] if hp.fdtype else [])
+        cache_t = _tuple(v for _, v in hp.cache) if hp.cache else "()"
+        private.append(
+            hp.function(
+                "forward",
+                params,
+                low.forward,
+                ", ".join(hp.out_vars + [cache_t]),
+                f"The hoisted part for all time steps at once: ``({', '.join(hp.layer.spec().outputs)}, cache)``.",
+            )
+        )
+        bparams = list(low.dout_vars) + ["cache"] + [low.dim_vars[d] for d in hp.bdims]
+        bparams += ["dtype"] if hp.bdtype else []
+        unpack = [f"{', '.join(v for _, v in hp.cache)}{',' if len(hp.cache) == 1 else ''} = cache"] if hp.cache else []
+        grads = [g for _, g in low.grads]
+        private.append(
+            hp.function(
+                "backward",
+                bparams,
+                unpack + list(low.backward),
+                grads[0] + "," if len(grads) == 1 else ", ".join(grads),
+                "Gradients of the hoisted part's arguments, once over all time steps.",
+            )
+        )
+    low = sp_.lowered
+    params = sp_.arg_vars + [low.dim_vars[d] for d in sp_.fdims] + (["dtype"] if sp_.fdtype else [])
+    per_t = _tuple(v for _, v in step_percache) if step_percache else "()"
+    private.append(
+        sp_.function(
+            "forward",
+            params,
+            low.forward,
+            ", ".join(sp_.out_vars + [per_t]),
+            f"One time step: ``({', '.join(step_spec.outputs)}, cache)``; parameters are not cached.",
+        )
+    )
+    bparams = list(low.dout_vars) + ["cache"] + [v for _, v in step_const]
+    bparams += [low.dim_vars[d] for d in sp_.bdims] + (["dtype"] if sp_.bdtype else [])
+    unpack = (
+        [f"{', '.join(v for _, v in step_percache)}{',' if len(step_percache) == 1 else ''} = cache"]
+        if step_percache
+        else []
+    )
+    grads = [g for _, g in low.grads]
+    private.append(
+        sp_.function(
+            "backward",
+            bparams,
+            unpack + list(low.backward),
+            grads[0] + "," if len(grads) == 1 else ", ".join(grads),
+            "Gradients of one step's arguments (its state gradients feed the step before).",
+        )
+    )
+
+    # ---- helpers, docs, formulas ---------------------------------------------------------------
+    helpers = [_snippet(_runtime, n) for n in ("_float_arg", "_common_dtype", "_bind_shapes", "_check_dout")]
+    used_helpers = set(sp_.lowered.helpers) | (set(hp.lowered.helpers) if hp is not None else set())
+    for h in sorted(used_helpers):
+        helpers.append(_snippet(_erf_snippet if hasattr(_erf_snippet, h) else _runtime, h))
+    extras = [_snippet(_extras, h) for h in cell.extras]
+
+    hoisted_fwd = forward_text(hp.derivation) if hp is not None else []
+    hoisted_bwd = backward_text(hp.derivation) if hp is not None else []
+    forms = {}
+    if hp is not None:
+        forms.update(formulas(hp.derivation))
+    for k, v in formulas(sp_.derivation).items():
+        forms[k if k not in forms else f"{k}@step"] = v
+
+    shapes_text = "; ".join(f"{n} ({', '.join(ds)})" if ds else f"{n} scalar" for n, ds in shapes)
+    summary = f"{seq.name}: {seq.doc}" if seq.doc else f"{seq.name}: a sequence layer generated by symdl."
+    context = dict(
+        version=__version__,
+        source=source or f"the scan of {cell.name!r}",
+        command=command or f"symdl generate {seq.name}",
+        digest="{digest}",
+        summary=summary,
+        cell_name=cell.name,
+        cell_text=[f"{eq}" for eq in _cell_text(cspec)],
+        scan_text=scan_text(seq),
+        hoisted_text=hoisted_fwd,
+        step_text=forward_text(sp_.derivation),
+        hoisted_backward=hoisted_bwd,
+        step_backward=backward_text(sp_.derivation),
+        bptt_text=_bptt_text(seq, parts),
+        shapes_text=shapes_text,
+        name=seq.name,
+        args=tuple(seq.args),
+        params=tuple(seq.params),
+        outputs=tuple(seq.output_names),
+        shapes=shapes,
+        formulas=list(forms.items()),
+        signature=", ".join(var[n] for n in seq.args),
+        outputs_text=", ".join(seq.output_names),
+        preamble=pre,
+        forward=body,
+        backward_preamble=bpre_cache + bpre,
+        backward=bwd,
+        returns=returns_text,
+        private=private,
+        helpers=helpers,
+        extras=extras,
+    )
+    text = _environment().get_template("scan.py.j2").render(**context)
+    return stamp(format_source(text))
+
+
+def _cell_text(spec) -> list[str]:
+    from .printing import equation_text
+
+    return [f"{equation_text(lhs)} = {equation_text(rhs)}" for lhs, rhs in spec.equations]
+
+
+def scan_text(seq: Sequence) -> list[str]:
+    """The scan as pseudo-code lines."""
+    cell = seq.cell
+    states = list(seq.state)
+    lines = [", ".join(states) + " = " + ", ".join(seq.initial[s] for s in states)]
+    lines.append("for t in 0, ..., T - 1:")
+    args = [f"{n}[t]" if n in seq.per_step else n for n in cell.inputs] + list(cell.params)
+    outs = list(dict.fromkeys(list(seq.state.values()) + list(seq.outputs.values())))
+    lines.append(f"    {', '.join(outs)} = {cell.name}({', '.join(args)})")
+    for y, o in seq.outputs.items():
+        lines.append(f"    {y}[t] = {o}")
+    lines.append("    " + ", ".join(states) + " = " + ", ".join(seq.state[s] for s in states))
+    for f, s in seq.final.items():
+        lines.append(f"{f} = {s}")
+    return lines
+
+
+def _bptt_text(seq: Sequence, parts: ScanParts) -> list[str]:
+    lines = []
+    for o in parts.step_outputs:
+        terms = [f"d{y}[t]" for y, yo in seq.outputs.items() if yo == o]
+        terms += [f"d{s}" for s, so in seq.state.items() if so == o]
+        lines.append(f"d{o} = {' + '.join(terms)}")
+    return lines
+
+
+def plain_report(seq: Sequence) -> str:
+    lines = [f"{seq.name}: {seq.doc}" if seq.doc else seq.name]
+    lines.append(f"  scan of {seq.cell.name}:")
+    lines += [f"    {line}" for line in scan_text(seq)]
+    return "\n".join(lines)
