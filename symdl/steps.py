@@ -1254,6 +1254,12 @@ def _sizes_and_hyper(spec, sizes, hyper):
         b = int(bound.xreplace({**{Dim(k): v for k, v in sz.items()}, **hsubs}))
         if sz[dname] > b:
             raise ExpandError(f"dimension {dname!r} = {sz[dname]} requires at most {bound} = {b}")
+    for k, v in hv.items():  # a default computed from sizes: scale = 1/sqrt(E)
+        if isinstance(v, sp.Basic):
+            v = v.xreplace({Dim(x): n for x, n in sz.items()})
+            if not v.is_number:
+                raise ExpandError(f"hyperparameter {k!r} requires a number, got {v}")
+            hv[k] = float(v)
     return sz, hv, hsubs
 
 
