@@ -13,7 +13,7 @@ import types
 from pathlib import Path
 
 from . import __version__
-from .errors import SymdlError
+from .errors import SymdlError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -39,9 +39,16 @@ def _optimizers():
     return catalogue()
 
 
+def _sequences():
+    from .layers.sequences import catalogue
+
+    return catalogue()
+
+
 def _select(names, optimizers=False):
-    """Catalogue entries by name (all layers, and the optimizers too when allowed)."""
+    """Catalogue entries by name: layers and sequences (and optimizers when allowed)."""
     layers = dict(_catalogue())
+    layers.update(_sequences())
     if optimizers:
         layers.update(_optimizers())
     if not names:
@@ -61,6 +68,12 @@ def _is_optimizer(entry) -> bool:
     return isinstance(entry, Optimizer)
 
 
+def _is_sequence(entry) -> bool:
+    from .scan import Sequence
+
+    return isinstance(entry, Sequence)
+
+
 def load_module(source: str, name: str) -> types.ModuleType:
     """Import generated module text (symdl's own output) as a module object."""
     module = types.ModuleType(name)
@@ -76,6 +89,11 @@ def _render(layer, command: str | None = None) -> str:
         from .optim import optimizer_text
 
         return optimizer_text(layer, command)
+    if _is_sequence(layer):
+        from .layers.sequences import SOURCE
+        from .scan import sequence_source
+
+        return sequence_source(layer, SOURCE, command or f"symdl generate {layer.name}")
     return generate_source(layer, _source_of(layer), command or f"symdl generate {layer.name}")
 
 
@@ -85,6 +103,8 @@ def _render(layer, command: str | None = None) -> str:
 def cmd_list(args) -> int:
     for layer in _catalogue().values():
         print(f"{layer.name:34s} {layer.doc}")
+    for seq in _sequences().values():
+        print(f"{seq.name:34s} {seq.doc}")
     for opt in _optimizers().values():
         print(f"{opt.name:34s} optimizer: {opt.doc}")
     return EXIT_OK
@@ -103,6 +123,17 @@ def cmd_show(args) -> int:
                 print(f"% {key}\n{tex}")
         else:
             print(_render(layer).split('r"""', 1)[1].split('"""', 1)[0].strip())
+        return EXIT_OK
+    if _is_sequence(layer):
+        from .scan import report, sequence_formulas
+
+        if args.stage == "code":
+            print(_render(layer), end="")
+        elif args.latex:
+            for key, tex in sequence_formulas(layer, style=args.notation).items():
+                print(f"% {key}\n{tex}")
+        else:
+            print(report(layer))
         return EXIT_OK
     stage = args.stage
     if stage == "spec":
@@ -205,7 +236,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_derive(args) -> int:
-    from .codegen import generate_source, write_atomic
+    from .codegen import generate_source
     from .derive import derive
     from .parse import parse_layer
 
@@ -218,11 +249,48 @@ def cmd_derive(args) -> int:
         hyper=args.hyper,
         outputs=args.outputs,
     )
-    d = derive(layer)
     command = shlex.join(["symdl", *sys.argv[1:]]) if args.argv is None else shlex.join(["symdl", *args.argv])
+    if args.scan:
+        from .scan import report, scan_layer, sequence_source
+
+        if not args.state:
+            raise UsageError("--scan requires --state, e.g. --state h=h1 (input state = cell output)")
+        pairs = _pairs(args.state, "--state")
+        layer.name = f"{args.name}_cell"
+        seq = scan_layer(
+            layer,
+            args.name,
+            per_step=tuple(n for n in args.scan.replace(" ", "").split(",") if n),
+            state=pairs,
+            outputs=_pairs(args.stack, "--stack") if args.stack else None,
+        )
+        text = sequence_source(seq, "equations given to symdl derive", command)
+        if args.show:
+            print(report(seq))
+        return _finish_derive(args, text, f"a sequence layer; gradients for {', '.join(seq.args)}")
+    d = derive(layer)
     text = generate_source(d, "equations given to symdl derive", command)
     if args.show:
         print(repr(d))
+    n = sum(1 for g in d.grads.values() if g is not None)
+    return _finish_derive(args, text, f"{n} gradient(s) derived for {', '.join(d.spec.args)}")
+
+
+def _pairs(text: str, option: str) -> dict[str, str]:
+    out = {}
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier() or not value.isidentifier():
+            raise UsageError(f"{option} requires name=name pairs, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _finish_derive(args, text: str, what: str) -> int:
+    from .codegen import write_atomic
+
     if args.check:
         from .testing import gradcheck
 
@@ -232,8 +300,7 @@ def cmd_derive(args) -> int:
             return EXIT_FAILED
     path = Path(args.output) / f"{args.name}.py"
     write_atomic(path, text)
-    n = sum(1 for g in d.grads.values() if g is not None)
-    print(f"symdl derive: wrote {path} ({n} gradient(s) derived for {', '.join(d.spec.args)})")
+    print(f"symdl derive: wrote {path} ({what})")
     return EXIT_OK
 
 
@@ -299,6 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default=".", help="output directory (default: .)")
     s.add_argument("--show", action="store_true", help="also print the derived gradients")
     s.add_argument("--check", action="store_true", help="gradcheck before writing")
+    s.add_argument(
+        "--scan",
+        default="",
+        help="make a sequence layer of the cell: inputs that have one value per time step (x)",
+    )
+    s.add_argument(
+        "--state",
+        default="",
+        help="with --scan: carried states as input=output pairs of the cell (h=h1,c=c1)",
+    )
+    s.add_argument(
+        "--stack",
+        default="",
+        help="with --scan: outputs stacked over time as name=cell_output (default y=<first state>)",
+    )
     s.set_defaults(func=cmd_derive, argv=None)
     return p
 

@@ -75,6 +75,7 @@ class Sequence:
     doc: str = ""
     checks: dict = dataclasses.field(default_factory=dict)
     _parts: object = dataclasses.field(default=None, repr=False, compare=False)
+    _derived: object = dataclasses.field(default=None, repr=False, compare=False)
 
     # the contract's names, known without building anything
     @property
@@ -102,8 +103,20 @@ class Sequence:
                 raise err.with_context(f"scan {self.name!r} of cell {self.cell.name!r}") from None
         return self._parts
 
+    def derivations(self):
+        """``(hoisted, step)`` derivations (the hoisted one None when nothing is hoisted)."""
+        if self._derived is None:
+            from .derive import derive
+
+            parts = self.parts()
+            hoisted = derive(parts.hoisted) if parts.hoisted is not None else None
+            self._derived = (hoisted, derive(parts.step))
+        return self._derived
+
     def __repr__(self) -> str:
-        return plain_report(self)
+        return f"Sequence {self.name!r}: scan of {self.cell.name!r}\n" + "\n".join(
+            f"  {line}" for line in scan_text(self)
+        )
 
 
 def scan_layer(
@@ -134,7 +147,9 @@ def scan_layer(
     outputs = dict(outputs if outputs is not None else {"y": first_out})
     initial = dict(initial if initial is not None else {s: f"{s}0" for s in state})
     final = dict(final if final is not None else {f"{s}_T": s for s in state})
-    seq = Sequence(name, cell, per_step, state, outputs, initial, final, doc or cell.doc, dict(checks or {}))
+    seq = Sequence(
+        name, cell, per_step, state, outputs, initial, final, doc or cell.doc, dict(checks or {})
+    )
     _validate(seq)
     return seq
 
@@ -146,16 +161,24 @@ def _validate(seq: Sequence) -> None:
     cell = seq.cell
     where = f"scan {seq.name!r} of cell {cell.name!r}"
     if not _IDENT.match(seq.name or ""):
-        raise SpecError(f"{where}: a layer name requires letters, digits and underscores, got {seq.name!r}")
+        raise SpecError(
+            f"{where}: a layer name requires letters, digits and underscores, got {seq.name!r}"
+        )
     defined = [tensor_name(lhs) or lhs.name for lhs, _ in cell.equations]
     for n in seq.per_step:
         if n not in cell.inputs:
-            raise SpecError(f"{where}: per-step {n!r} requires an input of the cell ({', '.join(cell.inputs)})")
+            raise SpecError(
+                f"{where}: per-step {n!r} requires an input of the cell ({', '.join(cell.inputs)})"
+            )
     for s, o in seq.state.items():
         if s not in cell.inputs:
-            raise SpecError(f"{where}: state {s!r} requires an input of the cell ({', '.join(cell.inputs)})")
+            raise SpecError(
+                f"{where}: state {s!r} requires an input of the cell ({', '.join(cell.inputs)})"
+            )
         if s in seq.per_step:
-            raise SpecError(f"{where}: {s!r} requires one role, got it both per-step and carried state")
+            raise SpecError(
+                f"{where}: {s!r} requires one role, got it both per-step and carried state"
+            )
         if o not in defined:
             raise SpecError(f"{where}: state {s!r} requires a tensor the cell defines, got {o!r}")
     for y, o in seq.outputs.items():
@@ -167,13 +190,20 @@ def _validate(seq: Sequence) -> None:
                 f"{where}: cell input {n!r} requires a role, per-step or carried state, got neither"
             )
     if set(seq.initial) != set(seq.state):
-        raise SpecError(f"{where}: initial requires one name per state ({', '.join(seq.state)}), got {sorted(seq.initial)}")
+        raise SpecError(
+            f"{where}: initial requires one name per state ({', '.join(seq.state)}), got {sorted(seq.initial)}"
+        )
     if sorted(seq.final.values()) != sorted(seq.state):
-        raise SpecError(f"{where}: final requires one output per state ({', '.join(seq.state)}), got {sorted(seq.final.values())}")
-    if cell.consts or cell.int_consts or cell.hyper or cell.pad or cell.ranges:
+        raise SpecError(
+            f"{where}: final requires one output per state ({', '.join(seq.state)}), got {sorted(seq.final.values())}"
+        )
+    extras = (cell.consts, cell.int_consts, cell.hyper, cell.pad, cell.ranges)
+    extras += tuple(getattr(cell, k, None) for k in ("dims", "optional", "asserts"))
+    if any(extras):
         raise SpecError(
             f"{where}: a scanned cell requires inputs and parameters only, got constants, "
-            f"hyperparameters, padding or index ranges (not supported by scan yet)"
+            f"hyperparameters, padding, index ranges, dimension formulas or asserts (not "
+            f"supported by scan yet)"
         )
     names = list(seq.args) + list(seq.output_names)
     for n in names:
@@ -202,7 +232,7 @@ def _reads(expr, names) -> set[str]:
     return {occurrence_name(o) for o in occurrences(expr, names)}
 
 
-def _is_trivial(expr, tensors) -> bool:
+def _is_trivial(expr) -> bool:
     """An occurrence, a number, or a number times an occurrence: not worth a hoisted array."""
     if expr.is_number or isinstance(expr, (sp.Indexed, sp.Symbol)):
         return True
@@ -229,7 +259,6 @@ def _split(seq: Sequence) -> ScanParts:
 
     state_in = set(seq.state)
     per_in = set(seq.per_step)
-    params = set(spec.params)
     needed_out = list(dict.fromkeys(list(seq.state.values()) + list(seq.outputs.values())))
 
     # ---- classify: state-dependent, per-step (state-free), constant (parameters only) -------
@@ -304,7 +333,7 @@ def _split(seq: Sequence) -> ScanParts:
         )
 
     def hoistable_sub(e, a) -> bool:
-        if not movable(e, a) or _is_trivial(e, tensors):
+        if not movable(e, a) or _is_trivial(e):
             return False
         r = _reads(e, tensors)
         if not r & (dep_step | per_in):
@@ -447,7 +476,11 @@ def _equations(assigns: list[Assign], user_names: set[str], outputs: set[str]) -
             rhs = expr
         else:
             rhs = (IndexSum if a.op == "sum" else IndexMax)(expr, a.reduce)
-        lhs = sp.IndexedBase(a.target, real=True)[a.indices] if a.indices else sp.Symbol(a.target, real=True)
+        lhs = (
+            sp.IndexedBase(a.target, real=True)[a.indices]
+            if a.indices
+            else sp.Symbol(a.target, real=True)
+        )
         if (
             a.target not in user_names
             and a.target not in outputs
@@ -499,12 +532,11 @@ def _used(name: str, code: str) -> bool:
 class _Part:
     """One lowered part rendered as a private forward/backward pair of functions."""
 
-    def __init__(self, layer: Layer, prefix: str):
-        from .derive import derive
+    def __init__(self, layer: Layer, derivation, prefix: str):
         from .lower import lower
 
         self.layer = layer
-        self.derivation = derive(layer)
+        self.derivation = derivation
         self.lowered = lower(self.derivation)
         self.prefix = prefix
         low = self.lowered
@@ -512,7 +544,11 @@ class _Part:
         self.out_vars = [v for _, v, _ in low.outputs]
         self.cache = list(low.cache)
         fcode = "\n".join(line.code for line in low.forward)
-        bcode = "\n".join(line.code for line in low.backward) + "\n" + "\n".join(t for _, t in low.grads)
+        bcode = (
+            "\n".join(line.code for line in low.backward)
+            + "\n"
+            + "\n".join(t for _, t in low.grads)
+        )
         spec = self.derivation.spec
         dv = low.dim_vars
         order = [d for d in spec.dims if d != "..."]
@@ -537,7 +573,7 @@ class _Part:
 def sequence_source(seq: Sequence, source: str | None = None, command: str | None = None) -> str:
     """The complete text of the generated sequence module (nothing is written)."""
     from .codegen import _environment, _shape_expr, _snippet, format_source, stamp
-    from .latex import backward_text, formulas, forward_text
+    from .latex import backward_text, forward_text
     from .lower import _identifier
     from .printing import Namer
     from .snippets import erf as _erf_snippet
@@ -547,8 +583,9 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     parts = seq.parts()
     cell = seq.cell
     cspec = cell.spec()
-    hp = _Part(parts.hoisted, "hoisted") if parts.hoisted is not None else None
-    sp_ = _Part(parts.step, "step")
+    hoisted_d, step_d = seq.derivations()
+    hp = _Part(parts.hoisted, hoisted_d, "hoisted") if parts.hoisted is not None else None
+    sp_ = _Part(parts.step, step_d, "step")
     step_spec = sp_.derivation.spec
     cdims = parts.cell_dims
 
@@ -608,7 +645,9 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     for n in seq.args:
         pre.append(f'{var[n]} = _float_arg("{n}", {var[n]})')
     pre.append("dtype = _common_dtype({" + ", ".join(f'"{n}": {var[n]}' for n in seq.args) + "})")
-    pre.append("sizes = _bind_shapes({" + ", ".join(f'"{n}": {var[n]}' for n in seq.args) + "}, SHAPES)")
+    pre.append(
+        "sizes = _bind_shapes({" + ", ".join(f'"{n}": {var[n]}' for n in seq.args) + "}, SHAPES)"
+    )
     body: list[str] = []  # after the preamble's size binding (filled below)
 
     cell_arg_var = {}  # cell input -> sequence variable
@@ -660,7 +699,11 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
         for y in stacked:
             after.append(f"{out_var[y]}[{t}] = {v}")
         for s in carried:  # the stacked copy feeds the next step: the step's own array is freed
-            after.append(f"{state_var[s]} = {out_var[stacked[0]]}[{t}]" if stacked else f"{state_var[s]} = {v}")
+            after.append(
+                f"{state_var[s]} = {out_var[stacked[0]]}[{t}]"
+                if stacked
+                else f"{state_var[s]} = {v}"
+            )
     loop.append(f"{', '.join(targets + [step_cache])} = _step_forward({', '.join(step_args)})")
     loop += after
     loop.append(f"{steps}.append({step_cache})")
@@ -694,14 +737,18 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     else:
         srcs = ["dout"]
     for n, src in zip(seq.output_names, srcs):
-        bpre.append(f'{dout_var[n]} = _check_dout("{n}", {src}, {shape(out_dims[n], bused)}, dtype)')
+        bpre.append(
+            f'{dout_var[n]} = _check_dout("{n}", {src}, {shape(out_dims[n], bused)}, dtype)'
+        )
 
     # where each step gradient goes
     step_grad_target = {}
     accumulate: list[tuple[str, str]] = []  # (accumulator, per-step temp)
     for n in step_spec.args:
         if n in parts.time_varying:
-            bwd.append(f"{dhoisted[n]} = np.empty({shape((TIME_DIM,) + cdims[n], bused)}, dtype=dtype)")
+            bwd.append(
+                f"{dhoisted[n]} = np.empty({shape((TIME_DIM,) + cdims[n], bused)}, dtype=dtype)"
+            )
             step_grad_target[n] = f"{dhoisted[n]}[{t}]"
         elif n in seq.per_step:
             bwd.append(f"{dvar_[n]} = np.empty({shape(arg_dims[n], bused)}, dtype=dtype)")
@@ -722,7 +769,12 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
         terms = [f"{dout_var[y]}[{t}]" for y, yo in seq.outputs.items() if yo == o]
         terms += [dstate[s] for s, so in seq.state.items() if so == o]
         douts.append(" + ".join(terms))
-    bargs = douts + [f"{steps}[{t}]"] + [const_src[k] for k, _ in step_const] + dims_of(sp_, "backward")
+    bargs = (
+        douts
+        + [f"{steps}[{t}]"]
+        + [const_src[k] for k, _ in step_const]
+        + dims_of(sp_, "backward")
+    )
     if sp_.bdtype:
         bargs.append("dtype")
     bwd.append(f"for {t} in range({dvar[TIME_DIM]} - 1, -1, -1):")
@@ -750,7 +802,11 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
         bwd += adds
     returns = []
     for n in seq.args:
-        cell_name = n if n in seq.per_step or n in cell.params else next(s for s, i in seq.initial.items() if i == n)
+        cell_name = (
+            n
+            if n in seq.per_step or n in cell.params
+            else next(s for s, i in seq.initial.items() if i == n)
+        )
         returns.append(dstate[cell_name] if cell_name in seq.state else dvar_[n])
     returns_text = returns[0] + "," if len(returns) == 1 else ", ".join(returns)
 
@@ -770,7 +826,9 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     body.append(f"return {outs[0] if len(outs) == 1 else _tuple(outs)}, cache")
     fdims = [d for d in dim_order if d in fused or d in bused]  # the cache keeps bdims
     if fdims:
-        pre.append(", ".join(dvar[d] for d in fdims) + " = " + ", ".join(f'sizes["{d}"]' for d in fdims))
+        pre.append(
+            ", ".join(dvar[d] for d in fdims) + " = " + ", ".join(f'sizes["{d}"]' for d in fdims)
+        )
     from .codegen import _int_formula
 
     names = {d: dvar[d] for d in dim_order}
@@ -782,7 +840,9 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
             seen_bounds.append((dname, formula))
             for s in formula.free_symbols:
                 if s.name in dvar and s.name not in fdims:
-                    raise SpecError(f"scan {seq.name!r}: a bound on {dname!r} requires bound sizes")
+                    raise SpecError(
+                        f"scan {seq.name!r}: a bound on {dname!r} requires bound sizes"
+                    )
             text = _int_formula(formula, names)
             shown = _int_formula(formula, {k: k for k in names})
             pre.append(
@@ -793,16 +853,24 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     bpre_cache = []
     keys = [("hoisted", hoisted_cache)] if hp is not None else []
     keys += [("steps", steps)] + [(k, const_src[k]) for k, _ in step_const]
-    bpre_cache.append(", ".join(v for _, v in keys) + " = " + ", ".join(f'cache["{k}"]' for k, _ in keys))
+    bpre_cache.append(
+        ", ".join(v for _, v in keys) + " = " + ", ".join(f'cache["{k}"]' for k, _ in keys)
+    )
     if bdims:
-        bpre_cache.append(", ".join(dvar[d] for d in bdims) + ("," if len(bdims) == 1 else "") + ' = cache["sizes"]')
+        bpre_cache.append(
+            ", ".join(dvar[d] for d in bdims)
+            + ("," if len(bdims) == 1 else "")
+            + ' = cache["sizes"]'
+        )
     bpre_cache.append('dtype = cache["dtype"]')
 
     # ---- the private functions -------------------------------------------------------------------
     private = []
     if hp is not None:
         low = hp.lowered
-        params = hp.arg_vars + [low.dim_vars[d] for d in hp.fdims] + (["dtype"] if hp.fdtype else [])
+        params = (
+            hp.arg_vars + [low.dim_vars[d] for d in hp.fdims] + (["dtype"] if hp.fdtype else [])
+        )
         cache_t = _tuple(v for _, v in hp.cache) if hp.cache else "()"
         private.append(
             hp.function(
@@ -815,7 +883,11 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
         )
         bparams = list(low.dout_vars) + ["cache"] + [low.dim_vars[d] for d in hp.bdims]
         bparams += ["dtype"] if hp.bdtype else []
-        unpack = [f"{', '.join(v for _, v in hp.cache)}{',' if len(hp.cache) == 1 else ''} = cache"] if hp.cache else []
+        unpack = (
+            [f"{', '.join(v for _, v in hp.cache)}{',' if len(hp.cache) == 1 else ''} = cache"]
+            if hp.cache
+            else []
+        )
         grads = [g for _, g in low.grads]
         private.append(
             hp.function(
@@ -827,7 +899,9 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
             )
         )
     low = sp_.lowered
-    params = sp_.arg_vars + [low.dim_vars[d] for d in sp_.fdims] + (["dtype"] if sp_.fdtype else [])
+    params = (
+        sp_.arg_vars + [low.dim_vars[d] for d in sp_.fdims] + (["dtype"] if sp_.fdtype else [])
+    )
     per_t = _tuple(v for _, v in step_percache) if step_percache else "()"
     private.append(
         sp_.function(
@@ -841,7 +915,9 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     bparams = list(low.dout_vars) + ["cache"] + [v for _, v in step_const]
     bparams += [low.dim_vars[d] for d in sp_.bdims] + (["dtype"] if sp_.bdtype else [])
     unpack = (
-        [f"{', '.join(v for _, v in step_percache)}{',' if len(step_percache) == 1 else ''} = cache"]
+        [
+            f"{', '.join(v for _, v in step_percache)}{',' if len(step_percache) == 1 else ''} = cache"
+        ]
         if step_percache
         else []
     )
@@ -857,54 +933,59 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     )
 
     # ---- helpers, docs, formulas ---------------------------------------------------------------
-    helpers = [_snippet(_runtime, n) for n in ("_float_arg", "_common_dtype", "_bind_shapes", "_check_dout")]
-    used_helpers = set(sp_.lowered.helpers) | (set(hp.lowered.helpers) if hp is not None else set())
+    helpers = [
+        _snippet(_runtime, n)
+        for n in ("_float_arg", "_common_dtype", "_bind_shapes", "_check_dout")
+    ]
+    used_helpers = set(sp_.lowered.helpers) | (
+        set(hp.lowered.helpers) if hp is not None else set()
+    )
     for h in sorted(used_helpers):
         helpers.append(_snippet(_erf_snippet if hasattr(_erf_snippet, h) else _runtime, h))
     extras = [_snippet(_extras, h) for h in cell.extras]
 
     hoisted_fwd = forward_text(hp.derivation) if hp is not None else []
     hoisted_bwd = backward_text(hp.derivation) if hp is not None else []
-    forms = {}
-    if hp is not None:
-        forms.update(formulas(hp.derivation))
-    for k, v in formulas(sp_.derivation).items():
-        forms[k if k not in forms else f"{k}@step"] = v
+    forms = sequence_formulas(seq)
 
     shapes_text = "; ".join(f"{n} ({', '.join(ds)})" if ds else f"{n} scalar" for n, ds in shapes)
-    summary = f"{seq.name}: {seq.doc}" if seq.doc else f"{seq.name}: a sequence layer generated by symdl."
-    context = dict(
-        version=__version__,
-        source=source or f"the scan of {cell.name!r}",
-        command=command or f"symdl generate {seq.name}",
-        digest="{digest}",
-        summary=summary,
-        cell_name=cell.name,
-        cell_text=[f"{eq}" for eq in _cell_text(cspec)],
-        scan_text=scan_text(seq),
-        hoisted_text=hoisted_fwd,
-        step_text=forward_text(sp_.derivation),
-        hoisted_backward=hoisted_bwd,
-        step_backward=backward_text(sp_.derivation),
-        bptt_text=_bptt_text(seq, parts),
-        shapes_text=shapes_text,
-        name=seq.name,
-        args=tuple(seq.args),
-        params=tuple(seq.params),
-        outputs=tuple(seq.output_names),
-        shapes=shapes,
-        formulas=list(forms.items()),
-        signature=", ".join(var[n] for n in seq.args),
-        outputs_text=", ".join(seq.output_names),
-        preamble=pre,
-        forward=body,
-        backward_preamble=bpre_cache + bpre,
-        backward=bwd,
-        returns=returns_text,
-        private=private,
-        helpers=helpers,
-        extras=extras,
+    summary = (
+        f"{seq.name}: {seq.doc}"
+        if seq.doc
+        else f"{seq.name}: a sequence layer generated by symdl."
     )
+    context = {
+        "version": __version__,
+        "source": source or f"the scan of {cell.name!r}",
+        "command": command or f"symdl generate {seq.name}",
+        "digest": "{digest}",
+        "summary": summary,
+        "cell_name": cell.name,
+        "cell_text": [f"{eq}" for eq in _cell_text(cspec)],
+        "scan_text": scan_text(seq),
+        "hoisted_text": hoisted_fwd,
+        "step_text": forward_text(sp_.derivation),
+        "hoisted_backward": hoisted_bwd,
+        "step_backward": backward_text(sp_.derivation),
+        "bptt_text": _bptt_text(seq, parts),
+        "shapes_text": shapes_text,
+        "name": seq.name,
+        "args": tuple(seq.args),
+        "params": tuple(seq.params),
+        "outputs": tuple(seq.output_names),
+        "shapes": shapes,
+        "formulas": list(forms.items()),
+        "signature": ", ".join(var[n] for n in seq.args),
+        "outputs_text": ", ".join(seq.output_names),
+        "preamble": pre,
+        "forward": body,
+        "backward_preamble": bpre_cache + bpre,
+        "backward": bwd,
+        "returns": returns_text,
+        "private": private,
+        "helpers": helpers,
+        "extras": extras,
+    }
     text = _environment().get_template("scan.py.j2").render(**context)
     return stamp(format_source(text))
 
@@ -941,8 +1022,35 @@ def _bptt_text(seq: Sequence, parts: ScanParts) -> list[str]:
     return lines
 
 
-def plain_report(seq: Sequence) -> str:
+def sequence_formulas(seq: Sequence, style: str = "partial") -> dict[str, str]:
+    """LaTeX of the hoisted and step parts' equations and derived gradients (the module's
+    FORMULAS); a step key that the hoisted part also has gets the suffix ``@step``."""
+    from .latex import formulas
+
+    hoisted, step = seq.derivations()
+    out = dict(formulas(hoisted, style)) if hoisted is not None else {}
+    for k, v in formulas(step, style).items():
+        out[k if k not in out else f"{k}@step"] = v
+    return out
+
+
+def report(seq: Sequence) -> str:
+    """Plain text for ``symdl show``: the scan, its split, and the derived gradients."""
+    from .latex import backward_text, forward_text
+
+    hoisted, step = seq.derivations()
     lines = [f"{seq.name}: {seq.doc}" if seq.doc else seq.name]
     lines.append(f"  scan of {seq.cell.name}:")
     lines += [f"    {line}" for line in scan_text(seq)]
+    if hoisted is not None:
+        lines.append("  hoisted out of the time loop (all steps at once):")
+        lines += [f"    {t}" for t in forward_text(hoisted)]
+    lines.append("  each step:")
+    lines += [f"    {t}" for t in forward_text(step)]
+    lines.append("  backward of one step (derived), for t = T - 1, ..., 0:")
+    lines += [f"    {t}" for t in _bptt_text(seq, seq.parts())]
+    lines += [f"    {t}" for t in backward_text(step)]
+    if hoisted is not None:
+        lines.append("  backward of the hoisted part (derived), once:")
+        lines += [f"    {t}" for t in backward_text(hoisted)]
     return "\n".join(lines)

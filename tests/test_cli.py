@@ -24,8 +24,10 @@ from symdl.testing import gradcheck
 
 from symdl.optim import catalogue as _optimizers  # noqa: E402
 
+from symdl.layers.sequences import catalogue as _sequences  # noqa: E402
+
 LAYER_NAMES = list(catalogue())
-CATALOGUE = LAYER_NAMES + list(_optimizers())
+CATALOGUE = LAYER_NAMES + list(_sequences()) + list(_optimizers())
 SUBCOMMANDS = ("list", "show", "generate", "check", "derive")
 
 DENSE = "y[n,o] = tanh(Sum(w[o,i]*x[n,i], i) + b[o]) + u[n,o]"

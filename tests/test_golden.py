@@ -14,9 +14,10 @@ from conftest import GENERATED, ROOT
 from symdl.cli import _render
 from symdl.codegen import is_hand_edited
 from symdl.layers import catalogue
+from symdl.layers.sequences import catalogue as sequences
 from symdl.optim import catalogue as optimizers
 
-LAYERS = {**catalogue(), **optimizers()}
+LAYERS = {**catalogue(), **sequences(), **optimizers()}
 NAMES = list(LAYERS)
 REGENERATE = "symdl generate  (or: python -m symdl generate)"
 
@@ -96,7 +97,7 @@ def test_modules_import_with_numpy_alone(tmp_path):
     from symdl.testing import random_inputs
 
     rng = np.random.default_rng(0)
-    for name, layer in catalogue().items():
+    for name, layer in {**catalogue(), **sequences()}.items():
         args, kwargs = random_inputs(load_generated(name), rng, layer.checks)
         arrays = {f"arg{k}": a for k, a in enumerate(args)}
         arrays.update({k: v for k, v in kwargs.items() if isinstance(v, np.ndarray)})
