@@ -25,6 +25,7 @@ from .errors import LowerError
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import (
     ELL,
+    Dim,
     affine_terms,
     dim_symbol,
     is_affine,
@@ -112,8 +113,10 @@ class Lowerer:
             self.dim_vars[dname] = self.namer.claim("batch" if dname == "..." else _identifier(dname))
         self.views: dict = {}  # strided views made in the current function
         self.owned: set[str] = set()  # arrays this function allocated (safe to add into)
+        self.loop_names: dict[str, str] = {}  # kernel-offset loop variables
         self.helpers: set[str] = set()
         self.flags = {"dtype": False}
+        self.options = dict(derivation.options) if hasattr(derivation, "options") else {}
         self.phase = _Phase()
         self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
         self.memo: dict[str, str] = {}  # contraction source -> the temporary holding it
@@ -478,12 +481,18 @@ class Lowerer:
         letters = _letters([i for _, idx in operands for i in idx] + list(out))
         out_kept = tuple(i for i in out if any(i in idx for _, idx in operands))
         mm = _matmul(operands, out_kept)
+        if mm is None and self.options.get("batched_matmul", True):
+            mm = _batched_matmul(operands, out_kept)
         if mm is not None:
             return mm
         subs = ",".join("".join(letters[i] for i in idx) for _, idx in operands)
         subs += "->" + "".join(letters[i] for i in out_kept)
         ops = ", ".join(v for v, _ in operands)
-        opt = ", optimize=True" if len(operands) > 1 else ""
+        # a path search pays off for three operands, or for a contraction BLAS can do
+        # (tensordot); two operands sharing every index run fastest in einsum's own loop
+        shared = set(operands[0][1]) & set(operands[-1][1]) if len(operands) == 2 else set()
+        blas = len(operands) == 2 and bool(shared - set(out_kept)) and not (shared & set(out_kept))
+        opt = ", optimize=True" if len(operands) > 2 or blas else ""
         return f'np.einsum("{subs}", {ops}{opt})'
 
     # ---- programs ----------------------------------------------------------------------------
@@ -600,7 +609,15 @@ class Lowerer:
         for ix in positions:
             syms = position_symbols(ix)
             if is_affine(ix) and len(syms) > 1:
-                primary = next((s for s in syms if s in c.outs), syms[0])
+                terms, _ = affine_terms(ix)
+                # h in h*D + d picks a block: loop over the blocks, slice within one; else
+                # slice along the output index (i in stride*i + p) and loop over the rest
+                blocks = [s for coeff, s in terms if any(isinstance(f, Dim) for f in coeff.free_symbols)]
+                inner = [s for s in syms if s not in blocks]
+                if blocks and len(inner) == 1:
+                    primary = inner[0]
+                else:
+                    primary = next((s for s in syms if s in c.outs), syms[0])
                 loop += [s for s in syms if s != primary and s not in loop]
         free = [s for ix in positions for s in position_symbols(ix) if s not in loop]
         simple = len(free) == len(set(free)) and all(
@@ -618,7 +635,10 @@ class Lowerer:
                 arrays.append(self.index_text(ix, names))
             self.emit(f"np.add.at({into}, ({', '.join(arrays)}), {vals})")
         else:
-            loop_vars = {s: self.namer.claim(s.name) for s in loop}
+            for s in loop:  # one name per index, reused by every loop over it
+                if s.name not in self.loop_names:
+                    self.loop_names[s.name] = self.namer.claim(s.name)
+            loop_vars = {s: self.loop_names[s.name] for s in loop}
             info = self.tensors[c.tensor]
             slices = []
             for p, ix in enumerate(positions):
@@ -780,6 +800,59 @@ def _letters(symbols) -> dict:
             out[s] = letter
             used.add(letter)
     return out
+
+
+def _batched_matmul(operands, out):
+    """The batched product in whichever operand order needs no transpose of the result."""
+    first = _batched_matmul_ordered(operands, out)
+    if first is not None and first.endswith(")") and ".transpose(" in first.rsplit(")", 2)[-2:][0]:
+        second = _batched_matmul_ordered(operands[::-1], out)
+        if second is not None and second.count(".transpose(") < first.count(".transpose("):
+            return second
+    return first
+
+
+def _batched_matmul_ordered(operands, out):
+    """``a @ b`` over stacked matrices when the contraction is a batch of matrix products:
+    batch indices in both operands and the result, one contracted index, at most one free
+    index on each side (attention's scores and weighted sums)."""
+    if len(operands) != 2:
+        return None
+    (va, ia), (vb, ib) = operands
+    batch = [i for i in out if i in ia and i in ib]
+    contracted = [i for i in ia if i in ib and i not in out]
+    fa = [i for i in ia if i not in ib]
+    fb = [i for i in ib if i not in ia]
+    if not batch or len(contracted) != 1 or len(fa) > 1 or len(fb) > 1:
+        return None
+    if any(i not in out for i in fa + fb) or set(out) != set(batch + fa + fb):
+        return None
+    c = contracted[0]
+
+    def arrange(var, idx, order):
+        perm = [idx.index(i) for i in order]
+        if perm == list(range(len(idx))):
+            return var
+        return f"{var}.transpose({', '.join(map(str, perm))})"
+
+    left = arrange(va, ia, batch + fa + [c])
+    right = arrange(vb, ib, batch + [c] + fb)
+    if not fa:
+        left += "[..., None, :]"
+    if not fb:
+        right += "[..., None]"
+    text = f"({left} @ {right})"
+    if not fa and not fb:
+        text += "[..., 0, 0]"
+    elif not fa:
+        text += "[..., 0, :]"
+    elif not fb:
+        text += "[..., 0]"
+    result = batch + fa + fb
+    if result != list(out):
+        perm = [result.index(i) for i in out]
+        text += f".transpose({', '.join(map(str, perm))})"
+    return text
 
 
 def _matmul(operands, out):

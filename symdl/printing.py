@@ -118,7 +118,8 @@ class NumpyPrinter(_SympyNumPyPrinter):
         return super()._print_Pow(expr, rational=rational)
 
     def _print_sigmoid(self, expr):
-        return f"np.exp(-np.logaddexp(0, -{self.parenthesize(expr.args[0], 60)}))"
+        self.helpers.add("_sigmoid")
+        return f"_sigmoid({self._print(expr.args[0])})"
 
     def _print_softplus(self, expr):
         return f"np.logaddexp(0, {self._print(expr.args[0])})"

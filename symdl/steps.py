@@ -782,7 +782,7 @@ def _generic_indices(d: Derivation, tensor: str, cs: list[Contribution]) -> tupl
                 cand = ix.name
                 break
         if cand is None:
-            cand = re.sub(r"[^a-z0-9]", "", dim.lower()) or "k"
+            cand = "".join(ch for ch in dim.lower() if ch.isalpha()) or "k"
         cand += "'"
         while cand in names:
             cand += "'"
@@ -905,7 +905,7 @@ def _tensor_step(d: Derivation, tensor: str, P: Printers) -> Step:
             )
             if residual:
                 note += "; the deltas of the affine or gathered positions remain (a scatter-add)"
-            eqs.append(render(Rel([before, after]), P, note))
+            eqs.append(render(Rel([before, after] if gone else [before]), P, note))
     # 5. the derived statements
     for c in cs:
         op = "=" if c.first else "+="
@@ -1209,6 +1209,9 @@ def _sizes_and_hyper(spec, sizes, hyper):
             raise ExpandError(f"hyperparameter {k!r} requires a non-negative integer, got {v!r}")
         hv[k] = int(float(v))
     hsubs = {sp.Symbol(k, real=True): hv[k] for k in structural}
+    for k, v in hv.items():  # flags (causal) are numbers too: their conditions then fold
+        if isinstance(v, bool):
+            hsubs[sp.Symbol(k, real=True)] = sp.Integer(int(v))
 
     sz: dict[str, int] = {}
     for k, v in given.items():
@@ -1277,7 +1280,7 @@ def expand(
     *,
     hyper: Mapping[str, object] | None = None,
     consts: Mapping[str, object] | None = None,
-    inline: bool = True,
+    inline: bool | None = None,
 ) -> Expansion:
     """A worked instance of a layer (a :class:`Layer`, :class:`Derivation` or catalogue name)
     on small sizes.
@@ -1289,15 +1292,21 @@ def expand(
     their range. The program is evaluated element by element with one symbol per element: the
     forward through ``derivation.forward``, the gradients through the derived backward
     statements, so the expressions are what symdl derived (not a fresh ``sympy.diff``).
-    ``stop_gradient(u)`` is shown as ``u`` (its value). With ``inline=False`` the tensors the
-    equations name and their adjoints are listed element by element too, and later elements
-    refer to them. ``max_elements`` bounds the total number of elements of the layer's tensors
+    ``stop_gradient(u)`` is shown as ``u`` (its value).
+
+    With ``inline=True`` every output and gradient element is written with the input elements
+    alone; with ``inline=False`` the tensors the equations name and their adjoints are listed
+    element by element too, and later elements refer to them (a worked back-propagation by
+    hand, readable where inlining would repeat whole sub-expressions: softmax, attention). The
+    default inlines a layer written as one equation and lists the others. ``max_elements`` bounds the total number of elements of the layer's tensors
     (arguments with their padding, intermediates, outputs); raises :class:`ExpandError` when
     it is exceeded or a size is missing.
     """
     d = _derivation(layer_or_derivation)
     spec = d.spec
     sz, hv, hsubs = _sizes_and_hyper(spec, sizes, hyper)
+    if inline is None:
+        inline = len(spec.equations) == 1
 
     def shape_of(name):
         return tuple(sz[x] for x in d.tensors[name].dims)
@@ -1381,7 +1390,8 @@ def expand(
             arr = source(occurrence_name(occ))
             key = tuple(resolve(ix, env) for ix in occurrence_indices(occ))
             reps[occ] = arr[key] if key else arr[()]
-        return expr.xreplace(reps).xreplace(fixed)
+        # index symbols may also be values (t > l in a causal mask)
+        return expr.xreplace(reps).xreplace({**fixed, **{i: sp.Integer(v) for i, v in env.items()}})
 
     forward: list[tuple[sp.Symbol, sp.Expr]] = []
 

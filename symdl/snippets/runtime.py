@@ -133,3 +133,9 @@ def _argmax_mask(values, axes):
     flat = values.reshape(lead + (-1,))
     first = flat.argmax(axis=-1)
     return (np.arange(flat.shape[-1]) == first[..., None]).reshape(values.shape)
+
+
+def _sigmoid(x):
+    """The logistic function 1 / (1 + exp(-x)), stable for any x: exp(-|x|) never overflows."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1, e) / (1 + e)

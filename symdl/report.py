@@ -1,0 +1,512 @@
+"""Formula reports: one self-contained HTML page (MathML, inline SVG, no JavaScript, no network)
+or one standalone LaTeX document, per layer: the equations, the derived gradients, the chain
+rule step by step, the generated code, and for elementwise activations a plot of the function
+and of its derived derivative computed by the generated module itself.
+
+Also :func:`show`, an object that notebooks display (``_repr_html_``, ``_repr_latex_``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import html
+import io
+import keyword
+import math
+import tokenize
+import types
+from collections.abc import Iterable
+from pathlib import Path
+
+import jinja2
+import numpy as np
+from markupsafe import Markup
+
+from . import __version__
+from .derive import Derivation, derive
+from .errors import SymdlError
+from .spec import Layer
+from .steps import (
+    Printers,
+    Step,
+    derivation_steps,
+    expand,
+    forward_equations,
+    gradient_equations,
+)
+
+__all__ = ["Show", "highlight_python", "report_html", "report_tex", "show", "write_report"]
+
+FORMATS = ("html", "tex")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _derivations(names_or_layers) -> list[Derivation]:
+    """Catalogue names, :class:`Layer` s or :class:`Derivation` s (None or empty: the whole
+    catalogue), derived once each."""
+    from .layers import catalogue
+
+    if names_or_layers is None or isinstance(names_or_layers, (str, Layer, Derivation)):
+        items = [] if names_or_layers is None else [names_or_layers]
+    else:
+        items = list(names_or_layers)
+    if not items:
+        items = list(catalogue().values())
+    known = None
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            known = known if known is not None else catalogue()
+            if item not in known:
+                raise SymdlError(
+                    f"layer {item!r} requires a catalogue name, got an unknown one; known: "
+                    f"{', '.join(known)}"
+                )
+            item = known[item]
+        out.append(item if isinstance(item, Derivation) else derive(item))
+    return out
+
+
+def _load(source: str, name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__file__ = f"<symdl:{name}>"
+    exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own output
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Syntax highlighting (tokenize; no dependency)
+# ---------------------------------------------------------------------------------------------
+
+_BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
+_KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
+_STRING_TYPES = {tokenize.STRING} | {
+    getattr(tokenize, n) for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END") if hasattr(tokenize, n)
+}
+
+
+def highlight_python(source: str) -> Markup:
+    """Python source as escaped HTML with ``<span class="...">`` around keywords (``kw``),
+    builtins (``bi``), names being defined (``fn``), strings (``st``), numbers (``nu``) and
+    comments (``cm``). Whitespace is kept exactly, so it belongs in a ``<pre>``."""
+    lines = source.splitlines(keepends=True)
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+
+    def at(pos):
+        row, col = pos
+        return offsets[min(row - 1, len(lines))] + col
+
+    out: list[str] = []
+    done = 0
+    prev = ""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    except (tokenize.TokenError, SyntaxError):  # not Python after all: plain text
+        return Markup(html.escape(source, quote=False))
+    for tok in tokens:
+        start, end = at(tok.start), at(tok.end)
+        if start < done:
+            continue
+        if start > done:
+            out.append(html.escape(source[done:start], quote=False))
+        text = source[start:end]
+        cls = None
+        if tok.type == tokenize.NAME:
+            if prev in ("def", "class"):
+                cls = "fn"
+            elif tok.string in _KEYWORDS:
+                cls = "kw"
+            elif tok.string in _BUILTINS:
+                cls = "bi"
+        elif tok.type in _STRING_TYPES:
+            cls = "st"
+        elif tok.type == tokenize.NUMBER:
+            cls = "nu"
+        elif tok.type == tokenize.COMMENT:
+            cls = "cm"
+        esc = html.escape(text, quote=False)
+        out.append(f'<span class="{cls}">{esc}</span>' if cls and text else esc)
+        done = max(done, end)
+        if tok.type == tokenize.NAME:
+            prev = tok.string
+        elif tok.type not in (tokenize.NL, tokenize.COMMENT):
+            prev = ""
+    out.append(html.escape(source[done:], quote=False))
+    return Markup("".join(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots of elementwise activations
+# ---------------------------------------------------------------------------------------------
+
+
+def is_elementwise(d: Derivation) -> bool:
+    """An activation ``y[...] = f(x[...])``: one input, one output, every shape ``("...",)``,
+    no constants, every hyperparameter with a numeric default."""
+    spec = d.spec
+    shapes = spec.shapes()
+    return (
+        len(spec.args) == 1
+        and len(spec.outputs) == 1
+        and not spec.consts
+        and bool(shapes)
+        and all(tuple(dims) == ("...",) for dims in shapes.values())
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec.hyper.values())
+    )
+
+
+@dataclasses.dataclass
+class Curve:
+    """f and its derivative on a grid, as computed by the generated module."""
+
+    x: np.ndarray
+    y: np.ndarray
+    dy: np.ndarray
+
+
+def activation_curve(d: Derivation, source: str, lo: float = -4.0, hi: float = 4.0, n: int = 321) -> Curve:
+    """Call the generated module's forward and backward over a grid (the derivative is
+    ``backward(ones)``, exact for an elementwise map)."""
+    module = _load(source, d.name)
+    x = np.linspace(lo, hi, n)
+    y, cache = module.forward(x)
+    (dx,) = module.backward(np.ones_like(y), cache)
+    return Curve(x, np.asarray(y, dtype=float), np.asarray(dx, dtype=float))
+
+
+def _nice_step(span: float) -> float:
+    raw = span / 6
+    mag = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 5, 10):
+        if raw <= m * mag:
+            return m * mag
+    return 10 * mag
+
+
+def _y_range(c: Curve) -> tuple[float, float]:
+    vals = np.concatenate([c.y[np.isfinite(c.y)], c.dy[np.isfinite(c.dy)]])
+    lo, hi = float(np.min(vals, initial=0.0)), float(np.max(vals, initial=1.0))
+    lo, hi = max(lo, -6.0), min(hi, 6.0)
+    lo, hi = min(lo, 0.0), max(hi, 1.0)
+    pad = 0.08 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def plot_svg(c: Curve, name: str, width: int = 520, height: int = 300) -> Markup:
+    """An inline SVG of f (solid) and f' (dashed) with axes, grid and a legend."""
+    ml, mr, mt, mb = 44, 14, 14, 30
+    x0, x1 = float(c.x[0]), float(c.x[-1])
+    y0, y1 = _y_range(c)
+
+    def px(x):
+        return ml + (x - x0) / (x1 - x0) * (width - ml - mr)
+
+    def py(y):
+        return mt + (y1 - y) / (y1 - y0) * (height - mt - mb)
+
+    def polyline(ys, cls):
+        parts, run = [], []
+        for x, y in zip(c.x, ys):
+            if np.isfinite(y) and y0 <= y <= y1:
+                run.append(f"{px(x):.1f},{py(y):.1f}")
+            elif run:
+                parts.append(run)
+                run = []
+        if run:
+            parts.append(run)
+        return "".join(f'<polyline class="{cls}" points="{" ".join(r)}"/>' for r in parts if len(r) > 1)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(name)} and its derivative">'
+    ]
+    step = _nice_step(y1 - y0)
+    k = math.ceil(y0 / step)
+    while k * step <= y1:
+        v = k * step
+        out.append(f'<line class="grid" x1="{ml}" x2="{width - mr}" y1="{py(v):.1f}" y2="{py(v):.1f}"/>')
+        out.append(f'<text class="tick" x="{ml - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+        k += 1
+    for v in range(math.ceil(x0), math.floor(x1) + 1):
+        out.append(f'<line class="grid" x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{mt}" y2="{height - mb}"/>')
+        out.append(f'<text class="tick" x="{px(v):.1f}" y="{height - mb + 16}" text-anchor="middle">{v}</text>')
+    out.append(f'<line class="axis" x1="{ml}" x2="{width - mr}" y1="{py(0):.1f}" y2="{py(0):.1f}"/>')
+    out.append(f'<line class="axis" x1="{px(0):.1f}" x2="{px(0):.1f}" y1="{mt}" y2="{height - mb}"/>')
+    out.append(polyline(c.y, "f"))
+    out.append(polyline(c.dy, "df"))
+    lx, ly = ml + 12, mt + 14
+    out.append(f'<line class="f" x1="{lx}" x2="{lx + 24}" y1="{ly}" y2="{ly}"/>')
+    out.append(f'<text class="legend" x="{lx + 30}" y="{ly + 4}">{html.escape(name)}(x)</text>')
+    out.append(f'<line class="df" x1="{lx}" x2="{lx + 24}" y1="{ly + 18}" y2="{ly + 18}"/>')
+    out.append(f'<text class="legend" x="{lx + 30}" y="{ly + 22}">derived derivative</text>')
+    out.append("</svg>")
+    return Markup("".join(out))
+
+
+def plot_tikz(c: Curve, name: str) -> str:
+    """The same plot as a TikZ picture (for the LaTeX report)."""
+    x0, x1 = float(c.x[0]), float(c.x[-1])
+    y0, y1 = _y_range(c)
+    sx, sy = 10.0 / (x1 - x0), 5.0 / (y1 - y0)
+
+    def runs(ys):
+        parts, run = [], []
+        for x, y in zip(c.x[::2], ys[::2]):
+            if np.isfinite(y) and y0 <= y <= y1:
+                run.append(f"({(x - x0) * sx:.3f},{(y - y0) * sy:.3f})")
+            elif run:
+                parts.append(run)
+                run = []
+        if run:
+            parts.append(run)
+        return [r for r in parts if len(r) > 1]
+
+    lines = [r"\begin{tikzpicture}"]
+    lines.append(rf"\draw[gray!30] (0,0) rectangle ({(x1 - x0) * sx:.3f},{(y1 - y0) * sy:.3f});")
+    lines.append(rf"\draw[gray] ({0:.3f},{-y0 * sy:.3f}) -- ({(x1 - x0) * sx:.3f},{-y0 * sy:.3f});")
+    lines.append(rf"\draw[gray] ({-x0 * sx:.3f},0) -- ({-x0 * sx:.3f},{(y1 - y0) * sy:.3f});")
+    for v in range(math.ceil(x0), math.floor(x1) + 1):
+        lines.append(rf"\node[below,font=\scriptsize] at ({(v - x0) * sx:.3f},0) {{{v}}};")
+    for r in runs(c.y):
+        lines.append(r"\draw[blue,thick] " + " -- ".join(r) + ";")
+    for r in runs(c.dy):
+        lines.append(r"\draw[red,thick,dashed] " + " -- ".join(r) + ";")
+    top = (y1 - y0) * sy
+    lines.append(rf"\draw[blue,thick] (0.3,{top - 0.3:.3f}) -- (0.9,{top - 0.3:.3f}) node[right,black,font=\small] {{{_tex_escape(name)}$(x)$}};")
+    lines.append(rf"\draw[red,thick,dashed] (0.3,{top - 0.8:.3f}) -- (0.9,{top - 0.8:.3f}) node[right,black,font=\small] {{derived derivative}};")
+    lines.append(r"\end{tikzpicture}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer content
+# ---------------------------------------------------------------------------------------------
+
+
+def _hyper_text(v) -> str:
+    if v is None:
+        return "required"
+    if isinstance(v, type):
+        return f"required {v.__name__}"
+    if isinstance(v, str):
+        return f"defaults to {v}"
+    return f"= {v}"
+
+
+@dataclasses.dataclass
+class LayerView:
+    """Everything one layer's section shows."""
+
+    name: str
+    anchor: str
+    doc: str
+    arguments: list[dict]
+    forward: list
+    gradients: list
+    steps: list[Step]
+    code: str
+    plot: Curve | None
+    expansion: list | None = None
+    expansion_header: str = ""
+
+    @property
+    def code_html(self) -> Markup:
+        return highlight_python(self.code)
+
+    @property
+    def plot_svg(self) -> Markup | None:
+        return plot_svg(self.plot, self.name) if self.plot is not None else None
+
+    @property
+    def plot_tikz(self) -> str | None:
+        return plot_tikz(self.plot, self.name) if self.plot is not None else None
+
+
+def layer_view(
+    d: Derivation, style: str = "partial", *, steps: bool = True, code: bool = True, plot: bool = True, expand_sizes=None
+) -> LayerView:
+    from .codegen import generate_source
+
+    spec = d.spec
+    P = Printers(d.adjoints, style)
+    shapes = spec.shapes()
+    arguments = [
+        {"name": n, "role": spec.tensors[n].role, "shape": ", ".join(shapes[n]) or "scalar"}
+        for n in spec.args + spec.consts
+    ]
+    arguments += [{"name": n, "role": "hyperparameter", "shape": _hyper_text(v)} for n, v in spec.hyper.items()]
+    source = generate_source(d) if (code or plot) else ""
+    curve = activation_curve(d, source) if plot and is_elementwise(d) else None
+    view = LayerView(
+        name=spec.name,
+        anchor=f"layer-{spec.name}",
+        doc=spec.doc,
+        arguments=arguments,
+        forward=forward_equations(d, P),
+        gradients=gradient_equations(d, P),
+        steps=derivation_steps(d, style) if steps else [],
+        code=source if code else "",
+        plot=curve,
+    )
+    if expand_sizes is not None:
+        e = expand(d, expand_sizes)
+        view.expansion = e.equations(style)
+        view.expansion_header = e.header()
+    return view
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+
+def _templates() -> Path:
+    from .codegen import TEMPLATES
+
+    return TEMPLATES
+
+
+def _html_env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_templates())),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=True,
+    )
+
+
+_TEX_SPECIALS = {
+    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#",
+    "%": r"\%", "_": r"\_", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}",
+    "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
+}  # fmt: skip
+
+
+def _tex_escape(text) -> str:
+    return "".join(_TEX_SPECIALS.get(ch, ch) for ch in str(text))
+
+
+def _tex_env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(_templates())),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        # LaTeX is full of braces: \VAR{...} and \BLOCK{...} instead of {{ }} and {% %}
+        block_start_string=r"\BLOCK{",
+        block_end_string="}",
+        variable_start_string=r"\VAR{",
+        variable_end_string="}",
+        comment_start_string=r"\#{",
+        comment_end_string="}",
+        line_comment_prefix="%#",
+    )
+    env.filters["tex"] = _tex_escape
+    return env
+
+
+def report_html(
+    names_or_layers=None,
+    *,
+    style: str = "partial",
+    title: str = "symdl: layers, derived gradients, step by step",
+    steps: bool = True,
+    code: bool = True,
+) -> str:
+    """One self-contained HTML page (MathML formulas, inline SVG plots, inline CSS; no
+    JavaScript, no network) with a table of contents and one section per layer.
+    ``names_or_layers``: catalogue names, Layers or Derivations (default: the catalogue)."""
+    views = [layer_view(d, style, steps=steps, code=code) for d in _derivations(names_or_layers)]
+    text = _html_env().get_template("report.html.j2").render(
+        page=True, title=title, version=__version__, layers=views, style=style
+    )
+    return text.lstrip()
+
+
+def report_tex(
+    names_or_layers=None,
+    *,
+    style: str = "partial",
+    title: str = "symdl: layers, derived gradients, step by step",
+    steps: bool = True,
+    code: bool = True,
+) -> str:
+    """A standalone LaTeX document (article; amsmath, listings, tikz, hyperref) with the same
+    content as :func:`report_html`."""
+    views = [layer_view(d, style, steps=steps, code=code) for d in _derivations(names_or_layers)]
+    text = _tex_env().get_template("report.tex.j2").render(
+        title=title, version=__version__, layers=views, style=style
+    )
+    return text.lstrip()
+
+
+def write_report(path, names: Iterable[str] | None = None, fmt: str = "html", *, style: str = "partial") -> Path:
+    """Render the report of ``names`` (default: the catalogue) as ``fmt`` (``"html"`` or
+    ``"tex"``) and write it to ``path`` atomically. Everything is rendered before anything is
+    written. Returns the path."""
+    from .codegen import write_atomic
+
+    if fmt not in FORMATS:
+        raise SymdlError(f"report format requires one of {', '.join(FORMATS)}, got {fmt!r}")
+    names = list(names or [])
+    text = report_html(names, style=style) if fmt == "html" else report_tex(names, style=style)
+    path = Path(path)
+    write_atomic(path, text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Notebooks
+# ---------------------------------------------------------------------------------------------
+
+
+class Show:
+    """A layer for notebooks: the equations, derived gradients and (optionally) the steps and a
+    worked instance, displayed as HTML with MathML or as LaTeX."""
+
+    def __init__(self, name_or_layer, *, style: str = "partial", steps: bool = True, code: bool = False, expand=None):
+        (self.derivation,) = _derivations([name_or_layer])
+        self.style = style
+        self.view = layer_view(self.derivation, style, steps=steps, code=code, plot=True, expand_sizes=expand)
+
+    def _repr_html_(self) -> str:
+        env = _html_env()
+        module = env.get_template("report.html.j2").make_module(
+            {"page": False, "title": "", "version": __version__, "layers": [], "style": self.style}
+        )
+        return str(module.style()) + str(module.fragment(self.view))
+
+    def _repr_latex_(self) -> str:
+        v = self.view
+        rows = [e.latex for e in v.forward] + [e.latex for e in v.gradients]
+        for s in v.steps:
+            rows += [e.latex for e in s.equations]
+        if v.expansion:
+            for _, eqs in v.expansion:
+                rows += [e.latex for e in eqs]
+        return r"$$\begin{gathered} " + r" \\ ".join(rows) + r" \end{gathered}$$"
+
+    def __repr__(self) -> str:
+        from .steps import steps_text
+
+        text = repr(self.derivation)
+        if self.view.steps:
+            text += "\n" + steps_text(self.derivation, self.style)
+        return text
+
+
+def show(name_or_layer, *, style: str = "partial", steps: bool = True, code: bool = False, expand=None) -> Show:
+    """``symdl.report.show("conv2d", expand={"N": 1, ...})`` in a notebook cell displays the
+    layer's equations, gradients, steps (and worked instance) as MathML."""
+    return Show(name_or_layer, style=style, steps=steps, code=code, expand=expand)
