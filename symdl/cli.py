@@ -135,6 +135,17 @@ def cmd_show(args) -> int:
         else:
             print(report(layer))
         return EXIT_OK
+    if args.steps:
+        from .steps import steps_latex, steps_text
+
+        print(steps_latex(layer, style=args.notation) if args.latex else steps_text(layer, style=args.notation))
+        return EXIT_OK
+    if args.expand:
+        from .steps import expand, parse_sizes
+
+        e = expand(layer, parse_sizes(args.expand))
+        print(e.latex(args.notation) if args.latex else e.text(args.notation))
+        return EXIT_OK
     stage = args.stage
     if stage == "spec":
         spec = layer.spec()
@@ -163,6 +174,14 @@ def cmd_show(args) -> int:
             print(f"% {key}\n{tex}")
     else:
         print(repr(d))
+    return EXIT_OK
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(args.output, args.names or None, fmt=args.format, style=args.notation)
+    print(f"symdl report: wrote {path} ({len(args.names) if args.names else 'all'} layers, {args.format})")
     return EXIT_OK
 
 
@@ -334,7 +353,24 @@ def build_parser() -> argparse.ArgumentParser:
         default="derive",
         help="which pipeline stage to dump (default: derive)",
     )
+    s.add_argument(
+        "--steps", action="store_true", help="walk the chain rule step by step, as a textbook does"
+    )
+    s.add_argument(
+        "--expand",
+        default="",
+        metavar="SIZES",
+        help="a worked instance at small sizes, every element written out, e.g. "
+        "N=1,C=1,H=3,W=3,KH=2,KW=2,F=1 (hyperparameters too: stride=2)",
+    )
     s.set_defaults(func=cmd_show)
+
+    s = sub.add_parser("report", help="write a formula report (HTML with MathML, or LaTeX)")
+    s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
+    s.add_argument("-o", "--output", default="report.html", help="output file (default report.html)")
+    s.add_argument("--format", choices=("html", "tex"), default="html", help="html (default) or tex")
+    s.add_argument("--notation", choices=("partial", "bar"), default="partial")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("generate", help="generate NumPy modules for catalogue layers")
     s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")

@@ -187,7 +187,12 @@ def plain_report(derivation: Derivation) -> str:
         role = spec.tensors[n].role
         lines.append(f"    {n} ({', '.join(shapes[n])})  {role}")
     for n, v in spec.hyper.items():
-        lines.append(f"    {n} = {v!r}  hyperparameter" if v is not None else f"    {n}  hyperparameter (required)")
+        if v is None or isinstance(v, type):
+            lines.append(f"    {n}  hyperparameter (required)")
+        elif isinstance(v, str):
+            lines.append(f"    {n} = {v} unless given  hyperparameter")
+        else:
+            lines.append(f"    {n} = {v}  hyperparameter")
     lines.append("  forward:")
     lines += [f"    {t}" for t in forward_text(derivation)]
     lines.append("  backward (derived):")

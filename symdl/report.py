@@ -86,7 +86,9 @@ def _load(source: str, name: str) -> types.ModuleType:
 _BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
 _KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
 _STRING_TYPES = {tokenize.STRING} | {
-    getattr(tokenize, n) for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END") if hasattr(tokenize, n)
+    getattr(tokenize, n)
+    for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END")
+    if hasattr(tokenize, n)
 }
 
 
@@ -158,7 +160,9 @@ def is_elementwise(d: Derivation) -> bool:
         and not spec.consts
         and bool(shapes)
         and all(tuple(dims) == ("...",) for dims in shapes.values())
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec.hyper.values())
+        and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec.hyper.values()
+        )
     )
 
 
@@ -171,7 +175,9 @@ class Curve:
     dy: np.ndarray
 
 
-def activation_curve(d: Derivation, source: str, lo: float = -4.0, hi: float = 4.0, n: int = 321) -> Curve:
+def activation_curve(
+    d: Derivation, source: str, lo: float = -4.0, hi: float = 4.0, n: int = 321
+) -> Curve:
     """Call the generated module's forward and backward over a grid (the derivative is
     ``backward(ones)``, exact for an elementwise map)."""
     module = _load(source, d.name)
@@ -221,24 +227,41 @@ def plot_svg(c: Curve, name: str, width: int = 520, height: int = 300) -> Markup
                 run = []
         if run:
             parts.append(run)
-        return "".join(f'<polyline class="{cls}" points="{" ".join(r)}"/>' for r in parts if len(r) > 1)
+        return "".join(
+            f'<polyline class="{cls}" points="{" ".join(r)}"/>' for r in parts if len(r) > 1
+        )
 
     out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(name)} and its derivative">'
+        (
+            f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" '
+            f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
+            f'aria-label="{html.escape(name)} and its derivative">'
+        )
     ]
     step = _nice_step(y1 - y0)
     k = math.ceil(y0 / step)
     while k * step <= y1:
         v = k * step
-        out.append(f'<line class="grid" x1="{ml}" x2="{width - mr}" y1="{py(v):.1f}" y2="{py(v):.1f}"/>')
-        out.append(f'<text class="tick" x="{ml - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>')
+        out.append(
+            f'<line class="grid" x1="{ml}" x2="{width - mr}" y1="{py(v):.1f}" y2="{py(v):.1f}"/>'
+        )
+        out.append(
+            f'<text class="tick" x="{ml - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>'
+        )
         k += 1
     for v in range(math.ceil(x0), math.floor(x1) + 1):
-        out.append(f'<line class="grid" x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{mt}" y2="{height - mb}"/>')
-        out.append(f'<text class="tick" x="{px(v):.1f}" y="{height - mb + 16}" text-anchor="middle">{v}</text>')
-    out.append(f'<line class="axis" x1="{ml}" x2="{width - mr}" y1="{py(0):.1f}" y2="{py(0):.1f}"/>')
-    out.append(f'<line class="axis" x1="{px(0):.1f}" x2="{px(0):.1f}" y1="{mt}" y2="{height - mb}"/>')
+        out.append(
+            f'<line class="grid" x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{mt}" y2="{height - mb}"/>'
+        )
+        out.append(
+            f'<text class="tick" x="{px(v):.1f}" y="{height - mb + 16}" text-anchor="middle">{v}</text>'
+        )
+    out.append(
+        f'<line class="axis" x1="{ml}" x2="{width - mr}" y1="{py(0):.1f}" y2="{py(0):.1f}"/>'
+    )
+    out.append(
+        f'<line class="axis" x1="{px(0):.1f}" x2="{px(0):.1f}" y1="{mt}" y2="{height - mb}"/>'
+    )
     out.append(polyline(c.y, "f"))
     out.append(polyline(c.dy, "df"))
     lx, ly = ml + 12, mt + 14
@@ -270,7 +293,9 @@ def plot_tikz(c: Curve, name: str) -> str:
 
     lines = [r"\begin{tikzpicture}"]
     lines.append(rf"\draw[gray!30] (0,0) rectangle ({(x1 - x0) * sx:.3f},{(y1 - y0) * sy:.3f});")
-    lines.append(rf"\draw[gray] ({0:.3f},{-y0 * sy:.3f}) -- ({(x1 - x0) * sx:.3f},{-y0 * sy:.3f});")
+    lines.append(
+        rf"\draw[gray] ({0:.3f},{-y0 * sy:.3f}) -- ({(x1 - x0) * sx:.3f},{-y0 * sy:.3f});"
+    )
     lines.append(rf"\draw[gray] ({-x0 * sx:.3f},0) -- ({-x0 * sx:.3f},{(y1 - y0) * sy:.3f});")
     for v in range(math.ceil(x0), math.floor(x1) + 1):
         lines.append(rf"\node[below,font=\scriptsize] at ({(v - x0) * sx:.3f},0) {{{v}}};")
@@ -279,8 +304,12 @@ def plot_tikz(c: Curve, name: str) -> str:
     for r in runs(c.dy):
         lines.append(r"\draw[red,thick,dashed] " + " -- ".join(r) + ";")
     top = (y1 - y0) * sy
-    lines.append(rf"\draw[blue,thick] (0.3,{top - 0.3:.3f}) -- (0.9,{top - 0.3:.3f}) node[right,black,font=\small] {{{_tex_escape(name)}$(x)$}};")
-    lines.append(rf"\draw[red,thick,dashed] (0.3,{top - 0.8:.3f}) -- (0.9,{top - 0.8:.3f}) node[right,black,font=\small] {{derived derivative}};")
+    lines.append(
+        rf"\draw[blue,thick] (0.3,{top - 0.3:.3f}) -- (0.9,{top - 0.3:.3f}) node[right,black,font=\small] {{{_tex_escape(name)}$(x)$}};"
+    )
+    lines.append(
+        rf"\draw[red,thick,dashed] (0.3,{top - 0.8:.3f}) -- (0.9,{top - 0.8:.3f}) node[right,black,font=\small] {{derived derivative}};"
+    )
     lines.append(r"\end{tikzpicture}")
     return "\n".join(lines)
 
@@ -330,7 +359,13 @@ class LayerView:
 
 
 def layer_view(
-    d: Derivation, style: str = "partial", *, steps: bool = True, code: bool = True, plot: bool = True, expand_sizes=None
+    d: Derivation,
+    style: str = "partial",
+    *,
+    steps: bool = True,
+    code: bool = True,
+    plot: bool = True,
+    expand_sizes=None,
 ) -> LayerView:
     from .codegen import generate_source
 
@@ -341,7 +376,10 @@ def layer_view(
         {"name": n, "role": spec.tensors[n].role, "shape": ", ".join(shapes[n]) or "scalar"}
         for n in spec.args + spec.consts
     ]
-    arguments += [{"name": n, "role": "hyperparameter", "shape": _hyper_text(v)} for n, v in spec.hyper.items()]
+    arguments += [
+        {"name": n, "role": "hyperparameter", "shape": _hyper_text(v)}
+        for n, v in spec.hyper.items()
+    ]
     source = generate_source(d) if (code or plot) else ""
     curve = activation_curve(d, source) if plot and is_elementwise(d) else None
     view = LayerView(
@@ -428,8 +466,10 @@ def report_html(
     JavaScript, no network) with a table of contents and one section per layer.
     ``names_or_layers``: catalogue names, Layers or Derivations (default: the catalogue)."""
     views = [layer_view(d, style, steps=steps, code=code) for d in _derivations(names_or_layers)]
-    text = _html_env().get_template("report.html.j2").render(
-        page=True, title=title, version=__version__, layers=views, style=style
+    text = (
+        _html_env()
+        .get_template("report.html.j2")
+        .render(page=True, title=title, version=__version__, layers=views, style=style)
     )
     return text.lstrip()
 
@@ -445,13 +485,17 @@ def report_tex(
     """A standalone LaTeX document (article; amsmath, listings, tikz, hyperref) with the same
     content as :func:`report_html`."""
     views = [layer_view(d, style, steps=steps, code=code) for d in _derivations(names_or_layers)]
-    text = _tex_env().get_template("report.tex.j2").render(
-        title=title, version=__version__, layers=views, style=style
+    text = (
+        _tex_env()
+        .get_template("report.tex.j2")
+        .render(title=title, version=__version__, layers=views, style=style)
     )
     return text.lstrip()
 
 
-def write_report(path, names: Iterable[str] | None = None, fmt: str = "html", *, style: str = "partial") -> Path:
+def write_report(
+    path, names: Iterable[str] | None = None, fmt: str = "html", *, style: str = "partial"
+) -> Path:
     """Render the report of ``names`` (default: the catalogue) as ``fmt`` (``"html"`` or
     ``"tex"``) and write it to ``path`` atomically. Everything is rendered before anything is
     written. Returns the path."""
@@ -475,10 +519,20 @@ class Show:
     """A layer for notebooks: the equations, derived gradients and (optionally) the steps and a
     worked instance, displayed as HTML with MathML or as LaTeX."""
 
-    def __init__(self, name_or_layer, *, style: str = "partial", steps: bool = True, code: bool = False, expand=None):
+    def __init__(
+        self,
+        name_or_layer,
+        *,
+        style: str = "partial",
+        steps: bool = True,
+        code: bool = False,
+        expand=None,
+    ):
         (self.derivation,) = _derivations([name_or_layer])
         self.style = style
-        self.view = layer_view(self.derivation, style, steps=steps, code=code, plot=True, expand_sizes=expand)
+        self.view = layer_view(
+            self.derivation, style, steps=steps, code=code, plot=True, expand_sizes=expand
+        )
 
     def _repr_html_(self) -> str:
         env = _html_env()
@@ -506,7 +560,9 @@ class Show:
         return text
 
 
-def show(name_or_layer, *, style: str = "partial", steps: bool = True, code: bool = False, expand=None) -> Show:
+def show(
+    name_or_layer, *, style: str = "partial", steps: bool = True, code: bool = False, expand=None
+) -> Show:
     """``symdl.report.show("conv2d", expand={"N": 1, ...})`` in a notebook cell displays the
     layer's equations, gradients, steps (and worked instance) as MathML."""
     return Show(name_or_layer, style=style, steps=steps, code=code, expand=expand)

@@ -33,25 +33,21 @@ from xml.dom import minidom
 import numpy as np
 import sympy as sp
 from sympy.printing.mathml import MathMLPresentationPrinter
-from sympy.printing.precedence import PRECEDENCE
 
 from .derive import Contribution, Derivation, derive
 from .errors import SymdlError
 from .functions import IndexMax, IndexSum, stop_gradient
-from .latex import _GREEK, _SHORT_GREEK, SymdlLatexPrinter
+from .latex import _GREEK, SymdlLatexPrinter
 from .printing import EquationPrinter
 from .spec import (
     ELL,
     Assign,
     Dim,
-    Layer,
-    affine_terms,
     is_affine,
     is_index,
     occurrence_indices,
     occurrence_name,
     occurrences,
-    position_symbols,
 )
 
 __all__ = [
@@ -132,6 +128,33 @@ def _greek_digits(name: str):
     return None
 
 
+def _is_adjoint(f, adjoint_of) -> bool:
+    if isinstance(f, sp.Indexed):
+        return str(f.base.label) in adjoint_of
+    if isinstance(f, Element):
+        return f.tensor in adjoint_of
+    return isinstance(f, sp.Symbol) and f.name in adjoint_of
+
+
+def _split_adjoints(expr, adjoint_of, style):
+    """A product with a denominator and an adjoint factor, as ``(sign, adjoints, rest)``: in
+    the partial notation the adjoint is itself a fraction, so it goes in front instead of into
+    a numerator (``dL/dy / s -> dL/dy 1/s``, before -> after); None for any other product."""
+    if style != "partial":
+        return None
+    factors = sp.Mul.make_args(expr)
+    adj = [f for f in factors if _is_adjoint(f, adjoint_of)]
+    if not adj:
+        return None
+    rest = sp.Mul(*[f for f in factors if not _is_adjoint(f, adjoint_of)])
+    if sp.fraction(rest)[1] == 1:
+        return None
+    sign = ""
+    if rest.could_extract_minus_sign():
+        sign, rest = "- ", -rest
+    return sign, adj, rest
+
+
 def _primes(sym) -> tuple[str, int]:
     base = sym.name.rstrip("'")
     return base, len(sym.name) - len(base)
@@ -193,6 +216,16 @@ class LatexPrinter(SymdlLatexPrinter):
 
     def _print_Float(self, expr):
         return super()._print_Float(sp.Float(float(expr)))
+
+    def _print_Mul(self, expr):
+        split = _split_adjoints(expr, self.adjoint_of, self.style)
+        if split is None:
+            return super()._print_Mul(expr)
+        sign, adj, rest = split
+        parts = [self._print(a) for a in adj]
+        if rest != 1:
+            parts.append(self._print(rest))
+        return sign + r" \, ".join(parts)
 
     def _print_Piecewise(self, expr):
         rows = []
@@ -276,7 +309,9 @@ class MathMLPrinter(MathMLPresentationPrinter):
         if name in self.adjoint_of:
             target = self.tensor_node(self.adjoint_of[name], idx_nodes)
             if self.style == "bar":
-                base = self.el("mover", self.name_node(self.adjoint_of[name]), self.mo("¯"), accent="true")
+                base = self.el(
+                    "mover", self.name_node(self.adjoint_of[name]), self.mo("¯"), accent="true"
+                )
                 return self.el("msub", base, self.joined(idx_nodes)) if idx_nodes else base
             return self.el(
                 "mfrac",
@@ -304,7 +339,7 @@ class MathMLPrinter(MathMLPresentationPrinter):
             return node
         if is_index(sym):
             base, k = _primes(sym)
-            return self.mi(base + "′" * k)
+            return self.mi(base + "′" * k, mathvariant="italic") if k else self.mi(base)
         if isinstance(sym, Dim):
             return self.mi(sym.name)
         return self.tensor_node(sym.name, [])
@@ -315,8 +350,23 @@ class MathMLPrinter(MathMLPresentationPrinter):
         text = f"{float(expr):.15g}"
         if "e" in text:
             mant, exp = text.split("e")
-            return self.row(self.mn(mant), self.mo("·"), self.el("msup", self.mn("10"), self.mn(str(int(exp)))))
+            return self.row(
+                self.mn(mant), self.mo("·"), self.el("msup", self.mn("10"), self.mn(str(int(exp))))
+            )
         return self.mn(text)
+
+    def _print_Mul(self, expr):
+        split = _split_adjoints(expr, self.adjoint_of, self.style)
+        if split is None:
+            return super()._print_Mul(expr)
+        sign, adj, rest = split
+        nodes = [self.mo("-")] if sign else []
+        for k, a in enumerate(adj + ([rest] if rest != 1 else [])):
+            if k:
+                nodes.append(self.mo("\u2062"))
+            node = self._print(a)
+            nodes.append(self.fenced(node) if isinstance(a, sp.Add) else node)
+        return self.el("mrow", *nodes)
 
     def _reduction(self, expr, op):
         body = self._print(expr.body)
@@ -340,19 +390,27 @@ class MathMLPrinter(MathMLPresentationPrinter):
     def _print_Piecewise(self, expr):
         rows = []
         for e, c in expr.args:
-            cond = self.mtext("otherwise") if c == sp.true else self.row(self.mtext("if "), self._print(c))
+            cond = (
+                self.mtext("otherwise")
+                if c == sp.true
+                else self.row(self.mtext("if\u00a0"), self._print(c))
+            )
             rows.append(self.el("mtr", self.el("mtd", self._print(e)), self.el("mtd", cond)))
-        table = self.el("mtable", *rows, columnalign="left")
+        table = self.el("mtable", *rows, columnalign="left", displaystyle="true")
         return self.el("mrow", self.mo("{"), table)
 
     def mtext(self, text):
         return self.el("mtext", text=text)
 
     def _print_Max(self, expr):
-        return self.el("mrow", self.mi("max"), self.fenced(self.joined([self._print(a) for a in expr.args])))
+        return self.el(
+            "mrow", self.mi("max"), self.fenced(self.joined([self._print(a) for a in expr.args]))
+        )
 
     def _print_Min(self, expr):
-        return self.el("mrow", self.mi("min"), self.fenced(self.joined([self._print(a) for a in expr.args])))
+        return self.el(
+            "mrow", self.mi("min"), self.fenced(self.joined([self._print(a) for a in expr.args]))
+        )
 
     def _print_Exp1(self, expr):
         return self.mi("e")
@@ -374,7 +432,20 @@ class MathMLPrinter(MathMLPresentationPrinter):
         attrs = {"xmlns": "http://www.w3.org/1998/Math/MathML"}
         if display:
             attrs["display"] = "block"
+        _thin_products(node)
         return serialize(self.el("math", node, **attrs))
+
+
+def _thin_products(node) -> None:
+    """A thin space at every invisible times, as ``\\,`` in the LaTeX: ``i stride``, not
+    ``istride`` (before -> after)."""
+    if node.nodeType == minidom.Node.ELEMENT_NODE:
+        if node.tagName == "mo" and len(node.childNodes) == 1:
+            text = html.unescape(node.childNodes[0].data)
+            if text == "\u2062":
+                node.setAttribute("lspace", "0.17em")
+        for c in node.childNodes:
+            _thin_products(c)
 
 
 _XML_ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
@@ -390,7 +461,11 @@ def serialize(node) -> str:
     names that XML does not define)."""
     if node.nodeType == minidom.Node.TEXT_NODE:
         return _xml_text(node.data)
-    attrs = "".join(f' {k}="{_xml_text(v)}"' for k, v in node.attributes.items()) if node.attributes else ""
+    attrs = (
+        "".join(f' {k}="{_xml_text(v)}"' for k, v in node.attributes.items())
+        if node.attributes
+        else ""
+    )
     inner = "".join(serialize(c) for c in node.childNodes)
     return f"<{node.tagName}{attrs}>{inner}</{node.tagName}>"
 
@@ -405,7 +480,7 @@ class Printers:
     def __post_init__(self):
         _check_style(self.style)
         self.text = TextPrinter(self.adjoints, self.style)
-        self.latex = LatexPrinter(self.adjoints, self.style)
+        self.latex = LatexPrinter(self.adjoints, self.style, mul_symbol=r"\,")
         self.mathml = MathMLPrinter(self.adjoints, self.style)
 
 
@@ -470,7 +545,9 @@ class Partial(Node):
         m = P.mathml
         den = m.row(m.mo("∂"), m._print(self.den))
         if self.body is not None:
-            return m.el("mrow", m.el("mfrac", m.mo("∂"), den), m.fenced(m._print(self.body), "[", "]"))
+            return m.el(
+                "mrow", m.el("mfrac", m.mo("∂"), den), m.fenced(m._print(self.body), "[", "]")
+            )
         return m.el("mfrac", m.row(m.mo("∂"), m._print(self.num)), den)
 
 
@@ -503,7 +580,9 @@ class SumOver(Node):
     needs_parens = True
 
     def _body_parens(self):
-        return isinstance(self.body, Plus) or (isinstance(self.body, Ex) and isinstance(self.body.expr, sp.Add))
+        return isinstance(self.body, Plus) or (
+            isinstance(self.body, Ex) and isinstance(self.body.expr, sp.Add)
+        )
 
     def text(self, P):
         if not self.indices:
@@ -549,7 +628,9 @@ class Prod(Node):
         return " * ".join(f"({f.text(P)})" if p else f.text(P) for f, p in self._parts())
 
     def latex(self, P):
-        return " ".join(rf"\left({f.latex(P)}\right)" if p else f.latex(P) for f, p in self._parts())
+        return " ".join(
+            rf"\left({f.latex(P)}\right)" if p else f.latex(P) for f, p in self._parts()
+        )
 
     def mathml(self, P):
         m = P.mathml
@@ -663,12 +744,20 @@ class Lines(Node):
         return "; ".join(x.text(P) for x in self.lines)
 
     def latex(self, P):
-        return r"\begin{gathered} " + r" \\ ".join(x.latex(P) for x in self.lines) + r" \end{gathered}"
+        if len(self.lines) == 1:
+            return self.lines[0].latex(P)
+        return (
+            r"\begin{gathered} "
+            + r" \\ ".join(x.latex(P) for x in self.lines)
+            + r" \end{gathered}"
+        )
 
     def mathml(self, P):
         m = P.mathml
+        if len(self.lines) == 1:
+            return self.lines[0].mathml(P)
         rows = [m.el("mtr", m.el("mtd", x.mathml(P))) for x in self.lines]
-        return m.el("mtable", *rows, columnalign="left")
+        return m.el("mtable", *rows, columnalign="left", displaystyle="true")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,7 +921,9 @@ def _tensor_step(d: Derivation, tensor: str, P: Printers) -> Step:
     if not cs:
         idx = _generic_indices(d, tensor, [])
         eq = render(Rel([Ex(_indexed(d.adjoints[tensor], idx)), Ex(sp.S.Zero)]), P)
-        return Step(title, (eq,), f"{tensor} does not reach the outputs (or only through stop_gradient).")
+        return Step(
+            title, (eq,), f"{tensor} does not reach the outputs (or only through stop_gradient)."
+        )
     generic = _generic_indices(d, tensor, cs)
     adj_generic = _indexed(d.adjoints[tensor], generic)
     A_generic = _indexed(tensor, generic)
@@ -870,9 +961,13 @@ def _tensor_step(d: Derivation, tensor: str, P: Printers) -> Step:
                 note = "the local partial"
             else:
                 local = Partial(None, c.occurrence, a.expr)
-                note = "the local partial of the summand" if a.op in ("sum", "max") else "the local partial through this occurrence"
+                note = (
+                    "the local partial of the summand"
+                    if a.op in ("sum", "max")
+                    else "the local partial through this occurrence"
+                )
                 if a.op == "max":
-                    note += f" (routed to the first arg-max)"
+                    note += " (routed to the first arg-max)"
             eqs.append(render(Rel([local, Ex(c.partial)]), P, note))
         # the partial with respect to the generic element
         per_occ = []
@@ -1025,7 +1120,9 @@ def parse_sizes(text: str) -> dict[str, object]:
             try:
                 out[name] = float(value)
             except ValueError:
-                raise ExpandError(f"the size of {name!r} requires a number, got {value!r}") from None
+                raise ExpandError(
+                    f"the size of {name!r} requires a number, got {value!r}"
+                ) from None
     return out
 
 
@@ -1073,7 +1170,9 @@ class Expansion:
     def header(self) -> str:
         spec = self.derivation.spec
         given = ", ".join(
-            f"{k}={v}" for k, v in self.sizes.items() if k not in spec.derived and k not in spec.hyper_dims
+            f"{k}={v}"
+            for k, v in self.sizes.items()
+            if k not in spec.derived and k not in spec.hyper_dims
         )
         derived = ", ".join(f"{k}={self.sizes[k]}" for k in spec.derived if k in self.sizes)
         hyper = ", ".join(f"{k}={v}" for k, v in self.hyper.items())
@@ -1118,7 +1217,9 @@ class Expansion:
             if arr.dtype != object:
                 continue
             if name not in values:
-                raise ExpandError(f"evaluating {self.name!r} requires a value of {name!r}, got none")
+                raise ExpandError(
+                    f"evaluating {self.name!r} requires a value of {name!r}, got none"
+                )
             given = np.asarray(values[name], dtype=float)
             if given.shape != arr.shape:
                 raise ExpandError(
@@ -1150,7 +1251,9 @@ class Expansion:
                 for (sym, _), v in zip(batch, fn(*[env[s] for s in keys])):
                     env[sym] = float(v)
         outs = {
-            n: np.array([env[Element(n, idx)] for idx in np.ndindex(a.shape)], dtype=float).reshape(a.shape)
+            n: np.array(
+                [env[Element(n, idx)] for idx in np.ndindex(a.shape)], dtype=float
+            ).reshape(a.shape)
             for n, a in self.outputs.items()
         }
         adj = self.derivation.adjoints
@@ -1218,7 +1321,9 @@ def _sizes_and_hyper(spec, sizes, hyper):
         if k == "..." and isinstance(v, (tuple, list)):
             v = int(np.prod(v))
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-            raise ExpandError(f"the size of dimension {k!r} requires a positive integer, got {v!r}")
+            raise ExpandError(
+                f"the size of dimension {k!r} requires a positive integer, got {v!r}"
+            )
         sz[k] = int(v)
     for dname, h in spec.hyper_dims.items():
         sz[dname] = int(hv[h])
@@ -1316,7 +1421,9 @@ def expand(
 
     def padded_shape(name):
         widths = spec.pads.get(name, {})
-        return tuple(n + 2 * pad_width(name, p) if p in widths else n for p, n in enumerate(shape_of(name)))
+        return tuple(
+            n + 2 * pad_width(name, p) if p in widths else n for p, n in enumerate(shape_of(name))
+        )
 
     def interior(name):
         widths = spec.pads.get(name, {})
@@ -1346,7 +1453,9 @@ def expand(
             if name in consts:
                 vals = np.asarray(consts[name], dtype=int)
                 if vals.shape != shape:
-                    raise ExpandError(f"constant {name!r} requires shape {shape}, got {vals.shape}")
+                    raise ExpandError(
+                        f"constant {name!r} requires shape {shape}, got {vals.shape}"
+                    )
                 if vals.size and (vals.min() < 0 or vals.max() >= bound):
                     raise ExpandError(
                         f"constant {name!r} requires values in [0, {bound}), got {vals.tolist()}"
@@ -1372,7 +1481,10 @@ def expand(
 
     fixed = {**{Dim(k): v for k, v in sz.items()}, **hsubs}
     names = set(d.tensors) | set(d.adjoints.values())
-    named = {lhs.base.label.name if isinstance(lhs, sp.Indexed) else lhs.name for lhs, _ in spec.equations}
+    named = {
+        lhs.base.label.name if isinstance(lhs, sp.Indexed) else lhs.name
+        for lhs, _ in spec.equations
+    }
 
     def resolve(ix, env):
         if is_index(ix):
@@ -1391,7 +1503,9 @@ def expand(
             key = tuple(resolve(ix, env) for ix in occurrence_indices(occ))
             reps[occ] = arr[key] if key else arr[()]
         # index symbols may also be values (t > l in a causal mask)
-        return expr.xreplace(reps).xreplace({**fixed, **{i: sp.Integer(v) for i, v in env.items()}})
+        return expr.xreplace(reps).xreplace(
+            {**fixed, **{i: sp.Integer(v) for i, v in env.items()}}
+        )
 
     forward: list[tuple[sp.Symbol, sp.Expr]] = []
 
@@ -1416,7 +1530,12 @@ def expand(
                 window = []
                 for rpoint in itertools.product(*ranges(a.scope, a.reduce)):
                     env.update(zip(a.reduce, rpoint))
-                    window.append((tuple(env[i] for i in a.indices), value_at(a.expr, env, occs, arrays.__getitem__)))
+                    window.append(
+                        (
+                            tuple(env[i] for i in a.indices),
+                            value_at(a.expr, env, occs, arrays.__getitem__),
+                        )
+                    )
                 for k, (key, v) in enumerate(window):  # 1 at the first maximum of the window
                     conds = [v > w for _, w in window[:k]] + [v >= w for _, w in window[k + 1 :]]
                     out[key] = sp.Piecewise((1, sp.And(*conds)), (0, True))
@@ -1429,7 +1548,9 @@ def expand(
             terms.setdefault(key, []).append(value_at(a.expr, env, occs, arrays.__getitem__))
         for key in np.ndindex(shape):
             vals = terms.get(key, [])
-            out[key] = sp.Add(*vals) if a.op == "sum" else sp.Max(*vals) if a.op == "max" else vals[0]
+            out[key] = (
+                sp.Add(*vals) if a.op == "sum" else sp.Max(*vals) if a.op == "max" else vals[0]
+            )
         if a.target in spec.outputs or (not inline and a.target in named):
             out = publish(a.target, out, forward, keep=not inline)
         arrays[a.target] = out
