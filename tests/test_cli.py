@@ -28,7 +28,7 @@ from symdl.layers.sequences import catalogue as _sequences  # noqa: E402
 
 LAYER_NAMES = list(catalogue())
 CATALOGUE = LAYER_NAMES + list(_sequences()) + list(_optimizers())
-SUBCOMMANDS = ("list", "show", "generate", "check", "derive")
+SUBCOMMANDS = ("list", "show", "generate", "check", "derive", "report")
 
 DENSE = "y[n,o] = tanh(Sum(w[o,i]*x[n,i], i) + b[o]) + u[n,o]"
 
