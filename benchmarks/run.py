@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark symdl's generated NumPy layers against hand-written NumPy and PyTorch CPU eager.
 
     python benchmarks/run.py [--quick] [--only NAME ...] [--dtype float32|float64|both]
@@ -287,58 +286,92 @@ WORKLOADS = [
 # ============================================================================ machine facts
 
 
-def blas_info():
-    """(description, set_threads) for NumPy's BLAS, from threadpoolctl or OpenBLAS itself."""
+def _openblas_ctypes():
+    """(description, set_threads) straight from the OpenBLAS that NumPy loaded, or None."""
     try:
-        from threadpoolctl import threadpool_info
-
-        infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
-        if infos:
-            i = infos[0]
-            desc = (f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}), "
-                    f"{i.get('num_threads')} threads, {Path(i.get('filepath', '')).name}")
-            return desc, None
-    except ImportError:
-        pass
-    # No threadpoolctl: ask the OpenBLAS that NumPy loaded (plain or scipy-openblas64 symbols).
-    try:
-        libs = sorted({line.split()[-1] for line in open("/proc/self/maps")
-                       if "openblas" in line.lower() and ".so" in line})
+        with open("/proc/self/maps") as maps:
+            libs = sorted({line.split()[-1] for line in maps
+                           if "openblas" in line.lower() and ".so" in line})
     except OSError:
-        libs = []
+        return None
+    # NumPy's own copy first (numpy.libs/ or numpy/.libs), then any other
+    libs.sort(key=lambda path: "numpy" not in path)
     for path in libs:
         try:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for pre, suf in (("scipy_", "64_"), ("", "64_"), ("", "")):
-            get_config = getattr(lib, f"{pre}openblas_get_config{suf}", None)
-            if get_config is None:
+        for pre, suf in (("scipy_", "64_"), ("scipy_", ""), ("", "64_"), ("", "")):
+            try:
+                get_config = getattr(lib, f"{pre}openblas_get_config{suf}")
+                core = getattr(lib, f"{pre}openblas_get_corename{suf}")
+                nthreads = getattr(lib, f"{pre}openblas_get_num_threads{suf}")
+                setter = getattr(lib, f"{pre}openblas_set_num_threads{suf}")
+            except AttributeError:
                 continue
-            get_config.restype = ctypes.c_char_p
-            core = getattr(lib, f"{pre}openblas_get_corename{suf}")
-            core.restype = ctypes.c_char_p
-            nthreads = getattr(lib, f"{pre}openblas_get_num_threads{suf}")
-            setter = getattr(lib, f"{pre}openblas_set_num_threads{suf}", None)
-            desc = (f"{get_config().decode().strip()}; core {core().decode()}; "
-                    f"{nthreads()} threads; {Path(path).name}")
-            return desc, (lambda n, s=setter: s(int(n))) if setter else None
-    try:  # last resort: numpy's build configuration
+            get_config.restype = core.restype = ctypes.c_char_p
+
+            def describe(get_config=get_config, core=core, nthreads=nthreads, path=path):
+                return (f"{get_config().decode().strip()}; core {core().decode()}; "
+                        f"{nthreads()} threads; {Path(path).name}")
+
+            return describe, (lambda n, setter=setter: setter(int(n)))
+    return None
+
+
+_THREADPOOL_LIMITS = []  # keeps a threadpoolctl limiter alive
+
+
+def blas_info(set_threads=None):
+    """Describe NumPy's BLAS (and first set its thread count when asked).
+
+    Uses OpenBLAS's own entry points when NumPy's OpenBLAS is found in the process, else
+    threadpoolctl when installed, else numpy.show_config."""
+    found = _openblas_ctypes()
+    if found is not None:
+        describe, setter = found
+        if set_threads:
+            setter(set_threads)
+        return describe()
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+
+        if set_threads:
+            _THREADPOOL_LIMITS.append(threadpool_limits(set_threads, user_api="blas"))
+        infos = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        infos.sort(key=lambda i: "numpy" not in i.get("filepath", ""))
+        if infos:
+            i = infos[0]
+            return (f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}), "
+                    f"{i.get('num_threads')} threads, {Path(i.get('filepath', '')).name}")
+    except ImportError:
+        pass
+    try:
         cfg = np.show_config(mode="dicts")
         blas = cfg["Build Dependencies"]["blas"]
-        return f"{blas.get('name')} {blas.get('version')} (thread count unknown)", None
+        return f"{blas.get('name')} {blas.get('version')} (thread count unknown)"
     except Exception:
-        return "unknown", None
+        return "unknown"
 
 
 def cpu_model():
+    """Model name from /proc/cpuinfo, with family/model and the widest SIMD (VMs hide names)."""
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = {}
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if not line.strip():
+                    break  # first processor only
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+        flags = info.get("flags", "").split()
+        simd = next((f for f in ("avx512f", "avx2", "avx", "asimd", "neon") if f in flags), "")
+        extra = [f"family {info['cpu family']} model {info['model']}"] if "model" in info else []
+        extra += [simd.upper()] if simd else []
+        extra += [f"cache {info['cache size']}"] if "cache size" in info else []
+        return f"{info.get('model name', platform.machine())} ({', '.join(extra)})"
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
 
 
 def best_time(fn, reps):
@@ -361,10 +394,12 @@ def measure_roofs(dtypes, quick):
         a = rng.standard_normal((n, n)).astype(dt)
         b = rng.standard_normal((n, n)).astype(dt)
         c = np.empty((n, n), dt)
-        roofs["gemm"][dt] = 2 * n**3 / best_time(lambda: np.matmul(a, b, out=c), reps) / 1e9
+        gemm = lambda a=a, b=b, c=c: np.matmul(a, b, out=c)
+        roofs["gemm"][dt] = 2 * n**3 / best_time(gemm, reps) / 1e9
         if torch is not None:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            roofs["gemm_torch"][dt] = 2 * n**3 / best_time(lambda: torch.mm(ta, tb), reps) / 1e9
+            tgemm = lambda ta=ta, tb=tb: torch.mm(ta, tb)
+            roofs["gemm_torch"][dt] = 2 * n**3 / best_time(tgemm, reps) / 1e9
     # bandwidth: 256 MB arrays, far beyond the caches; bytes = logical reads + writes
     m = 32 * 1024 * 1024
     x = np.ones(m, np.float64)
@@ -376,21 +411,36 @@ def measure_roofs(dtypes, quick):
     if torch is not None:
         tx, ty = torch.from_numpy(x), torch.from_numpy(y)
         roofs["copy_torch"] = 2 * x.nbytes / best_time(lambda: ty.copy_(tx), reps + 1) / 1e9
-    del x, y, z
     return roofs
 
 
 # ============================================================================ measurement
 
 
+def _owner(array):
+    """The array that owns the memory a view looks at (through as_strided's DummyArray too)."""
+    while True:
+        base = array.base
+        if isinstance(base, np.ndarray):
+            array = base
+        elif isinstance(getattr(base, "base", None), np.ndarray):  # stride_tricks DummyArray
+            array = base.base
+        else:
+            return array
+
+
 def cache_nbytes(obj, seen=None):
-    """Sum of nbytes of the arrays reachable in a cache (dicts, lists, tuples), each once."""
+    """Bytes of array memory a cache keeps alive (dicts, lists, tuples walked recursively).
+
+    A view counts as the array owning its memory, and each owner counts once: a strided window
+    view of a padded input costs the padded input, not its (much larger) logical size."""
     seen = set() if seen is None else seen
     if isinstance(obj, np.ndarray):
-        if id(obj) in seen:
+        owner = _owner(obj)
+        if id(owner) in seen:
             return 0
-        seen.add(id(obj))
-        return obj.nbytes
+        seen.add(id(owner))
+        return owner.nbytes
     if isinstance(obj, dict):
         return sum(cache_nbytes(v, seen) for v in obj.values())
     if isinstance(obj, (list, tuple)):
@@ -407,18 +457,15 @@ class NumpyImpl:
         self.name, self.forward, self.backward = name, forward, backward
         self.args, self.kw = args, kw
 
-    def run(self, douts):
-        """Returns (t_forward, t_backward, out, grads)."""
+    def run(self, douts, measure_cache=False):
+        """Returns (t_forward, t_backward, out, grads[, cache MB])."""
         t0 = time.perf_counter()
         out, cache = self.forward(*self.args, **self.kw)
         t1 = time.perf_counter()
+        mb = cache_nbytes(cache) / 1e6 if measure_cache else None
         grads = self.backward(douts if isinstance(out, tuple) else douts[0], cache)
         t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, out, grads
-
-    def cache_mb(self):
-        _, cache = self.forward(*self.args, **self.kw)
-        return cache_nbytes(cache) / 1e6
+        return (t1 - t0, t2 - t1, out, grads) + ((mb,) if measure_cache else ())
 
 
 class TorchImpl:
@@ -430,33 +477,32 @@ class TorchImpl:
         self.kw = torch_kw(kw) if torch_kw else kw
         self._douts = None
 
-    def run(self, douts):
+    def run(self, douts, measure_cache=False):
+        """As NumpyImpl.run; the cache is what autograd saves for backward (each tensor once)."""
         if self._douts is None:
             self._douts = tuple(torch.from_numpy(np.array(d)) for d in douts)
-        t0 = time.perf_counter()
-        out = as_tuple(self.fn(self.args, self.kw))
-        t1 = time.perf_counter()
-        grads = torch.autograd.grad(out, self.args, self._douts)
-        t2 = time.perf_counter()
-        out = tuple(o.detach().numpy() for o in out)
-        return t1 - t0, t2 - t1, out, tuple(g.numpy() for g in grads)
-
-    def cache_mb(self):
-        """Sum of nbytes of the tensors autograd saves for backward, each storage once."""
-        seen, total = set(), 0
+        seen, total = set(), [0]
 
         def pack(t):
-            nonlocal total
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
             if key not in seen:
                 seen.add(key)
-                total += t.nbytes
+                total[0] += t.nbytes
             return t
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = self.fn(self.args, self.kw)
-        del out
-        return total / 1e6
+        if measure_cache:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = as_tuple(self.fn(self.args, self.kw))
+            t0 = t1 = 0.0
+        else:
+            t0 = time.perf_counter()
+            out = as_tuple(self.fn(self.args, self.kw))
+            t1 = time.perf_counter()
+        grads = torch.autograd.grad(out, self.args, self._douts)
+        t2 = time.perf_counter()
+        out = tuple(o.detach().numpy() for o in out)
+        res = (t1 - t0, t2 - t1, out, tuple(g.numpy() for g in grads))
+        return res + ((total[0] / 1e6,) if measure_cache else ())
 
 
 def max_rel_err(got, want):
@@ -504,10 +550,10 @@ def bench_workload(wl, dtype, opts):
                   for o in as_tuple(out))
     del out
 
-    # correctness first: each implementation against the first one that is not symdl
-    results = {}
+    # correctness (and cache size) first; this run also serves as the first warm-up
+    results, cache_mb = {}, {}
     for impl in impls:
-        _, _, o, g = impl.run(douts)
+        _, _, o, g, cache_mb[impl.name] = impl.run(douts, measure_cache=True)
         results[impl.name] = tuple(as_tuple(o)) + tuple(g)
     base = "numpy" if "numpy" in results else ("torch" if "torch" in results else None)
     errs = {}
@@ -522,7 +568,7 @@ def bench_workload(wl, dtype, opts):
     # warm-up, then a round count sized to a time budget, rounds interleaved across impls
     est = 0.0
     for impl in impls:
-        for _ in range(opts.warmup):
+        for _ in range(max(opts.warmup - 1, 1)):
             tf, tb, _, _ = impl.run(douts)
         est += tf + tb
     reps = max(opts.min_reps, min(opts.max_reps, math.ceil(opts.budget / max(est, 1e-9))))
@@ -556,7 +602,7 @@ def bench_workload(wl, dtype, opts):
             "spread": (q3 - q1) / tt,
             "roof": (cost_f + cost_b) / tt / roof,
             "bwd_fwd": tb / tf,
-            "cache_mb": impl.cache_mb(),
+            "cache_mb": cache_mb[impl.name],
         }
     return row
 
@@ -670,8 +716,9 @@ def write_results(path, opts, roofs, head, rows, elapsed):
         "# symdl benchmark results",
         "",
         f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"({'quick' if opts.quick else 'full'} run, {elapsed:.0f} s; medians of the rounds "
-        "column; times in ms; see README.md for the columns)",
+        f"({'quick' if opts.quick else 'full'} run, {elapsed:.0f} s. Times in ms, each the median "
+        "over the number of interleaved rounds in the `rounds` column; see README.md for the "
+        "columns.)",
         "",
         markdown(head, rows),
         "",
@@ -715,7 +762,7 @@ def main(argv=None):
                 tol = wl.tol[np.dtype(dt).name]
                 failed += err > tol
                 print(f"{wl.label:<16} {np.dtype(dt).name:<8} max rel err {err:.1e} "
-                      f"{'ok' if err <= tol else 'FAIL (tol %g)' % tol}")
+                      f"{'ok' if err <= tol else f'FAIL (tol {tol:g})'}")
         return 1 if failed else 0
 
     opts.warmup = 1 if opts.quick else 2
@@ -727,10 +774,7 @@ def main(argv=None):
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     if torch is not None:
         torch.set_num_threads(opts.threads)
-    opts.blas, set_blas_threads = blas_info()
-    if set_blas_threads is not None:
-        set_blas_threads(opts.threads)
-        opts.blas, _ = blas_info()
+    opts.blas = blas_info(set_threads=opts.threads)
 
     dtypes = {"float32": [np.float32], "float64": [np.float64],
               "both": [np.float32, np.float64]}[opts.dtype]
@@ -745,6 +789,11 @@ def main(argv=None):
     if missing:
         print(f"skipped (no generated module yet): {', '.join(missing)}")
     print(f"NumPy BLAS: {opts.blas}")
+    if load0 > 0.5:
+        print(f"warning: the machine is busy (1-minute load average {load0:.2f} on "
+              f"{os.cpu_count()} CPUs): multi-threaded BLAS calls on small matrices can be many "
+              "times slower and noisier than on an idle machine; compare the 'best' columns, "
+              "rerun when idle, or try --threads 1")
 
     roofs = measure_roofs(dtypes, opts.quick)
     opts.roofs = roofs
