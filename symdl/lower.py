@@ -396,6 +396,7 @@ class Lowerer:
             text = self.full(self.elementwise(r, idx, scope), r, idx, scope)
             self.emit(f"{tmp} = {text}")
             operands.append((tmp, idx))
+        operands = self.absorb(operands)
         present = set().union(*[set(i) for _, i in operands]) if operands else set()
         for ix in red:  # a reduced index no operand carries: the sum is a count
             if ix not in present:
@@ -423,6 +424,35 @@ class Lowerer:
             kept = tuple(i for i in out if i in present)
             text = f"np.broadcast_to({self.align(_paren(text), kept, tuple(out))}, {shape})"
         return text
+
+    def absorb(self, operands: list) -> list:
+        """Fewer operands for a contraction: one whose indices all belong to another is
+        multiplied into it first (a cheap elementwise pass), so three-operand sums such as
+        Sum(w[d] * dy[e, d] * x[e, d], d) become one pairwise contraction (before -> after)."""
+        if not self.options.get("absorb", True):
+            return operands
+        operands = list(operands)
+        while len(operands) > 2:
+            pair = None
+            for a, (va, ia) in enumerate(operands):
+                for b, (vb, ib) in enumerate(operands):
+                    if a != b and set(ia) <= set(ib):
+                        pair = (a, b)
+                        break
+                if pair:
+                    break
+            if pair is None:
+                break
+            (va, ia), (vb, ib) = operands[pair[0]], operands[pair[1]]
+            text = f"{vb} * {self.align(va, ia, ib)}"
+            tmp = self.memo.get(text)
+            if tmp is None:
+                tmp = self.namer.temp()
+                self.emit(f"{tmp} = {text}")
+                self.memo[text] = tmp
+            self._register(tmp)
+            operands = [o for k, o in enumerate(operands) if k not in pair] + [(tmp, ib)]
+        return operands
 
     def _register(self, var: str):
         """Let a lowering temporary stand as an operand in expressions."""
@@ -482,7 +512,8 @@ class Lowerer:
         out_kept = tuple(i for i in out if any(i in idx for _, idx in operands))
         mm = _matmul(operands, out_kept)
         if mm is None and self.options.get("batched_matmul", True):
-            mm = _batched_matmul(operands, out_kept)
+            views = {v for v, _ in self.views.values()}
+            mm = _batched_matmul(operands, out_kept, views)
         if mm is not None:
             return mm
         subs = ",".join("".join(letters[i] for i in idx) for _, idx in operands)
@@ -802,17 +833,17 @@ def _letters(symbols) -> dict:
     return out
 
 
-def _batched_matmul(operands, out):
+def _batched_matmul(operands, out, views=frozenset()):
     """The batched product in whichever operand order needs no transpose of the result."""
-    first = _batched_matmul_ordered(operands, out)
+    first = _batched_matmul_ordered(operands, out, views)
     if first is not None and first.endswith(")") and ".transpose(" in first.rsplit(")", 2)[-2:][0]:
-        second = _batched_matmul_ordered(operands[::-1], out)
+        second = _batched_matmul_ordered(operands[::-1], out, views)
         if second is not None and second.count(".transpose(") < first.count(".transpose("):
             return second
     return first
 
 
-def _batched_matmul_ordered(operands, out):
+def _batched_matmul_ordered(operands, out, views=frozenset()):
     """``a @ b`` over stacked matrices when the contraction is a batch of matrix products:
     batch indices in both operands and the result, one contracted index, at most one free
     index on each side (attention's scores and weighted sums)."""
@@ -823,8 +854,8 @@ def _batched_matmul_ordered(operands, out):
     contracted = [i for i in ia if i in ib and i not in out]
     fa = [i for i in ia if i not in ib]
     fb = [i for i in ib if i not in ia]
-    if not batch or len(contracted) != 1 or len(fa) > 1 or len(fb) > 1:
-        return None
+    if not batch or len(contracted) != 1 or len(fa) != 1 or len(fb) != 1:
+        return None  # batched dot products and matrix-vector products: einsum's loop is faster
     if any(i not in out for i in fa + fb) or set(out) != set(batch + fa + fb):
         return None
     c = contracted[0]
@@ -837,6 +868,11 @@ def _batched_matmul_ordered(operands, out):
 
     left = arrange(va, ia, batch + fa + [c])
     right = arrange(vb, ib, batch + [c] + fb)
+    # NumPy multiplies stacks of strided windows without BLAS: copy those first
+    if va in views:
+        left = f"np.ascontiguousarray({left})"
+    if vb in views:
+        right = f"np.ascontiguousarray({right})"
     if not fa:
         left += "[..., None, :]"
     if not fb:

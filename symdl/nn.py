@@ -323,11 +323,9 @@ class Layer:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{n}={v.shape}" for n, v in self.values.items())
-        kw = ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())
-        return f"{type(self).__name__}({self.module.NAME}{': ' if shapes or kw else ''}" + (
-            ", ".join(s for s in (shapes, kw) if s) + ")"
-        )
+        parts = [f"{n}={v.shape}" for n, v in self.values.items()]
+        parts += [f"{k}={v!r}" for k, v in self.keywords.items()]
+        return f"{type(self).__name__}({', '.join([repr(self.module.NAME), *parts])})"
 
     def parameters(self, prefix: str = "") -> list[Parameter]:
         return [Parameter(prefix + n, v, self.grads[n]) for n, v in self.values.items()]
@@ -636,7 +634,9 @@ class _Single(Model):
 
 class Optimizer:
     """A generated optimizer module applied to every parameter, with per-parameter state:
-    ``Optimizer("adam", model, lr=1e-3)``; ``step()`` calls ``step_inplace`` on each."""
+    ``Optimizer("adam", model, lr=1e-3)``; ``step()`` calls ``step_inplace`` on each.
+    ``parameters`` is a model, a layer or a list of :class:`Parameter`. The dict
+    ``hyperparameters`` may be changed between steps (a learning-rate schedule)."""
 
     def __init__(self, module, parameters, *, directory=None, **hyperparameters):
         self.module = load(module, directory)

@@ -136,6 +136,6 @@ def _argmax_mask(values, axes):
 
 
 def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)), stable for any x: exp(-|x|) never overflows."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1, e) / (1 + e)
+    """The logistic function 1 / (1 + exp(-x)); exp(-x) overflowing to inf gives exactly 0."""
+    with np.errstate(over="ignore"):
+        return 1 / (1 + np.exp(-x))
