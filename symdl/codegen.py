@@ -449,7 +449,9 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def generate_source(layer, source: str | None = None, command: str | None = None) -> str:
+def generate_source(
+    layer, source: str | None = None, command: str | None = None, options: dict | None = None
+) -> str:
     """Derive, lower and render a layer; return the module text (nothing is written)."""
     from .spec import Layer
 
@@ -457,6 +459,6 @@ def generate_source(layer, source: str | None = None, command: str | None = None
     name = d.spec.name
     source = source or f"the layer {name!r}"
     command = command or f"symdl generate {name}"
-    return module_source(lower(d), source, command)
+    return module_source(lower(d, options), source, command)
 
 

@@ -91,7 +91,7 @@ class _Phase:
 
 
 class Lowerer:
-    def __init__(self, derivation: Derivation):
+    def __init__(self, derivation: Derivation, options: dict | None = None):
         self.d = derivation
         self.spec = derivation.spec
         self.tensors = derivation.tensors
@@ -116,7 +116,7 @@ class Lowerer:
         self.loop_names: dict[str, str] = {}  # kernel-offset loop variables
         self.helpers: set[str] = set()
         self.flags = {"dtype": False}
-        self.options = dict(derivation.options) if hasattr(derivation, "options") else {}
+        self.options = {**OPTIMIZATIONS, **(options or {})}
         self.phase = _Phase()
         self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
         self.memo: dict[str, str] = {}  # contraction source -> the temporary holding it
@@ -200,7 +200,7 @@ class Lowerer:
         name = occurrence_name(occ)
         var = self.v(name)
         syms = plain_indices(occ)
-        basic = self.basic_slice(occ, scope, var)
+        basic = self.basic_slice(occ, scope, var) if self.options["views"] else None
         if basic is not None:
             self.views[key] = (basic, syms)
             return basic, syms
@@ -363,7 +363,11 @@ class Lowerer:
         # factors free of every reduced index multiply the result after the reduction
         outer_rest = [f for f in rest if not free_indices(f) & redset]
         outer_ops = [(v, i) for v, i in operands if not set(i) & redset]
-        if (outer_rest or outer_ops) and len(outer_rest) + len(outer_ops) < len(rest) + len(operands):
+        if (
+            self.options["factor_out"]
+            and (outer_rest or outer_ops)
+            and len(outer_rest) + len(outer_ops) < len(rest) + len(operands)
+        ):
             rest = [f for f in rest if f not in outer_rest]
             operands = [o for o in operands if o not in outer_ops]
             inner_out = tuple(
@@ -375,7 +379,7 @@ class Lowerer:
             for v, idx in operands:
                 self._register(v)
             inner = self.reduction("sum", inner_body, inner_out, red, scope)
-            tmp = inner if inner.isidentifier() else self.memo.get(inner)
+            tmp = inner if inner.isidentifier() else self.memo.get(inner) if self.options["share"] else None
             if tmp is None:
                 tmp = self.namer.temp()
                 self.emit(f"{tmp} = {inner}")
@@ -411,7 +415,7 @@ class Lowerer:
                 text = self.sum_one(var, idx, out, red)
             else:
                 text = self.contract(operands, out, red)
-            if text in self.memo:
+            if text in self.memo and self.options["share"]:
                 text = self.memo[text]
         if coeff != 1:
             if coeff == -1:
@@ -429,7 +433,7 @@ class Lowerer:
         """Fewer operands for a contraction: one whose indices all belong to another is
         multiplied into it first (a cheap elementwise pass), so three-operand sums such as
         Sum(w[d] * dy[e, d] * x[e, d], d) become one pairwise contraction (before -> after)."""
-        if not self.options.get("absorb", True):
+        if not self.options["absorb"]:
             return operands
         operands = list(operands)
         while len(operands) > 2:
@@ -445,7 +449,7 @@ class Lowerer:
                 break
             (va, ia), (vb, ib) = operands[pair[0]], operands[pair[1]]
             text = f"{vb} * {self.align(va, ia, ib)}"
-            tmp = self.memo.get(text)
+            tmp = self.memo.get(text) if self.options["share"] else None
             if tmp is None:
                 tmp = self.namer.temp()
                 self.emit(f"{tmp} = {text}")
@@ -510,8 +514,8 @@ class Lowerer:
     def contract(self, operands: list, out: tuple, red: tuple) -> str:
         letters = _letters([i for _, idx in operands for i in idx] + list(out))
         out_kept = tuple(i for i in out if any(i in idx for _, idx in operands))
-        mm = _matmul(operands, out_kept)
-        if mm is None and self.options.get("batched_matmul", True):
+        mm = _matmul(operands, out_kept) if self.options["matmul"] else None
+        if mm is None and self.options["batched_matmul"]:
             views = {v for v, _ in self.views.values()}
             mm = _batched_matmul(operands, out_kept, views)
         if mm is not None:
@@ -621,7 +625,7 @@ class Lowerer:
             text = self.reduction("sum", c.body, frame, red, c.scope)
         else:
             text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
-        if text.isidentifier() or text in self.memo:
+        if text.isidentifier() or (text in self.memo and self.options["share"]):
             vals = self.memo.get(text, text)
             if comment:
                 self.emit(f"# {comment}")
@@ -920,17 +924,35 @@ def _matmul(operands, out):
     return f"{left(vb, ib, fb)} @ {right(va, ia, fa)}"
 
 
-def lower(derivation: Derivation) -> Lowered:
-    """Lower a derivation to NumPy statements."""
+#: Each lowering optimization, on by default; ``lower(d, {"matmul": False, ...})`` switches one
+#: off, so the tests can compare the fast path with the plain one.
+OPTIMIZATIONS = {
+    "matmul": True,  # two-operand matrix products as a @ b instead of einsum
+    "batched_matmul": True,  # stacks of matrix products (attention) as a @ b
+    "absorb": True,  # multiply a subset operand into another before contracting
+    "factor_out": True,  # factors free of the summed indices applied after the sum
+    "share": True,  # an identical contraction or scatter value computed once
+    "views": True,  # plain slices instead of strided views where they serve
+}
+
+
+def lower(derivation: Derivation, options: dict | None = None) -> Lowered:
+    """Lower a derivation to NumPy statements (``options``: see OPTIMIZATIONS)."""
+    unknown = set(options or {}) - set(OPTIMIZATIONS)
+    if unknown:
+        raise LowerError(
+            f"lowering options require names from {', '.join(OPTIMIZATIONS)}, got "
+            f"{', '.join(sorted(unknown))}"
+        )
     try:
-        return _lower(derivation)
+        return _lower(derivation, options)
     except LowerError as err:
         raise err.with_context(f"layer {derivation.spec.name!r}") from None
 
 
-def _lower(d: Derivation) -> Lowered:
+def _lower(d: Derivation, options: dict | None = None) -> Lowered:
     spec = d.spec
-    lw = Lowerer(d)
+    lw = Lowerer(d, options)
 
     # forward
     lw.phase = _Phase()
