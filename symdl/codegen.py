@@ -144,6 +144,9 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     d: Derivation = lowered.derivation
     spec = d.spec
     dv = lowered.dim_vars
+    # the header is comments: one line each, whatever the command held
+    command = "; ".join(part.strip() for part in command.splitlines() if part.strip())
+    source = " ".join(source.split())
 
     # signature
     params = [a.var for a in lowered.args]
@@ -195,6 +198,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
             x in lowered.forward_dims
             or x in lowered.backward_dims
             or x in lowered.index_ranges.values()
+            or any(x in a.dims for a in lowered.args + lowered.consts if "..." in a.dims)
         )
     ]
     if fdims:

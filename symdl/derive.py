@@ -103,7 +103,16 @@ def local_partial(expr: sp.Expr, occ: sp.Expr) -> sp.Expr:
     """d expr / d occ, treating ``occ`` (one tensor occurrence) as a scalar variable."""
     s = sp.Dummy("s", real=True)
     replaced = expr.xreplace({occ: s})
-    return sp.diff(replaced, s).xreplace({s: occ})
+    partial = sp.diff(replaced, s)
+    # the derivative of a step (sign, Heaviside) is zero almost everywhere, as in PyTorch
+    partial = partial.replace(lambda e: isinstance(e, sp.DiracDelta), lambda e: sp.S.Zero)
+    if partial.has(sp.Derivative):
+        unknown = sorted({sp.sstr(d.expr.func) for d in partial.atoms(sp.Derivative)})
+        raise DeriveError(
+            f"differentiating {sp.sstr(expr)} requires derivatives of every function, got none "
+            f"for {', '.join(unknown)}"
+        )
+    return partial.xreplace({s: occ})
 
 
 def _function_nodes(expr: sp.Expr, tensor_names) -> list[sp.Expr]:

@@ -357,7 +357,7 @@ class Lowerer:
         if op == "max":
             text = self.full(self.elementwise(body, frame, scope), body, frame, scope)
             axes = tuple(range(len(out), len(frame)))
-            return f"{_paren(text)}.max(axis={_axes(axes)})"
+            return f"{_paren(text, '.')}.max(axis={_axes(axes)})"
         coeff, operands, rest = self.factor(body, scope)
         redset = set(red)
         # factors free of every reduced index multiply the result after the reduction
@@ -508,7 +508,7 @@ class Lowerer:
             if not red:
                 return var
             axes = tuple(p for p, i in enumerate(idx) if i in red)
-            return f"{var}.sum(axis={_axes(axes)})"
+            return f"{_paren(var, '.')}.sum(axis={_axes(axes)})"
         return self.contract([(var, idx)], out, red)
 
     def contract(self, operands: list, out: tuple, red: tuple) -> str:
@@ -749,7 +749,9 @@ def _floats(expr: sp.Expr) -> sp.Expr:
     stay exact, so ``x**(1/2)`` still prints as ``np.sqrt(x)``)."""
     if expr.is_number and not expr.is_Integer and not expr.has(sp.zoo, sp.nan):
         # numeric constants become Python floats (weak scalars that keep the array's dtype)
-        return sp.Float(expr.evalf(17), 17)
+        value = expr.evalf(17)
+        if value.is_Number:
+            return sp.Float(value, 17)
     if expr.is_Mul:
         num = sp.Mul(*[a for a in expr.args if a.is_number])
         rest = [_floats(a) for a in expr.args if not a.is_number]
@@ -794,6 +796,8 @@ def _paren(text: str, context: str = "*") -> str:
     """Parenthesize ``text`` unless it is a name, a call, a subscript or an attribute chain
     (or, after a ``+``, any arithmetic expression)."""
     depth = 0
+    if context == "." and text.startswith("-"):  # -x.max() would negate after the call
+        return f"({text})"
     ops = " <>=&|~" if context == "+" else " +-*/@%<>=&|~"
     if context == "+":
         text_ops = text.replace(" + ", "").replace(" - ", "").replace(" * ", "").replace(" / ", "")

@@ -10,6 +10,7 @@ column. Equations are ``lhs[indices] = rhs`` separated by ``;`` or newlines.
 from __future__ import annotations
 
 import ast
+import math
 
 import sympy as sp
 
@@ -105,6 +106,20 @@ class _Converter:
             return tuple(self.index(e, gather_ok=False) for e in node.elts)
         return (self.index(node, gather_ok=False),)
 
+    def value(self, node):
+        """An expression that is a number (not a comparison, which only where() takes)."""
+        out = self.expr(node)
+        if isinstance(
+            out,
+            (
+                sp.core.relational.Relational,
+                sp.logic.boolalg.BooleanFunction,
+                sp.logic.boolalg.BooleanAtom,
+            ),
+        ):
+            _fail("a comparison requires where(condition, a, b) around it", node)
+        return out
+
     def expr(self, node):
         if isinstance(node, ast.Constant):
             v = node.value
@@ -146,12 +161,24 @@ class _Converter:
             return sp.IndexedBase(name, real=True)[items]
         if isinstance(node, ast.UnaryOp):
             if isinstance(node.op, ast.USub):
-                return -self.expr(node.operand)
+                return -self.value(node.operand)
             if isinstance(node.op, ast.UAdd):
-                return self.expr(node.operand)
+                return self.value(node.operand)
             _fail(f"operator {type(node.op).__name__} is not allowed in equations", node)
         if isinstance(node, ast.BinOp):
-            a, b = self.expr(node.left), self.expr(node.right)
+            value = self._binop(node)
+            for number in value.atoms(sp.Number):
+                if not math.isfinite(float(number)):
+                    _fail(
+                        f"a constant requires a value that fits a float, got {ast.unparse(node)!r}",
+                        node,
+                    )
+            return value
+        return self._other(node)
+
+    def _binop(self, node):
+        if True:
+            a, b = self.value(node.left), self.value(node.right)
             op = type(node.op)
             if op is ast.Add:
                 return a + b
@@ -170,10 +197,11 @@ class _Converter:
                     _fail("0 raised to a negative power is undefined", node)
                 return a**b
             _fail(f"operator {type(node.op).__name__} is not allowed in equations (use + - * / **)", node)
+    def _other(self, node):
         if isinstance(node, ast.Compare):
             if len(node.ops) != 1:
                 _fail("a comparison requires exactly two operands", node)
-            a, b = self.expr(node.left), self.expr(node.comparators[0])
+            a, b = self.value(node.left), self.value(node.comparators[0])
             ops = {ast.Lt: sp.Lt, ast.LtE: sp.Le, ast.Gt: sp.Gt, ast.GtE: sp.Ge}
             if type(node.ops[0]) not in ops:
                 _fail("a comparison requires one of < <= > >=", node)
@@ -199,7 +227,7 @@ class _Converter:
         if name in REDUCTIONS:
             if len(node.args) != 2:
                 _fail(f"{name}(expr, index) requires 2 arguments, got {len(node.args)}", node)
-            body = self.expr(node.args[0])
+            body = self.value(node.args[0])
             idx = self.reduction_indices(node.args[1])
             if name == "Sum":
                 return IndexSum(body, idx)
@@ -212,12 +240,12 @@ class _Converter:
             cond = self.expr(node.args[0])
             if not isinstance(cond, (sp.core.relational.Relational, sp.logic.boolalg.BooleanFunction)):
                 _fail("where(cond, a, b) requires a comparison as its condition", node.args[0])
-            return sp.Piecewise((self.expr(node.args[1]), cond), (self.expr(node.args[2]), True))
+            return sp.Piecewise((self.value(node.args[1]), cond), (self.value(node.args[2]), True))
         if name not in ELEMENTWISE:
             known = ", ".join(sorted(set(ELEMENTWISE) | SPECIAL))
             _fail(f"function {name!r} requires a name from the formula sheet ({known}), got an unknown function", node)
         fn = ELEMENTWISE[name]
-        args = [self.expr(a) for a in node.args]
+        args = [self.value(a) for a in node.args]
         want = 2 if name in ("maximum", "minimum", "xlogy") else 1
         if len(args) != want:
             _fail(f"function {name!r} requires {want} argument(s), got {len(args)}", node)
@@ -284,7 +312,12 @@ def parse_equations(text: str, tensors, hyper=()) -> list[tuple[sp.Expr, sp.Expr
             column=err.offset,
         ) from None
     except (RecursionError, MemoryError, ValueError) as err:
-        raise ParseError(f"equation text is too deeply nested or malformed: {type(err).__name__}") from None
+        raise ParseError(
+            f"equation text requires less nesting, got too deep a nesting at line 1, column 1 "
+            f"({type(err).__name__})",
+            line=1,
+            column=1,
+        ) from None
     count = sum(1 for _ in ast.walk(tree))
     if count > MAX_NODES:
         raise ParseError(f"equation text requires at most {MAX_NODES} syntax nodes, got {count}")
@@ -318,9 +351,9 @@ def parse_equations(text: str, tensors, hyper=()) -> list[tuple[sp.Expr, sp.Expr
                 lhs = sp.IndexedBase(target.value.id, real=True)[items]
             else:
                 lhs = sp.Symbol(target.id, real=True)
-            rhs = conv.expr(stmt.value)
+            rhs = conv.value(stmt.value)
         except RecursionError:
-            raise ParseError(f"equation {_at(stmt)} is too deeply nested") from None
+            raise ParseError(f"equation {_at(stmt)} requires less nesting, got too deep a nesting") from None
         out.append((lhs, rhs))
     return out
 

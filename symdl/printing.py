@@ -7,7 +7,6 @@ into NumPy source. It prints only NumPy functions that keep the dtype of their a
 
 from __future__ import annotations
 
-import builtins
 import keyword
 
 import sympy as sp
@@ -21,7 +20,10 @@ RESERVED = frozenset(
     set(keyword.kwlist)
     | set(keyword.softkwlist)
     | {"np", "cache", "dout", "sizes", "dtype", "batch_shape"}
-    | {n for n in dir(builtins) if not n.startswith("_")} - {"input", "type", "format", "vars"}
+    # the module-level names and builtins the generated functions themselves call
+    | {"NAME", "ARGS", "PARAMS", "CONSTS", "OUTPUTS", "SHAPES", "FORMULAS", "HYPERPARAMETERS"}
+    | {"INDEX_RANGES", "float", "int", "bool", "range", "min", "max", "len", "tuple", "dict"}
+    | {"ValueError", "TypeError", "isinstance", "None", "True", "False"}
 )
 
 

@@ -957,7 +957,9 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     context = {
         "version": __version__,
         "source": source or f"the scan of {cell.name!r}",
-        "command": command or f"symdl generate {seq.name}",
+        "command": "; ".join(
+            part.strip() for part in (command or f"symdl generate {seq.name}").splitlines() if part.strip()
+        ),
         "digest": "{digest}",
         "summary": summary,
         "cell_name": cell.name,

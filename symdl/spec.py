@@ -16,6 +16,7 @@ named dimension.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -405,6 +406,15 @@ def _build_spec(layer: Layer) -> Spec:
         seen.add(n)
     if not (layer.inputs or layer.params):
         raise SpecError("a layer requires at least one input or parameter, got none")
+    from .printing import RESERVED
+
+    for n in layer.consts + tuple(layer.hyper):
+        if n in RESERVED:
+            raise SpecError(
+                f"keyword argument {n!r} requires a name the generated module does not use "
+                f"itself (it is reserved: a Python keyword, numpy's np, or a local such as "
+                f"cache, dout, sizes, dtype), got {n!r}"
+            )
 
     ranks: dict[str, int] = {}
     has_ell: dict[str, bool] = {}
@@ -838,6 +848,17 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
     """Reject anything but tensors, indices, numbers, hyperparameters and allowed functions."""
     where = f"equation {k + 1}"
     if isinstance(expr, _Reduction):
+        if len(set(expr.indices)) != len(expr.indices):
+            raise SpecError(
+                f"{expr.op_name} in {where} requires distinct indices, got "
+                f"{', '.join(i.name for i in expr.indices)}"
+            )
+        bound_again = [i for i in expr.indices if i in bound]
+        if bound_again:
+            raise SpecError(
+                f"{expr.op_name} in {where} requires indices not already summed by an enclosing "
+                f"reduction, got {bound_again[0].name}"
+            )
         for ix in expr.indices:
             if not is_index(ix):
                 raise SpecError(
@@ -898,8 +919,10 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
             raise SpecError(f"Size in {where} requires an index symbol, got {sp.sstr(expr.args[0])}")
         return
     if isinstance(expr, (sp.Number, sp.NumberSymbol)) or expr in (sp.true, sp.false):
-        if expr.has(sp.zoo, sp.oo, sp.nan, -sp.oo):
-            raise SpecError(f"{where} requires finite numbers, got {sp.sstr(expr)}")
+        if expr.has(sp.zoo, sp.oo, sp.nan, -sp.oo) or (
+            isinstance(expr, sp.Number) and not math.isfinite(float(expr))
+        ):
+            raise SpecError(f"{where} requires numbers that fit a float, got {sp.sstr(expr)}")
         return
     if isinstance(expr, (sp.Function, sp.Piecewise, sp.Max, sp.Min)):
         if not isinstance(expr, ALLOWED_FUNCTIONS):

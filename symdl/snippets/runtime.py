@@ -128,11 +128,12 @@ def _check_index(name, array, size):
 
 
 def _argmax_mask(values, axes):
-    """True at the first maximum over the trailing ``axes`` axes of ``values``, else False."""
+    """1 at the first maximum over the trailing ``axes`` axes of ``values``, else 0."""
     lead = values.shape[: values.ndim - axes]
     flat = values.reshape(lead + (-1,))
     first = flat.argmax(axis=-1)
-    return (np.arange(flat.shape[-1]) == first[..., None]).reshape(values.shape)
+    mask = np.arange(flat.shape[-1]) == first[..., None]
+    return mask.reshape(values.shape).astype(values.dtype)
 
 
 def _sigmoid(x):
