@@ -218,11 +218,14 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     for name, var, default in lowered.hyper:
         if isinstance(default, str):  # defaults to another hyperparameter (stride = kernel)
             conv = _conversion(spec.hyper[default])
-            pre.append(f"{var} = {hyper_vars[default]} if {var} is None else {conv}({var})")
+            pre.append(
+                f"{var} = {hyper_vars[default]} if {var} is None else "
+                f'_number("{name}", {var}, {conv})'
+            )
         elif isinstance(default, sp.Expr):  # a formula of the sizes, once they are known
-            expr_defaults.append((var, default))
+            expr_defaults.append((var, default, name))
         else:
-            pre.append(f"{var} = {_conversion(default)}({var})")
+            pre.append(f'{var} = _number("{name}", {var}, {_conversion(default)})')
     pad_hypers = {str(w) for widths in spec.pads.values() for w in widths.values() if w.is_Symbol}
     coef_hypers = {
         s.name for f in spec.derived.values() for s in f.free_symbols if s.name in spec.hyper
@@ -253,9 +256,9 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         fill = repr(float(spec.optional[c.name]))
         shape = _shape_expr(c.dims, dv)
         pre.append(f"if {c.var} is None:\n    {c.var} = np.full({shape}, {fill}, dtype=dtype)")
-    for var, default in expr_defaults:
+    for var, default, name in expr_defaults:
         text = _float_formula(default, names)
-        pre.append(f"{var} = {text} if {var} is None else float({var})")
+        pre.append(f'{var} = {text} if {var} is None else _number("{name}", {var}, float)')
     for dname, formula in spec.derived.items():
         text = _int_formula(formula, names)
         pre.append(f"{dv[dname]} = {text}")
@@ -330,6 +333,8 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     returns = rets[0] + "," if len(rets) == 1 else ", ".join(rets)
 
     helpers = [_snippet(_runtime, n) for n in ("_float_arg", "_int_arg", "_common_dtype", "_bind_shapes", "_check_dout")]
+    if lowered.hyper:
+        helpers.append(_snippet(_runtime, "_number"))
     if lowered.index_ranges:
         helpers.append(_snippet(_runtime, "_check_index"))
     for h in sorted(lowered.helpers):

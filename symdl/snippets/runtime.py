@@ -11,7 +11,10 @@ NAME = "layer"
 
 def _float_arg(name, value, dtype=None):
     """``value`` as a floating-point array (of ``dtype`` when given)."""
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError as err:
+        raise ValueError(f"{NAME}: argument {name!r} requires an array, got {err}") from None
     if dtype is None:
         if not np.issubdtype(array.dtype, np.floating):
             raise TypeError(
@@ -29,7 +32,10 @@ def _float_arg(name, value, dtype=None):
 
 def _int_arg(name, value):
     """``value`` as an integer array."""
-    array = np.asarray(value)
+    try:
+        array = np.asarray(value)
+    except ValueError as err:
+        raise ValueError(f"{NAME}: argument {name!r} requires an array, got {err}") from None
     if not np.issubdtype(array.dtype, np.integer):
         raise TypeError(
             f"{NAME}: argument {name!r} requires an integer array, got dtype {array.dtype}"
@@ -140,3 +146,16 @@ def _sigmoid(x):
     """The logistic function 1 / (1 + exp(-x)); exp(-x) overflowing to inf gives exactly 0."""
     with np.errstate(over="ignore"):
         return 1 / (1 + np.exp(-x))
+
+
+def _number(name, value, kind):
+    """A hyperparameter as a Python ``float``, ``int`` or ``bool``."""
+    if kind is bool:
+        return bool(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(
+            f"{NAME}: hyperparameter {name!r} requires a number, got {type(value).__name__}"
+        )
+    if kind is int and value != int(value):
+        raise TypeError(f"{NAME}: hyperparameter {name!r} requires an integer, got {value}")
+    return kind(value)
