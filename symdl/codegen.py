@@ -292,7 +292,8 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         elif "..." in dims:
             reshapes.append(f"{var} = {var}.reshape({_shape_expr(dims, dv, batch=True)})")
         out_vars.append(var)
-    cache_items = [f'"{k}": {v}' for k, v in lowered.cache]
+    # cache keys are the variables' own names, which never collide with "sizes" or "dtype"
+    cache_items = [f'"{v}": {v}' for k, v in lowered.cache]
     bdims = [x for x in lowered.backward_dims if x != "..."]
     if bdims:
         cache_items.append('"sizes": (' + ", ".join(dv[x] for x in bdims) + ("," if len(bdims) == 1 else "") + ")")
@@ -307,7 +308,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     # backward preamble
     bpre: list[str] = []
     if lowered.cache:
-        bpre.append(", ".join(v for _, v in lowered.cache) + " = " + ", ".join(f'cache["{k}"]' for k, _ in lowered.cache))
+        bpre.append(", ".join(v for _, v in lowered.cache) + " = " + ", ".join(f'cache["{v}"]' for _, v in lowered.cache))
     if bdims:
         bpre.append(", ".join(dv[x] for x in bdims) + ("," if len(bdims) == 1 else "") + ' = cache["sizes"]')
     if lowered.has_ell:

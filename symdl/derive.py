@@ -142,6 +142,11 @@ def derive(layer: Layer | Spec) -> Derivation:
         return _derive(spec)
     except DeriveError as err:
         raise err.with_context(f"layer {spec.name!r}") from None
+    except RecursionError:
+        raise DeriveError(
+            f"layer {spec.name!r}: differentiating requires less deeply nested expressions, got "
+            f"one too deep for SymPy"
+        ) from None
 
 
 def _derive(spec: Spec) -> Derivation:

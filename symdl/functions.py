@@ -170,8 +170,9 @@ class Size(sp.Function):
 
     nargs = 1
 
-    def _latex(self, printer):
-        return rf"\left|{printer._print(self.args[0])}\right|"
+    def _latex(self, printer, exp=None):
+        text = rf"\left|{printer._print(self.args[0])}\right|"
+        return f"{text}^{{{exp}}}" if exp is not None else text
 
 
 def Sum(body, *indices):

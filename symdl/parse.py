@@ -376,8 +376,10 @@ def _hyper(value) -> dict[str, object]:
                 num = ast.literal_eval(default)
             except (ValueError, SyntaxError):
                 num = None
-            if isinstance(num, bool) or not isinstance(num, (int, float)):
-                raise ParseError(f"hyperparameter {name!r} requires a number as default, got {default!r}")
+            if isinstance(num, bool) or not isinstance(num, (int, float)) or not math.isfinite(num):
+                raise ParseError(
+                    f"hyperparameter {name!r} requires a finite number as default, got {default!r}"
+                )
             out[name] = num
         else:
             out[name] = None

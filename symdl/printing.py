@@ -67,7 +67,7 @@ class NumpyPrinter(_SympyNumPyPrinter):
         # arrays; as a Python float it stays weak
         if (
             isinstance(expr, sp.Basic)
-            and text.startswith("np.")
+            and (text.startswith("np.") or text.startswith("_sigmoid(") or text.startswith("_erf("))
             and text not in ("np.pi", "np.e")
             and not text.startswith("np.where")
             and not self._is_array(expr)
@@ -138,7 +138,9 @@ class NumpyPrinter(_SympyNumPyPrinter):
 
     def _print_xlogy(self, expr):
         a, b = (self._print(x) for x in expr.args)
-        return f"{self.parenthesize(expr.args[0], 50)} * np.log(np.where({a} == 0, 1, {b}))"
+        if not self._is_array(expr.args[1]):  # a constant b: no where() array to promote a
+            return f"({self.parenthesize(expr.args[0], 50)} * float(np.log({b})))"
+        return f"({self.parenthesize(expr.args[0], 50)} * np.log(np.where({a} == 0, 1, {b})))"
 
     def _print_stop_gradient(self, expr):
         return self._print(expr.args[0])

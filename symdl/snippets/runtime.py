@@ -156,6 +156,8 @@ def _number(name, value, kind):
         raise TypeError(
             f"{NAME}: hyperparameter {name!r} requires a number, got {type(value).__name__}"
         )
+    if not np.isfinite(value):
+        raise ValueError(f"{NAME}: hyperparameter {name!r} requires a finite number, got {value}")
     if kind is int and value != int(value):
         raise TypeError(f"{NAME}: hyperparameter {name!r} requires an integer, got {value}")
     return kind(value)
