@@ -8,6 +8,17 @@ from ..spec import ELL, Layer, indices, tensors
 x, x1, x2, weight, bias, y, m, e, s, lse, idx = tensors("x x1 x2 weight bias y m e s lse indices")
 n, i, j, o, c, d = indices("n i j o c d")
 
+
+
+def log_sum_exp(scores, row, col):
+    """Equations for lse[row] = log Sum(exp(scores), col), stabilised by the row maximum
+    (a stop-gradient: exact, since the log-sum-exp shifts with its argument)."""
+    return [
+        (m[row], stop_gradient(Max(scores, col))),
+        (lse[row], m[row] + sp.log(Sum(sp.exp(scores - m[row]), col))),
+    ]
+
+
 LAYERS = [
     Layer(
         "linear",
@@ -53,8 +64,7 @@ LAYERS = [
     Layer(
         "log_softmax",
         [
-            (m[n], stop_gradient(Max(x[n, c], c))),
-            (lse[n], m[n] + sp.log(Sum(sp.exp(x[n, c] - m[n]), c))),
+            *log_sum_exp(x[n, c], n, c),
             (y[n, c], x[n, c] - lse[n]),
         ],
         inputs="x",

@@ -2,8 +2,9 @@
 
 import sympy as sp
 
-from ..functions import Max, Mean, Sum, softplus, stop_gradient, xlogy
+from ..functions import Mean, Sum, softplus, stop_gradient, xlogy
 from ..spec import ELL, Layer, indices, scalar, tensors
+from .dense import log_sum_exp
 
 inp, target, logits, log_probs, var, v, r, w, m, lse = tensors(
     "input target logits log_probs var v r w m lse"
@@ -48,8 +49,7 @@ LAYERS = [
     Layer(
         "cross_entropy",
         [
-            (m[n], stop_gradient(Max(logits[n, c], c))),
-            (lse[n], m[n] + sp.log(Sum(sp.exp(logits[n, c] - m[n]), c))),
+            *log_sum_exp(logits[n, c], n, c),
             (L, Mean(lse[n] - logits[n, target[n]], n)),
         ],
         inputs="logits",
