@@ -306,12 +306,13 @@ class Lowerer:
         arrays: set = set()
         reps = {}
         for occ in occurrences(expr, self.arrays):
-            sym = sp.Dummy(occurrence_name(occ))
+            sym = sp.Dummy(occurrence_name(occ), real=True)
             names[sym] = self.operand(occ, frame, scope)
             reps[occ] = sym
             if occurrence_indices(occ):
                 arrays.add(sym)
-        body = expr.xreplace(reps)
+        with sp.evaluate(False):  # renaming only: re-evaluating nested functions is exponential
+            body = expr.xreplace(reps)
         for s in body.free_symbols:
             if s in names:
                 continue
@@ -322,7 +323,11 @@ class Lowerer:
                 self.phase.dims.add(s.name)
                 names[s] = self.dim_vars[s.name]
             elif is_index(s) and s in frame:  # the value of an index: 0, 1, 2, ...
-                names[s] = self.align(f"np.arange({self.dimvar(scope, s)})", (s,), frame)
+                arange = f"np.arange({self.dimvar(scope, s)})"
+                if _in_arithmetic(body, s):  # in the arguments' dtype: no float64 promotion
+                    self.flags["dtype"] = True
+                    arange = f"np.arange({self.dimvar(scope, s)}, dtype=dtype)"
+                names[s] = self.align(arange, (s,), frame)
                 arrays.add(s)
             else:
                 raise LowerError(f"lowering requires known symbols, got {s.name!r}")
@@ -349,6 +354,9 @@ class Lowerer:
             return text
         shape = ", ".join(self.dimvar(scope, i) for i in frame)
         shape = f"({shape},)" if len(frame) == 1 else f"({shape})"
+        if not occurrences(expr, self.arrays) and not any(is_index(s) for s in expr.free_symbols):
+            self.flags["dtype"] = True  # a constant: an array of the arguments' dtype
+            return f"np.full({shape}, {text}, dtype=dtype)"
         return f"np.broadcast_to({text}, {shape})"
 
     def reduction(self, op: str, body: sp.Expr, out: tuple, red: tuple, scope: int) -> str:
@@ -744,6 +752,15 @@ class _Sum(sp.Expr):
         return f"Sum({printer._print(self.args[0])}, {idx})"
 
 
+def _in_arithmetic(expr: sp.Expr, symbol: sp.Symbol) -> bool:
+    """Whether ``symbol`` occurs in ``expr`` outside comparisons (where integers serve)."""
+    if expr == symbol:
+        return True
+    if isinstance(expr, sp.core.relational.Relational):
+        return False
+    return any(_in_arithmetic(a, symbol) for a in expr.args)
+
+
 def _floats(expr: sp.Expr) -> sp.Expr:
     """Non-integer rationals as floats, so that ``1/2 * x`` prints as ``0.5 * x`` (exponents
     stay exact, so ``x**(1/2)`` still prints as ``np.sqrt(x)``)."""
@@ -752,7 +769,7 @@ def _floats(expr: sp.Expr) -> sp.Expr:
         value = expr.evalf(17)
         if value.is_Number:
             return sp.Float(value, 17)
-    if expr.is_Mul:
+    if expr.is_Mul and not expr.is_number:
         num = sp.Mul(*[a for a in expr.args if a.is_number])
         rest = [_floats(a) for a in expr.args if not a.is_number]
         if num == 1:

@@ -31,14 +31,7 @@ def rng():
 #: Engine bugs found by tests/test_hypothesis.py and not fixed yet (issue "Reliability"). Each is
 #: a strict xfail: the day the engine is fixed, the test passes, pytest reports XPASS as a
 #: failure, and the entry must be removed.
-KNOWN_FAILURES = {
-    "test_colliding_names_found[hyper-dt0]": "a hyperparameter named like an adjoint (dt0) is renamed",
-    "test_colliding_names_found[hyper-exp]": "reference_forward: a hyperparameter named exp shadows exp()",
-    "test_pathological_input[tanh-nested-12]": "nested tanh: SymPy re-evaluation in lowering is exponential",
-    "test_pathological_input[product-of-200-shifted]": "a product of 200 factors: derivative blows up",
-    "test_fuzz_chain": "a random chain of intermediates fails (see the test's falsifying example)",
-    "test_fuzz_found[constant-over-softplus-of-constant]": "RecursionError in lowering of constants",
-}
+KNOWN_FAILURES: dict[str, str] = {}
 
 
 def pytest_collection_modifyitems(config, items):
