@@ -12,7 +12,6 @@ import hashlib
 import inspect
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import jinja2
@@ -20,6 +19,7 @@ import sympy as sp
 from sympy.printing.str import StrPrinter
 
 from . import __version__
+from .cache import write_atomic  # noqa: F401 - re-exported: symdl.codegen.write_atomic
 from .derive import Derivation, derive
 from .errors import CodegenError
 from .latex import backward_text, formulas, forward_text
@@ -105,18 +105,26 @@ def _rawstr(text: str) -> str:
     return repr(text)
 
 
+_ENVIRONMENT: jinja2.Environment | None = None
+
+
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-    )
-    env.filters["pyrepr"] = _pyrepr
-    env.filters["rawstr"] = _rawstr
-    return env
+    """The Jinja environment of the module templates, built once (templates are compiled on
+    first use and kept; a template file changed on disk is reloaded)."""
+    global _ENVIRONMENT
+    if _ENVIRONMENT is None:
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+        )
+        env.filters["pyrepr"] = _pyrepr
+        env.filters["rawstr"] = _rawstr
+        _ENVIRONMENT = env
+    return _ENVIRONMENT
 
 
 def _snippet(module, name: str) -> str:
@@ -437,26 +445,6 @@ def format_source(text: str) -> str:
     if proc.returncode != 0:
         raise CodegenError(f"ruff format failed: {proc.stderr.strip()}")
     return proc.stdout
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def generate_source(
