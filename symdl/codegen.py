@@ -24,9 +24,6 @@ from .derive import Derivation, derive
 from .errors import CodegenError
 from .latex import backward_text, formulas, forward_text
 from .lower import Lowered, lower
-from .snippets import erf as _erf_snippet
-from .snippets import extras as _extras
-from .snippets import runtime as _runtime
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 if not TEMPLATES.is_dir():  # a source checkout: templates/ beside the package
@@ -127,7 +124,42 @@ def _environment() -> jinja2.Environment:
     return _ENVIRONMENT
 
 
+class _SnippetSource:
+    """The functions of a module of symdl/snippets as text, read from its file without importing
+    it (the snippets import NumPy, which writing code does not need). ``hasattr`` tells whether
+    the module defines a function; :func:`_snippet` returns its text as ``inspect.getsource``
+    does."""
+
+    def __init__(self, name: str):
+        self.__path = Path(__file__).resolve().parent / "snippets" / f"{name}.py"
+        self.__texts: dict[str, str] | None = None
+
+    def _texts(self) -> dict[str, str]:
+        if self.__texts is None:
+            lines = self.__path.read_text(encoding="utf-8").splitlines(True)
+            texts = {}
+            for node in ast.parse("".join(lines)).body:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                    texts[node.name] = "".join(inspect.getblock(lines[first - 1 :]))
+            self.__texts = texts
+        return self.__texts
+
+    def __getattr__(self, name: str) -> str:
+        try:
+            return self._texts()[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_erf_snippet = _SnippetSource("erf")
+_extras = _SnippetSource("extras")
+_runtime = _SnippetSource("runtime")
+
+
 def _snippet(module, name: str) -> str:
+    if isinstance(module, _SnippetSource):
+        return getattr(module, name).rstrip() + "\n"
     return inspect.getsource(getattr(module, name)).rstrip() + "\n"
 
 
