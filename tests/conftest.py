@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,21 @@ def load_generated(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """The generated-module cache of every test (and of the processes tests start) lives in a
+    fresh directory, never in the user's cache."""
+    saved = {k: os.environ.get(k) for k in ("SYMDL_CACHE_DIR", "SYMDL_NO_CACHE")}
+    os.environ["SYMDL_CACHE_DIR"] = str(tmp_path_factory.mktemp("symdl-cache"))
+    os.environ.pop("SYMDL_NO_CACHE", None)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture
