@@ -444,11 +444,14 @@ class Lowerer:
         if not self.options["absorb"]:
             return operands
         operands = list(operands)
+        # a strided view (a window of an input) is never the host: multiplying into it would
+        # materialize the window, kernel-size times the input
+        views = {v for v, _ in self.views.values()}
         while len(operands) > 2:
             pair = None
             for a, (va, ia) in enumerate(operands):
                 for b, (vb, ib) in enumerate(operands):
-                    if a != b and set(ia) <= set(ib):
+                    if a != b and set(ia) <= set(ib) and vb not in views:
                         pair = (a, b)
                         break
                 if pair:
