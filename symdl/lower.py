@@ -96,6 +96,7 @@ class Lowerer:
         self.spec = derivation.spec
         self.tensors = derivation.tensors
         self.arrays = set(derivation.tensors) | set(derivation.adjoints.values())
+        self.adjoint_of = {adj: t for t, adj in derivation.adjoints.items()}
         self.namer = Namer()
         self.var: dict[str, str] = {}
         for n in list(self.spec.args) + list(self.spec.consts) + list(self.spec.hyper):
@@ -766,7 +767,7 @@ class Lowerer:
         """Slices of ``tensor`` at index ``positions`` whose symbols in ``loop_vars`` are fixed
         (loop variables or constants) and whose others (at most one a position) run over their
         range: ``[:, :, p : p + stride * (OH - 1) + 1 : stride]``; trailing ``:`` dropped."""
-        info = self.tensors[tensor]
+        info = self.tensors[tensor] if tensor in self.tensors else self.tensors[self.adjoint_of[tensor]]
         slices = []
         for p, ix in enumerate(positions):
             syms = [s for s in position_symbols(ix) if s not in loop_vars]
@@ -802,8 +803,9 @@ class Lowerer:
             name = occurrence_name(occ)
             if name in self.argidx:
                 continue
-            if name not in self.tensors:
-                return False
+            primal = self.adjoint_of.get(name)
+            if name not in self.tensors and (primal is None or self.spec.pads.get(primal)):
+                return False  # (an adjoint reads like its tensor, when that is not padded)
             seen: set = set()
             for ix in occ.indices:
                 syms = [s for s in position_symbols(ix) if s not in fixed]
