@@ -419,6 +419,7 @@ class Lowerer:
             self.emit(f"{tmp} = {text}")
             operands.append((tmp, idx))
         operands = self.absorb(operands)
+        operands, red = self.pairwise(operands, out, red, scope)
         present = set().union(*[set(i) for _, i in operands]) if operands else set()
         for ix in red:  # a reduced index no operand carries: the sum is a count
             if ix not in present:
@@ -478,6 +479,43 @@ class Lowerer:
             self._register(tmp)
             operands = [o for k, o in enumerate(operands) if k not in pair] + [(tmp, ib)]
         return operands
+
+    def pairwise(self, operands: list, out: tuple, red: tuple, scope: int) -> tuple[list, tuple]:
+        """A sum over three or more operands as a chain of two-operand contractions, each
+        summing the indices no other operand carries: the pair with the smallest result goes
+        first, and a pair already contracted earlier in the function is reused (before: one
+        einsum over all operands, whose loop cannot use BLAS or the shared result)."""
+        if not self.options["pairwise"]:
+            return operands, red
+        operands = list(operands)
+        frame = tuple(out) + tuple(red)
+        while len(operands) > 2:
+            best = None
+            for a in range(len(operands)):
+                for b in range(a + 1, len(operands)):
+                    (va, ia), (vb, ib) = operands[a], operands[b]
+                    others = {i for k, (_, ik) in enumerate(operands) if k not in (a, b) for i in ik}
+                    summed = tuple(i for i in red if (i in ia or i in ib) and i not in others)
+                    if not summed:
+                        continue
+                    kept = ordered(set(ia) | set(ib), frame)
+                    kept = tuple(i for i in kept if i not in summed)
+                    text = self.contract([operands[a], operands[b]], kept, summed, scope)
+                    key = (len(kept), text not in self.memo, a, b)
+                    if best is None or key < best[0]:
+                        best = (key, a, b, kept, text)
+            if best is None:
+                break
+            _, a, b, kept, text = best
+            tmp = self.memo.get(text) if self.options["share"] else None
+            if tmp is None:
+                tmp = self.namer.temp()
+                self.emit(f"{tmp} = {text}")
+                self.memo[text] = tmp
+            self._register(tmp)
+            operands = [o for k, o in enumerate(operands) if k not in (a, b)] + [(tmp, kept)]
+            red = tuple(i for i in red if i in kept or any(i in ik for _, ik in operands))
+        return operands, red
 
     def _register(self, var: str):
         """Let a lowering temporary stand as an operand in expressions."""
@@ -1212,6 +1250,7 @@ OPTIMIZATIONS = {
     "grouped_matmul": False,
     "running_max": True,  # a Max over kernel offsets as a running maximum, arg-max as an index
     "offset_scatter": True,  # adjoints of window reads: offsets outermost, values per offset
+    "pairwise": True,  # sums over 3+ operands as a chain of shared two-operand contractions
 }
 
 

@@ -105,3 +105,24 @@ def test_running_max_ties_and_overlaps(stride, padding):
     np.testing.assert_array_equal(y1, y2)
     dy = np.random.default_rng(4).standard_normal(y1.shape)
     np.testing.assert_array_equal(on.backward(dy, c1)[0], off.backward(dy, c2)[0])
+
+
+def _einsum_operand_counts(text):
+    import re
+
+    return [spec.split("->")[0].count(",") + 1 for spec in re.findall(r'np\.einsum\("([^"]+)"', text)]
+
+
+@pytest.mark.parametrize("name", ["local_attention", "scaled_dot_product_attention", "bilinear"])
+def test_pairwise_contractions(name, rng):
+    """Sums over three operands become two-operand contractions (sharing one computed earlier
+    where there is one); with the switch off, a three-operand einsum is left."""
+    d = derive(LAYERS[name])
+    on, off = generate_source(d), generate_source(d, options={"pairwise": False})
+    three = [_einsum_operand_counts(t).count(3) for t in (on, off)]
+    assert three[0] < three[1], three  # (bilinear's dweight keeps one: n is in every operand)
+    args, kwargs = R.DOMAINS[name](rng)
+    a, b = (_run(load_module(t, name), args, kwargs, rng) for t in (on, off))
+    for x, y in zip(a, b):
+        for u, w in zip(x, y):
+            np.testing.assert_allclose(u, w, rtol=1e-10, atol=1e-12)
