@@ -79,6 +79,7 @@ class Lowered:
     needs_dtype: bool
     has_ell: bool
     index_ranges: dict[str, str] = dataclasses.field(default_factory=dict)
+    adjoint_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # adjoint -> its variable
 
 
 class _Phase:
@@ -937,6 +938,7 @@ OPTIMIZATIONS = {
     "factor_out": True,  # factors free of the summed indices applied after the sum
     "share": True,  # an identical contraction or scatter value computed once
     "views": True,  # plain slices instead of strided views where they serve
+    "same_adjoint": True,  # an adjoint built by the very same contributions as another: reused
 }
 
 
@@ -974,9 +976,18 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
     lw.owned = set()
     lw.flags["dtype"] = False
     defined: set[str] = set()
-    for c in d.backward:
-        lw.lower_contribution(c, defined)
+    same = _same_adjoints(d) if lw.options["same_adjoint"] else {}
+    last = {c.target: k for k, c in enumerate(d.backward)}
+    complete = {}  # the position after which each duplicate's original holds its final value
+    for dup, orig in same.items():
+        complete.setdefault(last[orig], []).append(dup)
+    for k, c in enumerate(d.backward):
+        if c.target not in same:
+            lw.lower_contribution(c, defined)
+        for dup in complete.get(k, ()):  # the same array under the duplicate's name
+            lw.alias[lw.var[dup]] = lw.v(same[dup])
     grads = []
+    returned: set[str] = set()
     for n in spec.args:
         adj = d.grads[n]
         if adj is None:
@@ -984,6 +995,9 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
             grads.append((n, f"np.zeros({lw.shape_of(n)}, dtype=dtype)"))
         else:
             text = lw.v(adj)
+            if text in returned and (adj in same or adj in same.values()):  # one array each
+                text = f"{text}.copy()"
+            returned.add(text)
             pads = spec.pads.get(n, {})
             if pads:
                 dims = d.tensors[n].dims
@@ -1032,4 +1046,33 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
         needs_dtype=forward_needs_dtype or backward_needs_dtype,
         has_ell=has_ell,
         index_ranges=dict(spec.gathers),
+        adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
     )
+
+
+def _same_adjoints(d: Derivation) -> dict[str, str]:
+    """Adjoints built by exactly the same contributions (same index lists, bodies and sums) as
+    an earlier one, mapped to that one: an LSTM's ``dgi`` and ``dgh`` (both gate projections
+    feed the same pre-activations) are one array, computed once."""
+    by_target: dict[str, list] = {}
+    for c in d.backward:
+        by_target.setdefault(c.target, []).append(c)
+    outputs = {d.adjoints[o] for o in d.spec.outputs}
+    seen: dict = {}
+    same: dict[str, str] = {}
+    for target, cs in by_target.items():
+        tensor = cs[0].tensor
+        info = d.tensors[tensor]
+        if target in outputs or tensor in d.spec.pads:
+            continue
+        key = (
+            info.dims,
+            tuple(
+                (c.lhs, c.body, c.reduce, c.over, c.scope, c.first, c.is_gather) for c in cs
+            ),
+        )
+        if key in seen:
+            same[target] = seen[key]
+        else:
+            seen[key] = target
+    return same
