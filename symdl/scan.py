@@ -562,8 +562,8 @@ def _defer(seq: Sequence, parts: ScanParts, d) -> Deferred | None:
         """Every read is a whole per-step array (or a constant) through plain indices."""
         for occ in occurrences(c.body, names):
             n = occurrence_name(occ)
-            if n not in adjoint_of and n not in spec.args:
-                return False  # a forward intermediate: not kept per step
+            if n not in adjoint_of and n not in d.tensors:
+                return False
             for p, ix in enumerate(occurrence_indices(occ)):
                 if not is_index(ix) or spec.index_dims[(c.scope, ix)] != dims(n)[p]:
                     return False
@@ -589,6 +589,10 @@ def _defer(seq: Sequence, parts: ScanParts, d) -> Deferred | None:
             and tuple(occurrence_indices(body)) == tuple(cs[0].lhs)
         ):
             canon[target] = occurrence_name(body)
+    from .lower import _same_adjoints
+
+    for dup, orig in _same_adjoints(d).items():  # the same contributions: the same values
+        canon.setdefault(dup, orig)
 
     def resolve(name):
         while name in canon:
@@ -651,7 +655,7 @@ def _defer(seq: Sequence, parts: ScanParts, d) -> Deferred | None:
     # the loop's derivation: the rest of the backward, caching only what that rest reads
     targets = {d.grads[n] for n in deferred}
     backward = [c for c in d.backward if c.target not in targets]
-    referenced: set[str] = set(spec.keep)
+    referenced = set(spec.keep) | {n for n in per_step if n not in spec.args}  # kept per step
     for c in backward:
         referenced |= {occurrence_name(o) for o in occurrences(c.body, d.tensors)}
         referenced |= {occurrence_name(ix) for ix in c.lhs if isinstance(ix, sp.Indexed)}
@@ -850,12 +854,20 @@ def sequence_source(
     # name -> (cache key, the forward's expression); a state stacked as an output is read
     # from one (T + 1, ...) array whose tail is that output, without a copy
     over_steps: dict[str, tuple[str, str]] = {}
+    kept: list[str] = []  # loop lines keeping step intermediates
     state_steps: dict[str, str] = {}  # state -> the (T, ...) array it is copied into per step
     with_state: dict[str, str] = {}  # output -> the (T + 1, ...) array it is the tail of
     for n in deferred.per_step if deferred is not None else ():
         key = namer.claim(f"{n}_steps")
         if n in parts.time_varying:
             over_steps[n] = (key, hoisted_var[n])
+        elif n not in step_spec.args:  # a step intermediate, copied out of each step's cache
+            info = sp_.derivation.tensors[n]
+            body.append(f"{key} = np.empty({shape((TIME_DIM,) + info.dims, fused)}, dtype=dtype)")
+            per_t = [c for c, _ in sp_.cache if c not in step_spec.params + parts.invariant]
+            k = per_t.index(n)
+            kept.append(f"{key}[{t}] = {step_cache}[{k}]  # {n}")
+            over_steps[n] = (key, key)
         elif n in seq.per_step:
             over_steps[n] = (key, var[n])
         else:
@@ -920,7 +932,7 @@ def sequence_source(
                 else f"{state_var[s]} = {v}"
             )
     loop.append(f"{', '.join(targets + [step_cache])} = _step_forward({', '.join(step_args)})")
-    loop += after
+    loop += after + kept
     loop.append(f"{steps}.append({step_cache})")
     body.append(f"for {t} in range({dvar[TIME_DIM]}):")
     fused.add(TIME_DIM)
