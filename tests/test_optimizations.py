@@ -65,3 +65,27 @@ def test_plain_lowering_has_no_matrix_products():
 def test_unknown_option_is_an_error():
     with pytest.raises(LowerError, match="lowering options require names"):
         lower(derive(LAYERS["linear"]), {"fast": True})
+
+
+@pytest.mark.parametrize("name", ["lstm_cell", "rnn_cell"])
+def test_same_adjoint_switch(name, rng):
+    """An adjoint built by the same contributions as another is that array (the LSTM's dgi is
+    dgh; the Elman cell's two bias gradients are one sum, returned as two arrays); switched
+    off, both are built and the numbers agree."""
+    d = derive(LAYERS[name])
+    on, off = generate_source(d), generate_source(d, options={"same_adjoint": False})
+    fast, plain = load_module(on, name), load_module(off, name)
+    args, kwargs = R.DOMAINS[name](rng)
+    outs_f, grads_f = _run(fast, args, kwargs, rng)
+    outs_p, grads_p = _run(plain, args, kwargs, rng)
+    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    ids = [id(g) for g in grads_f]
+    assert len(set(ids)) == len(ids)  # every gradient its own array
+    if name == "lstm_cell":
+        assert "dgi = np.zeros" in off and "dgi = np.zeros" not in on
+        assert on.count("] += ") < off.count("] += ")
+    else:
+        assert on.count(".sum(") + on.count("np.einsum(") < off.count(".sum(") + off.count(
+            "np.einsum("
+        )
