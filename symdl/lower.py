@@ -121,6 +121,7 @@ class Lowerer:
         self.phase = _Phase()
         self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
         self.memo: dict[str, str] = {}  # contraction source -> the temporary holding it
+        self.fresh: set[str] = set()  # forward tensors held in a new array of their own
 
     def v(self, name: str) -> str:
         """The variable holding tensor (or adjoint) ``name``."""
@@ -532,9 +533,12 @@ class Lowerer:
         return f'np.einsum("{subs}", {ops}{opt})'
 
     # ---- programs ----------------------------------------------------------------------------
-    def lower_assign(self, a: Assign):
+    def lower_assign(self, a: Assign, dead: frozenset = frozenset()):
+        """``dead``: tensors no later statement reads (their arrays may be reused)."""
         var = self.var[a.target]
         comment = f"{_lhs_text(a.target, a.indices)} = {equation_text(_rhs_of(a))}"
+        if a.op == "map" and self.options["inplace"] and self.add_into(a, var, dead, comment):
+            return
         if a.op == "map":
             text = self.full(self.elementwise(a.expr, a.indices, a.scope), a.expr, a.indices, a.scope)
         elif a.op == "argmax":
@@ -546,6 +550,39 @@ class Lowerer:
         else:
             text = self.reduction(a.op, a.expr, a.indices, a.reduce, a.scope)
         self.emit(f"{var} = {text}", comment)
+        if a.op in ("sum", "map") and _fresh(text):
+            self.fresh.add(a.target)
+
+    def add_into(self, a: Assign, var: str, dead, comment: str) -> bool:
+        """``x = t + rest`` as ``t += rest; x = t`` when ``t`` is a whole array this function
+        made (a matrix product's result) that nothing reads afterwards: no new array, no
+        second pass over memory (the bias of a projection over all time steps)."""
+        if not isinstance(a.expr, sp.Add):
+            return False
+        for term in a.expr.args:
+            if (
+                isinstance(term, sp.Indexed)
+                and occurrence_name(term) in self.fresh
+                and occurrence_name(term) in dead
+                and tuple(term.indices) == tuple(a.indices)
+                and not self.needs_view(term, a.scope)
+            ):
+                break
+        else:
+            return False
+        rest = a.expr - term
+        if not rest.free_symbols or any(
+            isinstance(o, sp.Indexed) and set(plain_indices(o)) == set(a.indices)
+            for o in occurrences(rest, self.arrays)
+        ):
+            return False  # a scalar, or a term as large as the result: the plain sum is as fast
+        into = self.v(occurrence_name(term))
+        text = self.elementwise(rest, a.indices, a.scope)
+        self.emit(f"{into} += {text}", comment)
+        self.emit(f"{var} = {into}")
+        self.fresh.discard(occurrence_name(term))
+        self.memo = {k: v for k, v in self.memo.items() if v != into}
+        return True
 
     def lower_contribution(self, c: Contribution, defined: set):
         var = self.var[c.target]
@@ -939,6 +976,7 @@ OPTIMIZATIONS = {
     "share": True,  # an identical contraction or scatter value computed once
     "views": True,  # plain slices instead of strided views where they serve
     "same_adjoint": True,  # an adjoint built by the very same contributions as another: reused
+    "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
 }
 
 
@@ -962,8 +1000,13 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
 
     # forward
     lw.phase = _Phase()
-    for a in d.forward:
-        lw.lower_assign(a)
+    live = set(spec.outputs) | set(d.cached) | set(spec.args) | set(spec.consts)
+    dead_after = []
+    for a in reversed(d.forward):
+        dead_after.append(frozenset(set(d.tensors) - live))
+        live |= {occurrence_name(o) for o in occurrences(a.expr, d.tensors)}
+    for a, dead in zip(d.forward, reversed(dead_after)):
+        lw.lower_assign(a, dead)
     fwd = lw.phase
     for o in spec.outputs:
         fwd.dims.update(d.tensors[o].dims)
@@ -1048,6 +1091,18 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
         index_ranges=dict(spec.gathers),
         adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
     )
+
+
+def _fresh(text: str) -> bool:
+    """Whether the code ``text`` makes a new array: a matrix product, or an einsum whose
+    operands repeat no index (a repeated one can return a view of its operand)."""
+    if re.fullmatch(r"[\w.]+ @ [\w.]+", text):
+        return True
+    m = re.fullmatch(r'np\.einsum\("([a-zA-Z,]+)->([a-zA-Z]*)", [\w.,= ]+\)', text)
+    if m is None:
+        return False
+    terms = m.group(1).split(",")
+    return len(terms) >= 2 and all(len(set(t)) == len(t) for t in terms)
 
 
 def _same_adjoints(d: Derivation) -> dict[str, str]:

@@ -6,6 +6,8 @@ on the catalogue's test inputs, forward and backward, in float64."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import references as R
@@ -20,9 +22,20 @@ from symdl.lower import OPTIMIZATIONS, lower
 LAYERS = catalogue()
 PLAIN = {name: False for name in OPTIMIZATIONS}
 NAMES = [
-    "linear", "bilinear", "softmax", "layer_norm", "batch_norm", "conv2d", "max_pool2d",
-    "lstm_cell", "gru_cell", "scaled_dot_product_attention", "multi_head_self_attention",
-    "local_attention", "cross_entropy", "embedding",
+    "linear",
+    "bilinear",
+    "softmax",
+    "layer_norm",
+    "batch_norm",
+    "conv2d",
+    "max_pool2d",
+    "lstm_cell",
+    "gru_cell",
+    "scaled_dot_product_attention",
+    "multi_head_self_attention",
+    "local_attention",
+    "cross_entropy",
+    "embedding",
 ]
 
 
@@ -89,3 +102,24 @@ def test_same_adjoint_switch(name, rng):
         assert on.count(".sum(") + on.count("np.einsum(") < off.count(".sum(") + off.count(
             "np.einsum("
         )
+
+
+@pytest.mark.parametrize("name", ["linear", "conv2d", "multi_head_self_attention"])
+def test_inplace_switch(name, rng):
+    """A bias is added into the matrix product's own array (``t += bias``) when nothing else
+    reads the product; switched off it is a new array. Same numbers, and no argument is
+    modified."""
+    d = derive(LAYERS[name])
+    on, off = generate_source(d), generate_source(d, options={"inplace": False})
+    assert re.search(r"^    t\d+ \+= ", on, re.MULTILINE) and not re.search(
+        r"^    t\d+ \+= ", off, re.MULTILINE
+    )
+    fast, plain = load_module(on, name), load_module(off, name)
+    args, kwargs = R.DOMAINS[name](rng)
+    before = [np.array(a, copy=True) for a in args]
+    outs_f, grads_f = _run(fast, args, kwargs, rng)
+    for a, b in zip(args, before):
+        np.testing.assert_array_equal(a, b)
+    outs_p, grads_p = _run(plain, args, kwargs, rng)
+    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
