@@ -584,9 +584,11 @@ class Lowerer:
         self.memo = {k: v for k, v in self.memo.items() if v != into}
         return True
 
-    def lower_contribution(self, c: Contribution, defined: set):
+    def lower_contribution(self, c: Contribution, defined: set, shown: sp.Expr | None = None):
+        """``shown``: the body for the comment (``c.body`` may read a shared factor)."""
         var = self.var[c.target]
-        rhs = c.body if not c.reduce else _Sum(c.body, c.reduce)
+        rhs = c.body if shown is None else shown
+        rhs = rhs if not c.reduce else _Sum(rhs, c.reduce)
         op = "=" if c.first else "+="
         comment = f"{_lhs_text(c.target, c.lhs)} {op} {equation_text(rhs)}"
         if self.needs_view(c.occurrence, c.scope):
@@ -977,6 +979,7 @@ OPTIMIZATIONS = {
     "views": True,  # plain slices instead of strided views where they serve
     "same_adjoint": True,  # an adjoint built by the very same contributions as another: reused
     "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
+    "common_factor": True,  # a product several contributions of one assignment share, once
 }
 
 
@@ -1020,13 +1023,37 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
     lw.flags["dtype"] = False
     defined: set[str] = set()
     same = _same_adjoints(d) if lw.options["same_adjoint"] else {}
+    shared_body: dict[int, sp.Expr] = {}
     last = {c.target: k for k, c in enumerate(d.backward)}
     complete = {}  # the position after which each duplicate's original holds its final value
     for dup, orig in same.items():
         complete.setdefault(last[orig], []).append(dup)
+    common = _common_factors(d, same) if lw.options["common_factor"] else {}
     for k, c in enumerate(d.backward):
         if c.target not in same:
-            lw.lower_contribution(c, defined)
+            if k in common:  # the factor several contributions share, computed once
+                factor, idx, users = common[k]
+                tmp = lw.namer.temp()
+                text = lw.full(lw.elementwise(factor, idx, c.scope), factor, idx, c.scope)
+                lw.emit(
+                    f"{tmp} = {text}",
+                    f"{_lhs_text(tmp, idx)} = {equation_text(factor)}, a factor of the "
+                    f"{len(users)} contributions below",
+                )
+                lw._register(tmp)
+                ref = sp.IndexedBase(tmp, real=True)[idx] if idx else sp.Symbol(tmp, real=True)
+                for u in users:
+                    body = d.backward[u].body
+                    rest = [f for f in sp.Mul.make_args(body)]
+                    for f in sp.Mul.make_args(factor):
+                        rest.remove(f)
+                    shared_body[u] = sp.Mul(ref, *rest)
+            if k in shared_body:
+                lw.lower_contribution(
+                    dataclasses.replace(c, body=shared_body[k]), defined, shown=c.body
+                )
+            else:
+                lw.lower_contribution(c, defined)
         for dup in complete.get(k, ()):  # the same array under the duplicate's name
             lw.alias[lw.var[dup]] = lw.v(same[dup])
     grads = []
@@ -1103,6 +1130,45 @@ def _fresh(text: str) -> bool:
         return False
     terms = m.group(1).split(",")
     return len(terms) >= 2 and all(len(set(t)) == len(t) for t in terms)
+
+
+def _common_factors(d: Derivation, skipped: dict) -> dict[int, tuple]:
+    """Products that several contributions of one forward assignment share, beyond the
+    adjoint itself: ``dn * (1 - n**2)`` for the three arguments of GRU's ``n = tanh(...)``.
+    Position of the first contribution -> (factor, its indices, positions of the users)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, c in enumerate(d.backward):
+        if c.target not in skipped:
+            groups.setdefault((c.source, c.scope), []).append(k)
+    out = {}
+    for (_, _), ks in groups.items():
+        if len(ks) < 2:
+            continue
+        factors = None
+        for k in ks:
+            fs = list(sp.Mul.make_args(d.backward[k].body))
+            if factors is None:
+                factors = fs
+            else:
+                keep = []
+                for f in factors:
+                    if f in fs:
+                        fs.remove(f)
+                        keep.append(f)
+                factors = keep
+        factors = [f for f in factors or [] if not f.is_number]
+        arrays = set(d.tensors) | set(d.adjoints.values())
+        big = [f for f in factors if not isinstance(f, (sp.Indexed, sp.Symbol))]
+        if len(factors) < 2 or not big or not all(occurrences(f, arrays) for f in factors):
+            continue  # a single factor (the adjoint) costs nothing to read again
+        bodies = {d.backward[k].body for k in ks}
+        if len(bodies) == 1:
+            continue  # identical values: shared already
+        factor = sp.Mul(*factors)
+        c = d.backward[ks[0]]
+        idx = ordered(free_indices(factor), c.over)
+        out[ks[0]] = (factor, idx, ks)
+    return out
 
 
 def _same_adjoints(d: Derivation) -> dict[str, str]:

@@ -123,3 +123,25 @@ def test_inplace_switch(name, rng):
     outs_p, grads_p = _run(plain, args, kwargs, rng)
     for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_common_factor_switch(rng):
+    """GRU's n = tanh(gi + r * gh) passes dn * (1 - n**2) to its three arguments: computed
+    once with the switch on, three times off; the same numbers."""
+    d = derive(LAYERS["gru_cell"])
+    on, off = generate_source(d), generate_source(d, options={"common_factor": False})
+
+    def code(text):
+        return "\n".join(
+            line for line in text.splitlines() if not line.strip().startswith(("#", 'r"', "'"))
+        )
+
+    backward = code(on[on.index("def backward") :])
+    plain = code(off[off.index("def backward") :])
+    assert backward.count("n**2") == 1 and plain.count("n**2") == 3
+    fast, slow = load_module(on, "gru_cell"), load_module(off, "gru_cell")
+    args, kwargs = R.DOMAINS["gru_cell"](rng)
+    outs_f, grads_f = _run(fast, args, kwargs, rng)
+    outs_p, grads_p = _run(slow, args, kwargs, rng)
+    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
