@@ -880,12 +880,11 @@ def sequence_source(
                 body.append(f"{buf}[0] = {var[seq.initial[n]]}")
                 over_steps[n] = (key, f"{buf}[:-1]")
             else:
-                buf = namer.claim(f"{n}_steps")
-                state_steps[n] = buf
+                state_steps[n] = key
                 body.append(
-                    f"{buf} = np.empty({shape((TIME_DIM,) + cdims[n], fused)}, dtype=dtype)"
+                    f"{key} = np.empty({shape((TIME_DIM,) + cdims[n], fused)}, dtype=dtype)"
                 )
-                over_steps[n] = (key, buf)
+                over_steps[n] = (key, key)
     for y, o in seq.outputs.items():
         if y in with_state:
             body.append(f"{out_var[y]} = {with_state[y]}[1:]")

@@ -513,6 +513,29 @@ def _mix_seq():
     )
 
 
+def _two_seq():
+    """A state that is not stacked (m) feeding a recurrent weight's gradient."""
+    import sympy as sp
+
+    from symdl.functions import Sum, sigmoid
+    from symdl.spec import Layer, indices, tensors
+
+    x, h, m, w, u, v, h1, m1 = tensors("x h m w u v h1 m1")
+    b, i, j, k = indices("b i j k")
+    cell = Layer(
+        "two_cell",
+        [
+            (h1[b, j], sp.tanh(Sum(x[b, i] * w[j, i], i) + Sum(m[b, k] * u[j, k], k))),
+            (m1[b, j], sigmoid(Sum(h[b, k] * v[j, k], k)) * m[b, j] + h1[b, j]),
+        ],
+        inputs="x h m",
+        params="w u v",
+        outputs="h1 m1",
+        shapes={"x": ("B", "I"), "h": ("B", "H"), "m": ("B", "H"), "w": ("H", "I")},
+    )
+    return scan_layer(cell, "two", per_step="x", state={"h": "h1", "m": "m1"})
+
+
 def _scans():
     from symdl.layers.sequences import get
 
@@ -520,6 +543,7 @@ def _scans():
         **{name: get(name) for name in SEQS},
         "mgu": scan_layer(mgu_cell(), "mgu", per_step="x", state={"h": "h1"}),
         "mix": _mix_seq(),
+        "two": _two_seq(),
     }
 
 
@@ -538,7 +562,7 @@ def _random_args(module, rng, T=4, B=3):
     return args
 
 
-@pytest.mark.parametrize("name", [*SEQS, "mgu", "mix"])
+@pytest.mark.parametrize("name", [*SEQS, "mgu", "mix", "two"])
 def test_deferred_parameter_gradients_switch(name, rng):
     """With the scan's "defer" switch off the parameters' gradients are summed step by step in
     the loop (the plain scan); both give the same numbers, and on, no step computes one."""
@@ -547,6 +571,9 @@ def test_deferred_parameter_gradients_switch(name, rng):
     plain_text = sequence_source(seq, options={"defer": False})
     assert "def _step_param_grads" in fast_text and "def _step_param_grads" not in plain_text
     fast, plain = load_module(fast_text, name), load_module(plain_text, name)
+    if name == "two":  # not gradchecked elsewhere
+        result = gradcheck(fast)
+        assert result.ok, str(result)
     args = _random_args(fast, rng)
     out_f, cache_f = fast.forward(*args)
     out_p, cache_p = plain.forward(*args)
@@ -572,7 +599,7 @@ def _loop_of(src):
     return next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.For))
 
 
-@pytest.mark.parametrize("name", [*SEQS, "mgu", "mix"])
+@pytest.mark.parametrize("name", [*SEQS, "mgu", "mix", "two"])
 def test_no_parameter_gradient_inside_the_backward_loop(name):
     """dW_hh (and every recurrent weight's gradient) is one contraction over all T*B rows after
     the loop: the step's backward computes no parameter gradient, the loop accumulates nothing,
