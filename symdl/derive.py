@@ -392,6 +392,17 @@ def _derive(spec: Spec) -> Derivation:
     )
 
 
+def backward_reads(d: Derivation) -> set[tuple[str, int]]:
+    """The occurrences of forward tensors the backward reads, as ``(sp.srepr(occ), scope)``:
+    a forward read of the same occurrence may hand its value (a window copied into a
+    matrix, say) to the backward instead of the tensor it reads."""
+    reads = set()
+    for c in d.backward:
+        for occ in occurrences(c.body, d.tensors):
+            reads.add((sp.srepr(occ), c.scope))
+    return reads
+
+
 def _reuse_power(p, src, target):
     """Powers of a base the forward raised to a fractional power, through the forward value:
     with ``r = b**(-1/2)`` cached, ``b**(-3/2) -> r**3`` (before -> after)."""

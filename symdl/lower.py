@@ -20,7 +20,7 @@ import string
 
 import sympy as sp
 
-from .derive import Contribution, Derivation
+from .derive import Contribution, Derivation, backward_reads
 from .errors import LowerError
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import (
@@ -125,6 +125,13 @@ class Lowerer:
         self.fixed: dict = {}  # index -> its value inside a loop over kernel offsets
         self.argidx: dict[str, tuple] = {}  # arg-max mask -> (window indices): held as an index
         self.fresh: set[str] = set()  # forward tensors held in a new array of their own
+        # windows the forward copied into a contiguous matrix for its product, kept for the
+        # backward: (occurrence, scope) -> (variable, axes in stored order)
+        self.matrices: dict = {}
+        self.reads_back: set = set()  # (occurrence, scope) the backward reads
+        self.in_forward = True
+        self.view_occ: dict = {}  # strided view variable -> (its occurrence, its key)
+        self.matrix_base: dict[str, str] = {}  # window matrix -> the tensor it reads
 
     def v(self, name: str) -> str:
         """The variable holding tensor (or adjoint) ``name``."""
@@ -202,6 +209,8 @@ class Lowerer:
         key = (sp.srepr(occ), scope)
         if key in self.views:
             return self.views[key]
+        if key in self.matrices:
+            return self.matrices[key]
         name = occurrence_name(occ)
         var = self.v(name)
         syms = plain_indices(occ)
@@ -236,6 +245,7 @@ class Lowerer:
         )
         self._register(tmp)
         self.views[key] = (tmp, syms)
+        self.view_occ[tmp] = (occ, key)
         return tmp, syms
 
     def basic_slice(self, occ, scope: int, var: str) -> str | None:
@@ -422,6 +432,8 @@ class Lowerer:
             operands.append((tmp, idx))
         operands = self.absorb(operands)
         operands, red = self.pairwise(operands, out, red, scope)
+        if self.options["window_matrix"] and self.in_forward:
+            operands = self.window_matrix(operands, out, red, scope)
         present = set().union(*[set(i) for _, i in operands]) if operands else set()
         for ix in red:  # a reduced index no operand carries: the sum is a count
             if ix not in present:
@@ -459,7 +471,7 @@ class Lowerer:
         operands = list(operands)
         # a strided view (a window of an input) is never the host: multiplying into it would
         # materialize the window, kernel-size times the input
-        views = {v for v, _ in self.views.values()}
+        views = {v for v, _ in self.views.values()} | {v for v, _ in self.matrices.values()}
         while len(operands) > 2:
             pair = None
             for a, (va, ia) in enumerate(operands):
@@ -581,7 +593,12 @@ class Lowerer:
         if mm is None and self.options["batched_matmul"]:
             views = {v for v, _ in self.views.values()}
             mm = _batched_matmul(operands, out_kept, views)
-        if mm is None and self.options["grouped_matmul"] and scope is not None:
+        matrices = {v for v, _ in self.matrices.values()}
+        if (
+            mm is None
+            and scope is not None
+            and (self.options["grouped_matmul"] or any(v in matrices for v, _ in operands))
+        ):
             mm = self.grouped_matmul(operands, out_kept, scope)
         if mm is not None:
             return mm
@@ -993,6 +1010,53 @@ class Lowerer:
         self.emit(f"    np.maximum({var}, {value}, out={var})")
         self.emit(f"    np.copyto({where}, {k}, where={better})")
 
+    def window_matrix(self, operands: list, out: tuple, red: tuple, scope: int) -> list:
+        """A strided window contracted as one matrix product (no index of both operands in
+        the result) whose occurrence the backward reads again: copied once into a contiguous
+        array, its contracted axes and its kept axes each grouped (im2col), contracted here
+        with one GEMM and cached for the backward instead of the window's base (before: this
+        product copied the window, and the backward's product copied it again). The copy is
+        the window's size (kernel size times its base, for a convolution)."""
+        if len(operands) != 2:
+            return operands
+        if not self.reads_back:
+            self.reads_back = backward_reads(self.d)
+        (va, ia), (vb, ib) = operands
+        if ELL in ia + ib or len(set(ia)) != len(ia) or len(set(ib)) != len(ib):
+            return operands
+        contracted = [i for i in ia if i in ib and i in red]
+        if (
+            not contracted
+            or any(i in ib and i in out for i in ia)  # a batch index
+            or any(i not in out and i not in contracted for i in ia + ib)
+            or not any(i in out for i in ia)
+            or not any(i in out for i in ib)
+        ):
+            return operands
+        result = list(operands)
+        for k, (var, idx) in enumerate(operands):
+            if var not in self.view_occ:
+                continue
+            occ, key = self.view_occ[var]
+            if key not in self.reads_back or key in self.matrices or not _sliding(occ):
+                continue
+            summed = [i for i in idx if i in contracted]
+            kept = [i for i in idx if i not in contracted]
+            # the group holding the window's last axis goes last: the copy keeps its rows
+            layout = summed + kept if idx[-1] in kept else kept + summed
+            name = self.namer.claim(f"{_identifier(occurrence_name(occ))}_cols")
+            perm = [idx.index(i) for i in layout]
+            self.emit(
+                f"{name} = np.ascontiguousarray({var}.transpose({', '.join(map(str, perm))}))",
+                f"{equation_text(occ)} copied into one contiguous matrix (im2col), "
+                f"kept for the backward",
+            )
+            self._register(name)
+            self.matrices[key] = (name, tuple(layout))
+            self.matrix_base[name] = occurrence_name(occ)
+            result[k] = (name, tuple(layout))
+        return result
+
     def grouped_matmul(self, operands: list, out: tuple, scope: int) -> str | None:
         """A two-operand contraction as one matrix product over grouped axes, as
         ``np.tensordot`` does but with batch indices: the indices only one operand carries
@@ -1009,16 +1073,25 @@ class Lowerer:
             return None
         batch = [i for i in out if i in ia and i in ib]
         views = {v for v, _ in self.views.values()}
+        matrices = {v for v, _ in self.matrices.values()}
+        # a window copied into a matrix keeps its stored order: its groups follow it
+        stored = next((idx for v, idx in operands if v in matrices), None)
+        if stored is not None:
+            contracted = [i for i in stored if i in contracted]
         best = None
         for (vl, il), (vr, ir) in (((va, ia), (vb, ib)), ((vb, ib), (va, ia))):
-            left = [i for i in out if i in il and i not in ir]
-            right = [i for i in out if i in ir and i not in il]
+            left = [i for i in (il if vl in matrices else out) if i in out and i not in ir]
+            right = [i for i in (ir if vr in matrices else out) if i in out and i not in il]
             if not left or not right:
                 return None  # matrix-vector products: einsum's own loop serves
             result = batch + left + right
             moved = sum(x != y for x, y in zip(result, out))
-            if best is None or moved < best[0]:
-                best = (moved, vl, il, vr, ir, left, right, result)
+            # BLAS reads a large matrix fastest in its stored order (not transposed)
+            flips = (vl in matrices and list(il) != left + contracted) + (
+                vr in matrices and list(ir) != contracted + right
+            )
+            if best is None or (flips, moved) < best[0]:
+                best = ((flips, moved), vl, il, vr, ir, left, right, result)
         _, vl, il, vr, ir, left, right, result = best
         if not (len(left) > 1 or len(right) > 1 or len(contracted) > 1 or batch):
             return None  # a plain matrix product: the other paths serve
@@ -1041,6 +1114,13 @@ class Lowerer:
         lead index): transposed into that order and reshaped, as ``np.tensordot`` does."""
         present = [i for i in lead if i in idx]
         perm = [idx.index(i) for i in present + first + second]
+        if not present and len(idx) > 2 and var not in views and perm != list(range(len(idx))):
+            rows, cols = (" * ".join(self.dimvar(scope, i) for i in g) for g in (first, second))
+            if list(idx) == second + first:  # stored the other way round: a transposed view
+                return f"{var}.reshape({cols}, {rows}).T"
+            if idx[-1] in first:  # copied so that the stored last axis stays innermost
+                swap = [idx.index(i) for i in second + first]
+                return f"{var}.transpose({', '.join(map(str, swap))}).reshape({cols}, {rows}).T"
         text = var
         if perm != list(range(len(idx))):
             text = f"{var}.T" if len(idx) == 2 else f"{var}.transpose({', '.join(map(str, perm))})"
@@ -1081,6 +1161,18 @@ class _Sum(sp.Expr):
         if len(self.args[1]) > 1:
             idx = f"({idx})"
         return f"Sum({printer._print(self.args[0])}, {idx})"
+
+
+def _sliding(occ) -> bool:
+    """Whether a read is a sliding window: a position sums two indices (``stride*i + p``),
+    neither of them picking a block (``f + h*D`` only reshapes an axis)."""
+    for ix in occ.indices:
+        if isinstance(ix, sp.Indexed) or not is_affine(ix) or len(position_symbols(ix)) < 2:
+            continue
+        terms, _ = affine_terms(ix)
+        if not any(any(isinstance(f, Dim) for f in coeff.free_symbols) for coeff, _ in terms):
+            return True
+    return False
 
 
 def _in_arithmetic(expr: sp.Expr, symbol: sp.Symbol) -> bool:
@@ -1288,6 +1380,9 @@ OPTIMIZATIONS = {
     # contractions over several axes as one reshaped a @ b (off: no measured gain over
     # einsum on the convolution benchmarks yet; tested against the plain lowering)
     "grouped_matmul": False,
+    # a window contracted by one matrix product in the forward and read in the backward:
+    # copied once into a contiguous matrix (im2col), cached instead of its base
+    "window_matrix": True,
     "running_max": True,  # a Max over kernel offsets as a running maximum, arg-max as an index
     "offset_scatter": True,  # adjoints of window reads: offsets outermost, values per offset
     "pairwise": True,  # sums over 3+ operands as a chain of shared two-operand contractions
@@ -1331,7 +1426,9 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
 
     # backward
     lw.phase = _Phase()
+    lw.in_forward = False
     lw.views = {}
+    lw.view_occ = {}
     lw.memo = {}
     lw.owned = set()
     lw.flags["dtype"] = False
@@ -1410,6 +1507,18 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
 
     has_ell = any("..." in d.tensors[n].dims for n in list(spec.args) + list(spec.consts))
     cache = [(n, lw.var[n]) for n in d.cached]
+    if lw.matrices:  # windows kept as matrices: their bases only where the backward reads them
+        code = "\n".join(ln.code for ln in bwd.lines if not ln.code.lstrip().startswith("#"))
+        code += "\n" + "\n".join(text for _, text in grads)
+
+        def read(var):
+            return re.search(rf"\b{re.escape(var)}\b", code) is not None
+
+        bases = set(lw.matrix_base.values())
+        cache = [
+            (n, v) for n, v in cache if n not in bases or n in spec.keep or read(v)
+        ]
+        cache += [(v, v) for v, _ in lw.matrices.values() if read(v)]
     cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
     dims_order = [x for x in spec.dims]
     return Lowered(
@@ -1439,6 +1548,18 @@ def _fresh(text: str) -> bool:
     operands repeat no index (a repeated one can return a view of its operand)."""
     if re.fullmatch(r"[\w.]+ @ [\w.]+", text):
         return True
+    # a grouped product: (a @ b), its result reshaped and transposed (views of the new array)
+    if text.startswith("("):
+        depth = 0
+        for k, ch in enumerate(text):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                break
+        rest = text[k + 1 :]
+        if " @ " in text[: k + 1] and re.fullmatch(
+            r"(\.reshape\([\w *,]+\))?(\.transpose\([\d, ]+\))?", rest
+        ):
+            return True
     m = re.fullmatch(r'np\.einsum\("([a-zA-Z,]+)->([a-zA-Z]*)", [\w.,= ]+\)', text)
     if m is None:
         return False

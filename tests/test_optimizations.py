@@ -208,3 +208,42 @@ def test_common_factor_switch(rng):
     outs_p, grads_p = _run(slow, args, kwargs, rng)
     for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
         np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["conv1d", "conv2d"])
+@pytest.mark.parametrize("stride, padding, dilation", [(1, 1, 1), (2, 0, 1), (2, 2, 2)])
+def test_window_matrix_switch(name, stride, padding, dilation):
+    """A convolution's input window is copied once into a contiguous matrix in the forward,
+    contracted by one matrix product there and cached: the backward reads the matrix, never
+    the strided view of the input (nor the input itself). Off, the backward makes the view
+    again. Same numbers (float64, forward and backward)."""
+    d = derive(LAYERS[name])
+    on, off = generate_source(d), generate_source(d, options={"window_matrix": False})
+    back_on = on[on.index("def backward(") :].split("\ndef _float_arg")[0]
+    back_off = off[off.index("def backward(") :].split("\ndef _float_arg")[0]
+    cached = re.search(r"    cache = \{(.*?)\n    \}", on, re.DOTALL).group(1)
+    assert "as_strided" not in back_on and '"x_cols": x_cols' in cached
+    assert not re.search(r'cache\["x"\]', back_on) and '"x":' not in cached
+    assert "as_strided" in back_off and "x_cols" not in off
+    assert "np.ascontiguousarray(" in on and " @ " in on
+    rng = np.random.default_rng(7)
+    spatial = (9,) if name == "conv1d" else (9, 8)
+    kernel = (3,) if name == "conv1d" else (3, 2)
+    x = rng.standard_normal((2, 3, *spatial))
+    w = rng.standard_normal((4, 3, *kernel))
+    b = rng.standard_normal(4)
+    kw = {"stride": stride, "padding": padding, "dilation": dilation}
+    fast, plain = load_module(on, name), load_module(off, name)
+    (y1, c1), (y2, c2) = fast.forward(x, w, b, **kw), plain.forward(x, w, b, **kw)
+    np.testing.assert_allclose(y1, y2, rtol=1e-12, atol=1e-13)
+    dy = rng.standard_normal(y1.shape)
+    for g1, g2 in zip(fast.backward(dy, c1), plain.backward(dy, c2)):
+        np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["local_attention", "max_pool2d", "avg_pool2d", "multi_head_self_attention"])
+def test_window_matrix_leaves_other_windows(name):
+    """Windows read with a batch index (local attention's band), reduced without a matrix
+    product (pooling) or only reshaping an axis (heads) are left as views."""
+    d = derive(LAYERS[name])
+    assert generate_source(d) == generate_source(d, options={"window_matrix": False})
