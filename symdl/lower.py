@@ -797,7 +797,12 @@ class Lowerer:
             frame = tuple(s for s in frame if s not in loop)
         vals = None
         if not varies:
-            if red:
+            text = None
+            if red and offsets and self.options["scatter_gemm"]:
+                frame, text = self.scatter_gemm(c.body, frame, red, loop, c.scope)
+            if text is not None:
+                pass
+            elif red:
                 text = self.reduction("sum", c.body, frame, red, c.scope)
             elif per_offset:
                 text = self.elementwise(c.body, frame, c.scope)
@@ -852,11 +857,40 @@ class Lowerer:
                 while vsub and vsub[-1] == ":":
                     vsub.pop()
                 source = f"{vals}[{', '.join(vsub)}]" if vsub else vals
+                source = self.align(source, tuple(s for s in frame if s not in loop), tuple(free))
             self.emit(f"{indent}{target} += {source}")
         if not c.first and into != var:
             self.emit(f"{var} = {self.v(c.target)} + {into}")
             self.alias.pop(var, None)
             self.owned.add(var)
+
+    def scatter_gemm(self, body, frame: tuple, red: tuple, loop: list, scope: int):
+        """The values a window's adjoint scatters, when they are one matrix product of two
+        operands: in the order the product yields them (no transpose of its result), picking
+        the orientation that leaves the longest contiguous runs in each kernel offset's slice.
+        A convolution's dx values become ``(c, p, q, n, i, j)`` (before: ``n, i, j`` rows of
+        the product, whose offset slices read one element per row). Returns the values'
+        index order and their source (None: the plain reduction serves)."""
+        coeff, operands, rest = self.factor(body, scope)
+        if coeff != 1 or rest or len(operands) != 2:
+            return frame, None
+        (va, ia), (vb, ib) = operands
+        if any(i in ia and i in ib for i in frame) or set(ia) | set(ib) != set(frame) | set(red):
+            return frame, None
+
+        def runs(order):  # indices after the last kernel offset: one contiguous run
+            last = max(k for k, s in enumerate(order) if s in loop)
+            return len(order) - 1 - last
+
+        best = frame
+        for il, ir in ((ia, ib), (ib, ia)):
+            order = tuple(i for i in il if i in frame) + tuple(i for i in ir if i in frame)
+            if runs(order) > runs(best):
+                best = order
+        if best == frame:
+            return frame, None
+        text = self.grouped_matmul(operands, best, scope)
+        return (best, text) if text is not None else (frame, None)
 
     def window_slices(self, tensor: str, positions: list, loop_vars: dict, scope: int) -> list:
         """Slices of ``tensor`` at index ``positions`` whose symbols in ``loop_vars`` are fixed
@@ -1383,6 +1417,9 @@ OPTIMIZATIONS = {
     # a window contracted by one matrix product in the forward and read in the backward:
     # copied once into a contiguous matrix (im2col), cached instead of its base
     "window_matrix": True,
+    # a window adjoint's values from one matrix product in its own order: each kernel
+    # offset's slice contiguous runs (a convolution's dx)
+    "scatter_gemm": True,
     "running_max": True,  # a Max over kernel offsets as a running maximum, arg-max as an index
     "offset_scatter": True,  # adjoints of window reads: offsets outermost, values per offset
     "pairwise": True,  # sums over 3+ operands as a chain of shared two-operand contractions

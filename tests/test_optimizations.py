@@ -84,7 +84,11 @@ WINDOW_SWITCHES = {
     "running_max": ["max_pool2d"],
     "offset_scatter": ["max_pool2d", "avg_pool2d", "conv2d", "local_attention"],
     "grouped_matmul": ["conv1d", "conv2d", "additive_attention", "multi_head_self_attention"],
+    "window_matrix": ["conv1d", "conv2d"],
+    "scatter_gemm": ["conv1d", "conv2d", "multi_head_self_attention"],
 }
+# switches whose products would otherwise already be grouped ones: off while testing these
+UNDER = {"grouped_matmul": {"window_matrix": False, "scatter_gemm": False}}
 
 
 @pytest.mark.parametrize(
@@ -94,8 +98,9 @@ def test_window_switches_on_and_off_agree(option, name, rng):
     """Running maxima, per-offset scatters and grouped matrix products compute what the
     lowering without them computes (float64, forward and backward)."""
     d = derive(LAYERS[name])
-    on_text = generate_source(d, options={option: True})
-    off_text = generate_source(d, options={option: False})
+    under = UNDER.get(option, {})
+    on_text = generate_source(d, options={**under, option: True})
+    off_text = generate_source(d, options={**under, option: False})
     assert on_text != off_text, f"{option} changes nothing in {name}"
     on, off = load_module(on_text, name), load_module(off_text, name)
     args, kwargs = R.DOMAINS[name](rng)
@@ -247,3 +252,20 @@ def test_window_matrix_leaves_other_windows(name):
     product (pooling) or only reshaping an axis (heads) are left as views."""
     d = derive(LAYERS[name])
     assert generate_source(d) == generate_source(d, options={"window_matrix": False})
+
+
+def test_scatter_gemm_values_in_product_order(rng):
+    """conv2d's dx values come from one matrix product in its own (c, p, q, n, i, j) order,
+    so each kernel offset reads contiguous (n, i, j) runs; off, an einsum whose result is a
+    transposed view of (n, i, j, c, p, q). Same numbers (float64)."""
+    d = derive(LAYERS["conv2d"])
+    on, off = generate_source(d), generate_source(d, options={"scatter_gemm": False})
+    back_on = on[on.index("def backward(") :]
+    back_off = off[off.index("def backward(") :]
+    assert ".reshape(C, KH, KW, N, OH, OW)" in back_on and "np.einsum(" not in back_on
+    assert 'np.einsum("nfij,fcpq->ncpqij"' in back_off
+    args, kwargs = R.DOMAINS["conv2d"](rng)
+    a, b = (_run(load_module(t, "conv2d"), args, kwargs, rng) for t in (on, off))
+    for x, y in zip(a, b):
+        for u, w in zip(x, y):
+            np.testing.assert_allclose(u, w, rtol=1e-12, atol=1e-13)
