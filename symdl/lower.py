@@ -144,16 +144,20 @@ class Lowerer:
         self.phase.dims.add(dname)
         return self.dim_vars[dname]
 
-    def shape_of(self, tensor: str) -> str:
-        """The shape of ``tensor`` as stored (padded axes included)."""
+    def shape_parts(self, tensor: str) -> list[str]:
+        """The size of each axis of ``tensor`` as stored (padded axes included)."""
         dims = self.tensors[tensor].dims
         for dname in dims:
             self.phase.dims.add(dname)
         pads = self.spec.pads.get(tensor, {})
-        parts = [
+        return [
             self.dim_vars[d] + (f" + 2 * {self.scalar(pads[p])}" if p in pads else "")
             for p, d in enumerate(dims)
         ]
+
+    def shape_of(self, tensor: str) -> str:
+        """The shape of ``tensor`` as stored (padded axes included)."""
+        parts = self.shape_parts(tensor)
         if not parts:
             return "()"
         return f"({', '.join(parts)},)" if len(parts) == 1 else f"({', '.join(parts)})"
@@ -796,10 +800,12 @@ class Lowerer:
         if per_offset and not varies:  # the same values at every offset: computed once
             frame = tuple(s for s in frame if s not in loop)
         vals = None
+        layout = None  # the order of the values' axes, when a product gives them its own
         if not varies:
             text = None
             if red and offsets and self.options["scatter_gemm"]:
                 frame, text = self.scatter_gemm(c.body, frame, red, loop, c.scope)
+                layout = tuple(s for s in frame if s not in loop) if text is not None else None
             if text is not None:
                 pass
             elif red:
@@ -822,7 +828,7 @@ class Lowerer:
         own = not c.first and var in self.owned and var not in self.alias
         into = var if (c.first or own) else self.namer.temp()
         if c.first or not own:
-            self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
+            self.emit(f"{into} = {self.zeros_in(c.tensor, positions, loop, layout)}")
             self.owned.add(into)
         if not simple:  # general affine map: one scatter-add with index arrays
             arrays = []
@@ -863,6 +869,29 @@ class Lowerer:
             self.emit(f"{var} = {self.v(c.target)} + {into}")
             self.alias.pop(var, None)
             self.owned.add(var)
+
+    def zeros_in(self, tensor: str, positions: list, loop: list, layout: tuple | None) -> str:
+        """A zero array for ``tensor``'s adjoint; with ``layout`` (the order of the values it
+        receives, one per position), its memory in that order and its axes transposed back, so
+        that every slice-add runs through both arrays in one order (before: the values read
+        across rows of the product)."""
+        text = f"np.zeros({self.shape_of(tensor)}, dtype=dtype)"
+        if layout is None:
+            return text
+        free = [[s for s in position_symbols(ix) if s not in loop] for ix in positions]
+        if any(len(f) != 1 for f in free) or sorted(f[0].name for f in free) != sorted(
+            s.name for s in layout
+        ):
+            return text
+        mem = sorted(range(len(positions)), key=lambda p: layout.index(free[p][0]))
+        if mem == list(range(len(positions))):
+            return text
+        parts = self.shape_parts(tensor)
+        shape = ", ".join(parts[p] for p in mem)
+        if len(positions) == 2:
+            return f"np.zeros(({shape}), dtype=dtype).T"
+        back = ", ".join(str(mem.index(p)) for p in range(len(positions)))
+        return f"np.zeros(({shape}), dtype=dtype).transpose({back})"
 
     def scatter_gemm(self, body, frame: tuple, red: tuple, loop: list, scope: int):
         """The values a window's adjoint scatters, when they are one matrix product of two

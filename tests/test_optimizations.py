@@ -256,14 +256,16 @@ def test_window_matrix_leaves_other_windows(name):
 
 def test_scatter_gemm_values_in_product_order(rng):
     """conv2d's dx values come from one matrix product in its own (c, p, q, n, i, j) order,
-    so each kernel offset reads contiguous (n, i, j) runs; off, an einsum whose result is a
-    transposed view of (n, i, j, c, p, q). Same numbers (float64)."""
+    added into a (C, N, ...) buffer seen as (N, C, ...), so each kernel offset's add runs
+    through both in one order; off, an einsum whose result is a transposed view of
+    (n, i, j, c, p, q), added into an (N, C, ...) buffer. Same numbers (float64)."""
     d = derive(LAYERS["conv2d"])
     on, off = generate_source(d), generate_source(d, options={"scatter_gemm": False})
     back_on = on[on.index("def backward(") :]
     back_off = off[off.index("def backward(") :]
     assert ".reshape(C, KH, KW, N, OH, OW)" in back_on and "np.einsum(" not in back_on
-    assert 'np.einsum("nfij,fcpq->ncpqij"' in back_off
+    assert "dx = np.zeros((C, N, " in back_on  # the buffer in the values' order, transposed
+    assert 'np.einsum("nfij,fcpq->ncpqij"' in back_off and "dx = np.zeros((N, C, " in back_off
     args, kwargs = R.DOMAINS["conv2d"](rng)
     a, b = (_run(load_module(t, "conv2d"), args, kwargs, rng) for t in (on, off))
     for x, y in zip(a, b):
