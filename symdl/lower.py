@@ -806,7 +806,7 @@ class Lowerer:
             if red and offsets and self.options["scatter_gemm"]:
                 frame, text = self.scatter_gemm(c.body, frame, red, loop, c.scope)
                 layout = tuple(s for s in frame if s not in loop) if text is not None else None
-            if text is not None:
+            if text is not None:  # one product in its own order
                 pass
             elif red:
                 text = self.reduction("sum", c.body, frame, red, c.scope)
@@ -903,7 +903,7 @@ class Lowerer:
         coeff, operands, rest = self.factor(body, scope)
         if coeff != 1 or rest or len(operands) != 2:
             return frame, None
-        (va, ia), (vb, ib) = operands
+        (_, ia), (_, ib) = operands
         if any(i in ia and i in ib for i in frame) or set(ia) | set(ib) != set(frame) | set(red):
             return frame, None
 
@@ -1084,7 +1084,7 @@ class Lowerer:
             return operands
         if not self.reads_back:
             self.reads_back = backward_reads(self.d)
-        (va, ia), (vb, ib) = operands
+        (_, ia), (_, ib) = operands
         if ELL in ia + ib or len(set(ia)) != len(ia) or len(set(ib)) != len(ib):
             return operands
         contracted = [i for i in ia if i in ib and i in red]
@@ -1581,9 +1581,7 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
             return re.search(rf"\b{re.escape(var)}\b", code) is not None
 
         bases = set(lw.matrix_base.values())
-        cache = [
-            (n, v) for n, v in cache if n not in bases or n in spec.keep or read(v)
-        ]
+        cache = [(n, v) for n, v in cache if n not in bases or n in spec.keep or read(v)]
         cache += [(v, v) for v, _ in lw.matrices.values() if read(v)]
     cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
     dims_order = [x for x in spec.dims]

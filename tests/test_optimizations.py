@@ -246,7 +246,9 @@ def test_window_matrix_switch(name, stride, padding, dilation):
         np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-13)
 
 
-@pytest.mark.parametrize("name", ["local_attention", "max_pool2d", "avg_pool2d", "multi_head_self_attention"])
+@pytest.mark.parametrize(
+    "name", ["local_attention", "max_pool2d", "avg_pool2d", "multi_head_self_attention"]
+)
 def test_window_matrix_leaves_other_windows(name):
     """Windows read with a batch index (local attention's band), reduced without a matrix
     product (pooling) or only reshaping an axis (heads) are left as views."""
