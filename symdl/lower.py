@@ -22,6 +22,7 @@ import sympy as sp
 
 from .derive import Contribution, Derivation
 from .errors import LowerError
+from .fusion import Chain, Statement, finish
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import (
     ELL,
@@ -47,6 +48,7 @@ class Line:
 
     code: str
     comment: str | None = None
+    chain: object = None  # a fused statement, rendered once the whole function is known
 
 
 @dataclasses.dataclass
@@ -146,9 +148,11 @@ class Lowerer:
             return "()"
         return f"({', '.join(parts)},)" if len(parts) == 1 else f"({', '.join(parts)})"
 
-    def emit(self, code: str, comment: str | None = None):
-        self.phase.lines.append(Line(code, comment))
+    def emit(self, code: str, comment: str | None = None, chain: Statement | None = None):
+        self.phase.lines.append(Line(code, comment, chain))
         target = code.split(" = ", 1)[0].strip() if " = " in code else None
+        if chain is not None:
+            target = chain.dest
         if target and target.isidentifier():  # a rebound name invalidates what read it
             pattern = re.compile(rf"\b{re.escape(target)}\b")
             self.memo = {k: v for k, v in self.memo.items() if not pattern.search(k) or v == target}
@@ -300,8 +304,12 @@ class Lowerer:
         return f"{var}[{', '.join(self.gather_index(idx, frame, scope))}]"
 
     # ---- expressions -------------------------------------------------------------------------
-    def elementwise(self, expr: sp.Expr, frame: tuple, scope: int) -> str:
-        """Source of an elementwise expression over ``frame`` (extra CSE lines are emitted)."""
+    def elementwise(
+        self, expr: sp.Expr, frame: tuple, scope: int, into: str | None = None, comment=None
+    ) -> str | None:
+        """Source of an elementwise expression over ``frame`` (extra CSE lines are emitted).
+        With ``into``, a full-size expression may instead be emitted as a fused statement
+        assigning ``into`` (see symdl.fusion); then None is returned."""
         names: dict = {}
         arrays: set = set()
         reps = {}
@@ -331,11 +339,40 @@ class Lowerer:
         printer = NumpyPrinter(names, arrays, self.helpers, self.flags)
         body = _floats(body)
         subexprs = [(sym, _floats(sub)) for sym, sub in subexprs]
+        chain = self.chain(printer, names, reps, arrays, frame) if self.options["fuse"] else None
         for sym, sub in subexprs:
             if any(a in arrays for a in sub.free_symbols):
                 arrays.add(sym)
-            self.emit(f"{names[sym]} = {printer.doprint(sub)}")
+            if chain is not None and chain.fusable(sub):
+                self.emit_chain(Statement(chain, sub, names[sym]))
+            else:
+                self.emit(f"{names[sym]} = {printer.doprint(sub)}")
+            if chain is not None:
+                chain.define(sym, sub)
+        if into is not None and chain is not None and chain.fusable(body):
+            self.emit_chain(Statement(chain, body, into), comment)
+            return None
         return printer.doprint(body)
+
+    def chain(self, printer, names: dict, reps: dict, arrays: set, frame: tuple) -> Chain | None:
+        """A planner of fused statements over ``frame`` (see symdl.fusion)."""
+        rank = max((len(t.dims) for t in self.tensors.values()), default=0)
+        if not frame or len(frame) < rank:  # not among the layer's largest arrays
+            return None
+        covers, integers = {}, set()
+        for occ, sym in reps.items():
+            covers[sym] = frozenset(free_indices(occ)) & set(frame)
+            info = self.tensors.get(occurrence_name(occ))
+            if info is not None and info.kind != "float":
+                integers.add(sym)
+        for s in arrays:
+            if is_index(s):  # the value of an index: an integer array
+                covers[s] = frozenset({s})
+                integers.add(s)
+        return Chain(printer, names, covers, frame, self.namer.temp, self.memo, integers)
+
+    def emit_chain(self, statement: Statement, comment: str | None = None):
+        self.emit(statement.default, comment, statement)
 
     def covered(self, expr: sp.Expr) -> set:
         out: set = set()
@@ -397,8 +434,9 @@ class Lowerer:
             r = sp.Mul(*rest)
             idx = self.storage_order(r, frame)
             tmp = self.namer.temp()
-            text = self.full(self.elementwise(r, idx, scope), r, idx, scope)
-            self.emit(f"{tmp} = {text}")
+            text = self.elementwise(r, idx, scope, into=tmp)
+            if text is not None:
+                self.emit(f"{tmp} = {self.full(text, r, idx, scope)}")
             operands.append((tmp, idx))
         operands = self.absorb(operands)
         present = set().union(*[set(i) for _, i in operands]) if operands else set()
@@ -494,6 +532,16 @@ class Lowerer:
                 operands.append(self.view(f, scope))
             elif isinstance(f, sp.Indexed) and all(is_index(i) for i in f.indices):
                 operands.append((self.v(occurrence_name(f)), tuple(f.indices)))
+            elif (
+                self.options["fuse"]
+                and f.is_Pow
+                and f.exp in (2, 3)
+                and isinstance(f.base, sp.Indexed)
+                and all(is_index(i) for i in f.base.indices)
+                and not self.needs_view(f.base, scope)
+            ):  # Sum(x**2) as a contraction of x with itself: no temporary for the square
+                operand = (self.v(occurrence_name(f.base)), tuple(f.base.indices))
+                operands += [operand] * int(f.exp)
             elif not free_indices(f) and not any(
                 isinstance(o, sp.Indexed) for o in occurrences(f, self.arrays)
             ):
@@ -535,7 +583,10 @@ class Lowerer:
         var = self.var[a.target]
         comment = f"{_lhs_text(a.target, a.indices)} = {equation_text(_rhs_of(a))}"
         if a.op == "map":
-            text = self.full(self.elementwise(a.expr, a.indices, a.scope), a.expr, a.indices, a.scope)
+            text = self.elementwise(a.expr, a.indices, a.scope, into=var, comment=comment)
+            if text is None:  # emitted as a fused statement
+                return
+            text = self.full(text, a.expr, a.indices, a.scope)
         elif a.op == "argmax":
             frame = a.indices
             body = self.full(self.elementwise(a.expr, frame, a.scope), a.expr, frame, a.scope)
@@ -568,7 +619,16 @@ class Lowerer:
             if c.reduce:
                 text = self.reduction("sum", c.body, c.lhs, c.reduce, c.scope)
             else:
-                text = self.elementwise(c.body, c.lhs, c.scope)
+                body = c.body
+                fused_sum = not c.first and bool(c.lhs) and self.options["fuse"]
+                if fused_sum:  # the target and the new term in one statement
+                    body = sp.IndexedBase(c.target, real=True)[tuple(c.lhs)] + body
+                text = self.elementwise(body, c.lhs, c.scope, into=var, comment=comment)
+                if text is None or fused_sum:
+                    if text is not None:
+                        self.emit(f"{var} = {text}", comment)
+                    self.alias.pop(var, None)
+                    return
                 if c.first:
                     text = self.full(text, c.body, c.lhs, c.scope)
             if c.first:
@@ -937,6 +997,7 @@ OPTIMIZATIONS = {
     "factor_out": True,  # factors free of the summed indices applied after the sum
     "share": True,  # an identical contraction or scatter value computed once
     "views": True,  # plain slices instead of strided views where they serve
+    "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
 }
 
 
@@ -1013,6 +1074,11 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
     has_ell = any("..." in d.tensors[n].dims for n in list(spec.args) + list(spec.consts))
     cache = [(n, lw.var[n]) for n in d.cached]
     cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
+    if lw.options["fuse"]:  # write into dead buffers: never cached, returned or caller-owned
+        kept = {v for _, v in cache} | {lw.var[o] for o in spec.outputs}
+        finish(fwd.lines, kept)
+        returned = {w for _, text in grads for w in re.findall(r"[A-Za-z_]\w*", text)}
+        finish(bwd.lines, returned | set(lw.var[d.adjoints[o]] for o in spec.outputs))
     dims_order = [x for x in spec.dims]
     return Lowered(
         derivation=d,
