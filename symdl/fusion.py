@@ -47,8 +47,9 @@ class Chain:
     frame indices it varies over; ``known`` maps the source of a product computed earlier
     (``"dy * rstd[:, None]"``) to the temporary holding it; ``temp`` makes a fresh name."""
 
-    def __init__(self, printer, names, covers, frame, temp, known, integers=frozenset()):
+    def __init__(self, printer, names, covers, frame, temp, known, integers=frozenset(), shape=None):
         self.printer = printer
+        self.shape = shape  # the result's shape, as dimension names (buffers of one shape swap)
         self.integers = set(integers)  # operands that may hold integers: no in-place float ops
         self.names = names
         self.covers = dict(covers)
@@ -82,10 +83,12 @@ class Chain:
         """Whether ``expr`` is a full-size computation (not a lone operand)."""
         return self.big(expr) and not self.leaf(expr)
 
-    def plan(self, expr, dest: str, reusable=frozenset()):
+    def plan(self, expr, dest: str, reusable=frozenset(), spares=()):
         """Statements computing ``expr`` into ``dest`` (a fresh name, or a reused dead buffer),
         with ``fresh`` telling whether ``dest`` ends up holding an array of its own; None when
-        the expression is not a full-size computation of several steps."""
+        the expression is not a full-size computation of several steps. ``reusable``: operands
+        whose buffers are dead after the statement; ``spares``: dead buffers of the result's
+        shape, which allocating operations write into instead (``out=``)."""
         if not self.fusable(expr):
             return None
         counts: dict = {}
@@ -104,13 +107,25 @@ class Chain:
         mentioned = any(
             re.search(rf"\b{re.escape(dest)}\b", self.names[s]) for s in expr.free_symbols if s in self.names
         )
-        work = self.new_temp() if mentioned else dest
-        buf = self.into(expr, work)
+        self.spares, self.taken, self.work = list(spares), set(), None
+        buf = self.into(expr, _WORK)  # the result's buffer, named once known
+        work = self.work or (self.new_temp() if mentioned else dest)
+        self.lines = [re.sub(rf"\b{_WORK}\b", work, line) for line in self.lines]
+        buf = work if buf == _WORK else buf
         if buf != dest:
             self.lines.append(f"{dest} = {buf}")
         return self.lines, self.fresh
 
+    def take_spare(self) -> str | None:
+        if not self.spares:
+            return None
+        self.taken.add(self.spares[0])
+        return self.spares.pop(0)
+
     def new_temp(self) -> str:
+        spare = self.take_spare()
+        if spare is not None:
+            return spare
         if self.ntemp == len(self.temps):
             self.temps.append(self.temp())
         name = self.temps[self.ntemp]
@@ -119,6 +134,15 @@ class Chain:
 
     def emit(self, line: str):
         self.lines.append(line)
+
+    def alloc(self, dest: str, text: str, call: str):
+        """``dest = text``, or ``call`` writing into ``dest`` when that is the spare buffer."""
+        if dest == _WORK and self.work is None and self.spares:
+            self.work = self.take_spare()
+        if dest in self.taken or (dest == _WORK and self.work is not None):
+            self.emit(f"{call[:-1]}, out={dest})")
+        else:
+            self.emit(f"{dest} = {text}")
 
     def into(self, node, dest: str) -> str:
         """Compute ``node`` (full-size) into a fresh buffer ``dest`` (or a reusable operand's);
@@ -137,7 +161,8 @@ class Chain:
                 return self.fallback(node, dest)
             if fn is None:  # 1 / base
                 if self.leaf(node.base):
-                    self.emit(f"{dest} = 1 / {self.text(node.base)}")
+                    base = self.text(node.base)
+                    self.alloc(dest, f"1 / {base}", f"np.divide(1, {base})")
                     return dest
                 buf = self.into(node.base, dest)
                 self.emit(f"np.divide(1, {buf}, out={buf})")
@@ -170,7 +195,7 @@ class Chain:
                 name = self.names[arg]
                 self.emit(f"{fn}({name}, out={name})")
                 return name
-            self.emit(f"{dest} = {fn}({self.text(arg)})")
+            self.alloc(dest, f"{fn}({self.text(arg)})", f"{fn}({self.text(arg)})")
             return dest
         buf = self.into(arg, dest)
         self.emit(f"{fn}({buf}, out={buf})")
@@ -244,16 +269,18 @@ class Chain:
             if sb and not na:  # a small group applied inverted: x - m, x / s
                 tb, nb = self.small_text(b, add)
                 tb = _wrap(tb)
+            fn, fi = ("np.add", "np.subtract") if add else ("np.multiply", "np.divide")
             if not add and sb and b == -1 and not na:
-                self.emit(f"{dest} = -{ta}")
+                self.alloc(dest, f"-{ta}", f"np.negative({ta})")
             elif not na and not nb:
-                self.emit(f"{dest} = {ta} {op} {tb}")
+                self.alloc(dest, f"{ta} {op} {tb}", f"{fn}({ta}, {tb})")
             elif not na:
-                self.emit(f"{dest} = {ta} {inv} {tb}")
+                self.alloc(dest, f"{ta} {inv} {tb}", f"{fi}({ta}, {tb})")
             elif not nb:
-                self.emit(f"{dest} = {tb} {inv} {ta}")
+                self.alloc(dest, f"{tb} {inv} {ta}", f"{fi}({tb}, {ta})")
             else:
-                self.emit(f"{dest} = {'np.negative' if add else '1 / '}({ta})")
+                first = f"np.negative({ta})" if add else f"np.divide(1, {ta})"
+                self.alloc(dest, first, first)
                 self.emit(f"{dest} {inv}= {tb}")
             buf = dest
         if pending:
@@ -362,23 +389,30 @@ class Statement:
 
     def __init__(self, chain: Chain, expr, dest: str):
         self.chain, self.expr, self.dest = chain, expr, dest
-        lines, _ = chain.plan(expr, dest)
+        lines, self.fresh = chain.plan(expr, dest)
         self.default = "\n".join(lines)
+        # a float array of a known shape: its buffer may serve a later statement of that shape
+        self.shape = chain.shape if not expr.free_symbols & chain.integers else None
         # the operands whose buffer could be written: names, and earlier products started from
         self.candidates = set(_NAME.findall(self.default))
 
-    def render(self, reusable) -> tuple[str, bool]:
-        lines, fresh = self.chain.plan(self.expr, self.dest, reusable)
+    def render(self, reusable, spares=()) -> tuple[str, bool]:
+        lines, fresh = self.chain.plan(self.expr, self.dest, reusable, spares)
         return "\n".join(lines), fresh
 
 
+_WORK = "work_"  # placeholder for the buffer of a chain's result
 _ASSIGN = re.compile(r"^(\w+) = (.*)$", re.S)
 _NAME = re.compile(r"\b[A-Za-z_]\w*\b")
 
 
-def finish(lines: list, protected: set):
+def finish(lines: list, protected: set, shapes: dict | None = None):
     """Render each chain statement of one function, writing into a dead buffer where one
-    serves. ``protected``: names whose arrays outlive the function (cache, outputs, returns)."""
+    serves. ``protected``: names whose arrays outlive the function (cache, outputs, returns);
+    ``shapes``: the shape of other float temporaries (as dimension names), which may serve as
+    spare buffers too."""
+    known = dict(shapes or {})  # temporaries assigned once
+    shapes = {}  # chain results (a name may be rebound)
     fresh: set[str] = set()
     # per statement: the names it mentions, and the name it binds without reading it
     facts = [[_facts(stmt) for stmt in line.code.split("\n")] for line in lines]
@@ -389,12 +423,23 @@ def finish(lines: list, protected: set):
                 n for n in chain.candidates
                 if n in fresh and n not in protected and (n == chain.dest or _dead(n, facts[k + 1 :]))
             }
-            line.code, is_fresh = chain.render(reusable)
+            mentioned = set().union(*[names for names, _ in facts[k]])
+            spares = []
+            if chain.shape is not None:
+                spares = [
+                    n for n in sorted(fresh - reusable)
+                    if shapes.get(n, known.get(n)) == chain.shape and n not in mentioned
+                    and n not in protected and _dead(n, facts[k + 1 :])
+                ]
+            line.code, is_fresh = chain.render(reusable, spares)
+            shapes[chain.dest] = chain.shape
         for stmt in line.code.split("\n"):
             stmt = stmt.strip()
             m = _ASSIGN.match(stmt)
             if m:
                 fresh.discard(m.group(1))
+                if chain is None:  # no longer a chain's result
+                    shapes.pop(m.group(1), None)
                 if chain is None and not _maybe_view(m.group(2)):  # a computed array
                     fresh.add(m.group(1))
             # an array viewed under another name may not be overwritten

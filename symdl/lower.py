@@ -122,6 +122,7 @@ class Lowerer:
         self.phase = _Phase()
         self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
         self.memo: dict[str, str] = {}  # contraction source -> the temporary holding it
+        self.shapes: dict[str, tuple] = {}  # temporaries of a known shape (see symdl.fusion)
 
     def v(self, name: str) -> str:
         """The variable holding tensor (or adjoint) ``name``."""
@@ -339,7 +340,7 @@ class Lowerer:
         printer = NumpyPrinter(names, arrays, self.helpers, self.flags)
         body = _floats(body)
         subexprs = [(sym, _floats(sub)) for sym, sub in subexprs]
-        chain = self.chain(printer, names, reps, arrays, frame) if self.options["fuse"] else None
+        chain = self.chain(printer, names, reps, arrays, frame, scope) if self.options["fuse"] else None
         for sym, sub in subexprs:
             if any(a in arrays for a in sub.free_symbols):
                 arrays.add(sym)
@@ -354,7 +355,7 @@ class Lowerer:
             return None
         return printer.doprint(body)
 
-    def chain(self, printer, names: dict, reps: dict, arrays: set, frame: tuple) -> Chain | None:
+    def chain(self, printer, names: dict, reps: dict, arrays: set, frame: tuple, scope: int):
         """A planner of fused statements over ``frame`` (see symdl.fusion)."""
         rank = max((len(t.dims) for t in self.tensors.values()), default=0)
         if not frame or len(frame) < rank:  # not among the layer's largest arrays
@@ -369,10 +370,40 @@ class Lowerer:
             if is_index(s):  # the value of an index: an integer array
                 covers[s] = frozenset({s})
                 integers.add(s)
-        return Chain(printer, names, covers, frame, self.namer.temp, self.memo, integers)
+        shape = tuple(self.spec.index_dims.get((scope, ix)) for ix in frame)
+        return Chain(printer, names, covers, frame, self.namer.temp, self.memo, integers, shape)
 
     def emit_chain(self, statement: Statement, comment: str | None = None):
         self.emit(statement.default, comment, statement)
+        if statement.fresh:  # an array of this function's own: later scatters may add into it
+            self.owned.add(statement.dest)
+
+    def scatters_later(self, contributions: list) -> list:
+        """A scatter-add that defines an adjoint (into zeros) moves after the adjoint's next
+        contribution when that one is a full-size elementwise term, which then defines the
+        adjoint: the scatter adds into its buffer, with no zeros and no extra pass. (Every
+        contribution to an adjoint comes before its first use, so the scatter's values are
+        final where it moves to.)"""
+        out = list(contributions)
+        k = 0
+        while k < len(out):
+            c = out[k]
+            if c.first and c.is_gather and not self.needs_view(c.occurrence, c.scope):
+                j = next((j for j in range(k + 1, len(out)) if out[j].target == c.target), None)
+                nxt = out[j] if j is not None else None
+                if (
+                    nxt is not None
+                    and not nxt.is_gather
+                    and not nxt.reduce
+                    and not self.needs_view(nxt.occurrence, nxt.scope)
+                    and set(nxt.lhs) <= self.covered(nxt.body)
+                ):
+                    out[j] = dataclasses.replace(nxt, first=True)
+                    out.insert(j + 1, dataclasses.replace(c, first=False))
+                    del out[k]
+                    continue
+            k += 1
+        return out
 
     def covered(self, expr: sp.Expr) -> set:
         out: set = set()
@@ -438,7 +469,12 @@ class Lowerer:
             if text is not None:
                 self.emit(f"{tmp} = {self.full(text, r, idx, scope)}")
             operands.append((tmp, idx))
+        before = {v for v, _ in operands}
         operands = self.absorb(operands)
+        ints = {self.var[n] for n, t in self.tensors.items() if t.kind != "float"}
+        for v, idx in operands:  # products made by absorb: float arrays of a known shape
+            if v not in before and self.options["fuse"] and not before & ints:
+                self.shapes[v] = tuple(self.spec.index_dims.get((scope, ix)) for ix in idx)
         present = set().union(*[set(i) for _, i in operands]) if operands else set()
         for ix in red:  # a reduced index no operand carries: the sum is a count
             if ix not in present:
@@ -644,9 +680,12 @@ class Lowerer:
             text = self.reduction("sum", c.body, frame, red, c.scope)
         else:  # np.add.at broadcasts the values against the index arrays
             text = self.elementwise(c.body, frame, c.scope)
-        self.flags["dtype"] = True
-        into = var if c.first else self.namer.temp()
-        self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
+        # added in place into an array this function made (see scatters_later), else into zeros
+        own = not c.first and self.options["fuse"] and var in self.owned and var not in self.alias
+        into = var if (c.first or own) else self.namer.temp()
+        if not own:
+            self.flags["dtype"] = True
+            self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
         first = c.lhs[0]
         if (
             not is_index(first)
@@ -657,7 +696,7 @@ class Lowerer:
         else:
             where = f"({', '.join(self.gather_index(c.lhs, frame, c.scope))})"
         self.emit(f"np.add.at({into}, {where}, {text})", comment)
-        if not c.first:
+        if not c.first and not own:
             self.emit(f"{var} = {self.v(c.target)} + {into}")
             self.alias.pop(var, None)
 
@@ -1035,7 +1074,7 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
     lw.owned = set()
     lw.flags["dtype"] = False
     defined: set[str] = set()
-    for c in d.backward:
+    for c in lw.scatters_later(d.backward) if lw.options["fuse"] else d.backward:
         lw.lower_contribution(c, defined)
     grads = []
     for n in spec.args:
@@ -1076,9 +1115,9 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
     cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
     if lw.options["fuse"]:  # write into dead buffers: never cached, returned or caller-owned
         kept = {v for _, v in cache} | {lw.var[o] for o in spec.outputs}
-        finish(fwd.lines, kept)
+        finish(fwd.lines, kept, lw.shapes)
         returned = {w for _, text in grads for w in re.findall(r"[A-Za-z_]\w*", text)}
-        finish(bwd.lines, returned | set(lw.var[d.adjoints[o]] for o in spec.outputs))
+        finish(bwd.lines, returned | set(lw.var[d.adjoints[o]] for o in spec.outputs), lw.shapes)
     dims_order = [x for x in spec.dims]
     return Lowered(
         derivation=d,

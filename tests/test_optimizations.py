@@ -250,7 +250,7 @@ def _normalization_inputs(name, rng):
 #: (passes, allocations) of full-size arrays in the generated forward and backward with the
 #: fused statements (an upper bound: fewer is fine), and without them (exact).
 PASSES = {
-    "layer_norm": {"fused": ((6, 2), (10, 3)), "plain": ((7, 5), (11, 7))},
+    "layer_norm": {"fused": ((6, 2), (10, 2)), "plain": ((7, 5), (11, 7))},
     "softmax": {"fused": ((5, 2), (4, 1)), "plain": ((5, 3), (4, 3))},
     "batch_norm": {"fused": ((5, 2), (7, 2)), "plain": ((6, 4), (8, 5))},
 }
