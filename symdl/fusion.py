@@ -225,7 +225,8 @@ class Chain:
                     if len(g) != 1 or g[0].is_Number:
                         continue
                     found = self.known.get(f"{self.names[b]} * {self.text(g[0])}")
-                    if found:
+                    # (only where something is left to do, or the product's buffer is free)
+                    if found and (len(bigs) + len(groups) > 2 or found in self.reusable_names):
                         sym = sp.Dummy(found)
                         self.names[sym] = found
                         self.covers[sym] = self.full
@@ -270,14 +271,15 @@ class Chain:
                 tb, nb = self.small_text(b, add)
                 tb = _wrap(tb)
             fn, fi = ("np.add", "np.subtract") if add else ("np.multiply", "np.divide")
+            ra, rb = _bare(ta), _bare(tb)  # call arguments need no parentheses
             if not add and sb and b == -1 and not na:
-                self.alloc(dest, f"-{ta}", f"np.negative({ta})")
+                self.alloc(dest, f"-{ta}", f"np.negative({ra})")
             elif not na and not nb:
-                self.alloc(dest, f"{ta} {op} {tb}", f"{fn}({ta}, {tb})")
+                self.alloc(dest, f"{ta} {op} {tb}", f"{fn}({ra}, {rb})")
             elif not na:
-                self.alloc(dest, f"{ta} {inv} {tb}", f"{fi}({ta}, {tb})")
+                self.alloc(dest, f"{ta} {inv} {tb}", f"{fi}({ra}, {rb})")
             elif not nb:
-                self.alloc(dest, f"{tb} {inv} {ta}", f"{fi}({tb}, {ta})")
+                self.alloc(dest, f"{tb} {inv} {ta}", f"{fi}({rb}, {ra})")
             else:
                 first = f"np.negative({ta})" if add else f"np.divide(1, {ta})"
                 self.alloc(dest, first, first)
@@ -333,6 +335,19 @@ class Chain:
             else:
                 out.append((c, [a]))
         return [members for _, members in out]
+
+
+def _bare(text: str) -> str:
+    """``text`` without parentheses around the whole of it."""
+    if not (text.startswith("(") and text.endswith(")")):
+        return text
+    depth = 0
+    for k, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0 and k < len(text) - 1:
+            return text  # "(a) * (b)": the first pair closes early
+    return text[1:-1]
 
 
 def _wrap(text: str) -> str:
