@@ -9,6 +9,11 @@ PyTorch eager (skipped when torch is not importable). The three are interleaved 
 after warm-up, and the median of the rounds is reported. The same run measures the machine's GEMM
 peak and memory bandwidth, so each workload also gets a fraction of the relevant roof.
 
+A "generation" section times the engine itself, each run in a fresh process: `symdl generate`
+of the whole catalogue without the cache (cold) and from a filled cache (warm), and `symdl
+derive` of one custom layer, cold and cached. `--only generation` runs that section alone;
+`--no-generation` skips it.
+
 Prints a table and writes benchmarks/RESULTS.md. See benchmarks/README.md for the columns.
 Needs NumPy; PyTorch, SciPy and threadpoolctl are optional.
 """
@@ -20,8 +25,11 @@ import importlib.util
 import math
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,6 +422,75 @@ def measure_roofs(dtypes, quick):
     return roofs
 
 
+# ============================================================================ generation time
+
+#: The custom layer of the derive timings, and the targets of the generation section (seconds).
+DERIVE_LAYER = ("dense_tanh", "y[n,o] = tanh(Sum(w[o,i]*x[n,i], i) + b[o])", "--inputs", "x",
+                "--params", "w,b")
+GENERATION_TARGETS = {"generate": 20.0, "derive": 1.0}
+
+
+def _symdl_seconds(argv, env):
+    """Wall time of ``python -m symdl ARGV`` in a fresh process (from the repository root)."""
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "symdl", *argv], cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=False)
+    took = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"symdl {' '.join(argv[:2])} failed: {proc.stderr.strip()[-500:]}")
+    return took
+
+
+def _files(path):
+    return {p.name: p.read_bytes() for p in sorted(Path(path).glob("*.py"))}
+
+
+def generation_times(quick):
+    """Cold and cached ``symdl generate`` (whole catalogue) and ``symdl derive`` (one custom
+    layer), each in a fresh process, in a private cache directory; rows for the table."""
+    rounds = 1 if quick else 3
+    tmp = Path(tempfile.mkdtemp(prefix="symdl-bench-"))
+    try:
+        env = dict(os.environ, SYMDL_CACHE_DIR=str(tmp / "cache"))
+        env.pop("SYMDL_NO_CACHE", None)
+        derive = ["derive", *DERIVE_LAYER]
+        cases = {  # name: (argv, output dir, fills the cache first)
+            "generate cold": (["generate", "--no-cache", "-o"], "cold", False),
+            "generate cached": (["generate", "-o"], "warm", True),
+            # one output directory: the module's header records the command, -o included
+            "derive cold": ([*derive, "--no-cache", "-o"], "derive", False),
+            "derive cached": ([*derive, "-o"], "derive", True),
+        }
+        times = {name: [] for name in cases}
+        for name, (argv, out, fill) in cases.items():
+            if fill:  # the first run writes the cache; it is not timed
+                _symdl_seconds(argv + [str(tmp / out)], env)
+        texts = {}
+        for _ in range(rounds):  # interleaved, so load drifts hit every case alike
+            for name, (argv, out, _fill) in cases.items():
+                times[name].append(_symdl_seconds(argv + [str(tmp / out)], env))
+                texts[name] = _files(tmp / out)
+        same = {kind: texts[f"{kind} cold"] == texts[f"{kind} cached"]
+                for kind in ("generate", "derive")}
+        modules = len(texts["generate cold"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for name, ts in times.items():
+        kind = name.split()[0]
+        what = f"{modules} modules" if kind == "generate" else f"1 layer ({DERIVE_LAYER[0]})"
+        med = statistics.median(ts)
+        rows.append([name, what, f"{med:.2f}", f"{min(ts):.2f}", str(len(ts)),
+                     f"< {GENERATION_TARGETS[kind]:g} s: {'yes' if med < GENERATION_TARGETS[kind] else 'NO'}",
+                     "yes" if same[kind] else "NO (differs)"])
+    cold, warm = statistics.median(times["generate cold"]), statistics.median(times["generate cached"])
+    rows.append(["generate speed-up", "cold / cached", f"{cold / warm:.1f}x", "", "", "", ""])
+    return rows
+
+
+GENERATION_HEAD = ["case", "what", "median s", "best s", "runs", "target", "same bytes as cold"]
+
+
 # ============================================================================ measurement
 
 
@@ -696,32 +773,47 @@ def machine_facts(opts, roofs):
                                  ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
                                  if k in os.environ) or "(none set)"),
     ]
-    for dt, g in roofs["gemm"].items():
+    for dt, g in roofs.get("gemm", {}).items():
         t = roofs["gemm_torch"].get(dt)
         facts.append((f"GEMM peak {np.dtype(dt).name}",
                       f"{g:.1f} GFLOP/s (NumPy 2048^3 matmul, best of run)"
                       + (f"; torch.mm {t:.1f}" if t else "")))
-    facts.append(("memory bandwidth",
-                  f"{roofs['bw']:.1f} GB/s (best of NumPy copy {roofs['copy']:.1f}, "
-                  f"add {roofs['add']:.1f}; 256 MB arrays, single thread like every ufunc)"
-                  + (f"; torch copy_ {roofs['copy_torch']:.1f}" if "copy_torch" in roofs else "")))
+    if "bw" in roofs:
+        facts.append(("memory bandwidth",
+                      f"{roofs['bw']:.1f} GB/s (best of NumPy copy {roofs['copy']:.1f}, "
+                      f"add {roofs['add']:.1f}; 256 MB arrays, single thread like every ufunc)"
+                      + (f"; torch copy_ {roofs['copy_torch']:.1f}" if "copy_torch" in roofs
+                         else "")))
     facts.append(("reference gelu erf", ref.ERF_SOURCE))
     facts.append(("load average (start -> end)", opts.load))
     return facts
 
 
-def write_results(path, opts, roofs, head, rows, elapsed):
+def write_results(path, opts, roofs, head, rows, elapsed, generation=None):
     facts = machine_facts(opts, roofs)
     text = [
         "# symdl benchmark results",
         "",
         f"Command: `python benchmarks/run.py {' '.join(sys.argv[1:])}`".rstrip(),
-        f"({'quick' if opts.quick else 'full'} run, {elapsed:.0f} s. Times in ms, each the median "
-        "over the number of interleaved rounds in the `rounds` column; see README.md for the "
-        "columns.)",
+        f"({'quick' if opts.quick else 'full'} run, {elapsed:.0f} s."
+        + (" Times in ms, each the median over the number of interleaved rounds in the `rounds` "
+           "column; see README.md for the columns.)" if rows else ")"),
         "",
-        markdown(head, rows),
-        "",
+    ]
+    if rows:
+        text += [markdown(head, rows), ""]
+    if generation:
+        text += [
+            "## Generation time",
+            "",
+            ("Wall time of `python -m symdl ...` in a fresh process, seconds: the whole catalogue "
+             "generated without the cache (`--no-cache`) and from a filled cache, and `symdl "
+             f"derive` of one custom layer (`{DERIVE_LAYER[1]}`) cold and cached."),
+            "",
+            markdown(GENERATION_HEAD, generation),
+            "",
+        ]
+    text += [
         "## Machine",
         "",
         "| fact | value |",
@@ -736,7 +828,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds (>= 3), short warm-up")
     p.add_argument("--only", nargs="+", metavar="NAME",
-                   help="workloads to run, by label or module name (e.g. conv2d, 'conv2d s2', mhsa)")
+                   help="workloads to run, by label or module name (e.g. conv2d, 'conv2d s2', mhsa); "
+                        "'generation' selects the generation-time section")
+    p.add_argument("--no-generation", action="store_true",
+                   help="skip the generation-time section (symdl generate / derive timings)")
     p.add_argument("--dtype", choices=("float32", "float64", "both"), default="float32")
     p.add_argument("--threads", type=int, default=2, help="PyTorch and BLAS threads (default 2)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch column")
@@ -778,6 +873,7 @@ def main(argv=None):
 
     dtypes = {"float32": [np.float32], "float64": [np.float64],
               "both": [np.float32, np.float64]}[opts.dtype]
+    want_generation = not opts.no_generation and (not opts.only or "generation" in opts.only)
     wanted = [w for w in WORKLOADS
               if not opts.only or w.label in opts.only or w.module in opts.only
               or w.label.split()[0] in opts.only]
@@ -795,11 +891,12 @@ def main(argv=None):
               "times slower and noisier than on an idle machine; compare the 'best' columns, "
               "rerun when idle, or try --threads 1")
 
-    roofs = measure_roofs(dtypes, opts.quick)
+    roofs = measure_roofs(dtypes, opts.quick) if present else {}
     opts.roofs = roofs
-    for dt in dtypes:
-        print(f"GEMM peak {np.dtype(dt).name}: {roofs['gemm'][dt]:.1f} GFLOP/s", end="; ")
-    print(f"memory bandwidth: {roofs['bw']:.1f} GB/s")
+    if present:
+        for dt in dtypes:
+            print(f"GEMM peak {np.dtype(dt).name}: {roofs['gemm'][dt]:.1f} GFLOP/s", end="; ")
+        print(f"memory bandwidth: {roofs['bw']:.1f} GB/s")
     print()
 
     rows = []
@@ -819,12 +916,26 @@ def main(argv=None):
                   + (f"  {row['error']}" if "error" in row else ""), flush=True)
     print()
 
+    generation = None
+    if want_generation:
+        t = time.perf_counter()
+        print("generation time (fresh processes: symdl generate, symdl derive) ...", flush=True)
+        try:
+            generation = generation_times(opts.quick)
+        except (RuntimeError, OSError) as exc:  # report and keep going
+            generation = [["ERROR", f"{type(exc).__name__}: {exc}", "", "", "", "", ""]]
+        print(f"  generation       {time.perf_counter() - t:5.1f} s\n")
+
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     opts.load = f"{load0:.2f} -> {load1:.2f} (1-minute; > 0 means other work shared the CPUs)"
     head, table = table_rows(rows)
-    print_table(head, table)
+    if table:
+        print_table(head, table)
+    if generation:
+        print("\ngeneration time, seconds (fresh processes)")
+        print_table(GENERATION_HEAD, generation)
     elapsed = time.perf_counter() - start
-    write_results(opts.output, opts, roofs, head, table, elapsed)
+    write_results(opts.output, opts, roofs, head, table, elapsed, generation)
     print(f"\nwrote {opts.output} ({elapsed:.0f} s)")
 
 

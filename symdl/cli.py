@@ -97,6 +97,34 @@ def _render(layer, command: str | None = None) -> str:
     return generate_source(layer, _source_of(layer), command or f"symdl generate {layer.name}")
 
 
+def _entry_source(layer) -> str:
+    """The ``source`` line :func:`_render` writes into a catalogue entry's header."""
+    if _is_optimizer(layer):
+        from .optim import SOURCE
+
+        return SOURCE
+    if _is_sequence(layer):
+        from .layers.sequences import SOURCE
+
+        return SOURCE
+    return _source_of(layer)
+
+
+def _render_cached(layer, use_cache: bool = True) -> str:
+    """:func:`_render` through the disk cache (symdl/cache.py): an unchanged layer is read back
+    instead of derived again."""
+    from . import cache
+
+    def parts():
+        return {
+            "entry": cache.canonical(layer),
+            "source": _entry_source(layer),
+            "command": f"symdl generate {layer.name}",
+        }
+
+    return cache.cached("generate", parts, lambda: (_render(layer), {}), use=use_cache)[0]
+
+
 # ---- commands ------------------------------------------------------------------------------
 
 
@@ -186,14 +214,19 @@ def cmd_report(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from .codegen import is_hand_edited, write_atomic
+    from .cache import write_atomic
+
+    def is_hand_edited(text):
+        from .codegen import is_hand_edited
+
+        return is_hand_edited(text)
 
     out_dir = Path(args.output)
     layers = _select(args.names, optimizers=True)
     start = time.perf_counter()
     rendered = {}
     for layer in layers:  # render everything first: one failure writes nothing
-        rendered[layer.name] = _render(layer)
+        rendered[layer.name] = _render_cached(layer, not args.no_cache)
     if args.check:
         stale = []
         for name, text in rendered.items():
@@ -215,10 +248,12 @@ def cmd_generate(args) -> int:
         print(f"symdl generate --check: {len(rendered)} modules in {out_dir} are up to date")
         return EXIT_OK
     edited = []
-    for name in rendered:
+    for name, text in rendered.items():
         path = out_dir / f"{name}.py"
-        if path.exists() and not args.force and is_hand_edited(path.read_text(encoding="utf-8")):
-            edited.append(str(path))
+        if path.exists() and not args.force:
+            current = path.read_text(encoding="utf-8")
+            if current != text and is_hand_edited(current):  # the engine's text has a valid hash
+                edited.append(str(path))
     if edited:
         print(
             f"symdl generate: {len(edited)} module(s) were edited by hand and are kept: "
@@ -255,6 +290,26 @@ def cmd_check(args) -> int:
 
 
 def cmd_derive(args) -> int:
+    from . import cache
+
+    argv = sys.argv[1:] if args.argv is None else args.argv
+    # the header records the command; --no-cache does not change the text, so it is left out
+    command = shlex.join(["symdl", *(a for a in argv if a != "--no-cache")])
+    options = ("equations", "inputs", "params", "consts", "hyper", "outputs")
+    options += ("scan", "state", "stack")
+
+    def parts():
+        return {"name": args.name, **{k: getattr(args, k) for k in options}, "command": command}
+
+    # --show prints the derivation, so it derives; otherwise an unchanged layer comes from the
+    # cache without importing SymPy at all
+    text, meta = cache.cached(
+        "derive", parts, lambda: _derive_text(args, command), use=not (args.no_cache or args.show)
+    )
+    return _finish_derive(args, text, meta["what"])
+
+
+def _derive_text(args, command: str) -> tuple[str, dict]:
     from .codegen import generate_source
     from .derive import derive
     from .parse import parse_layer
@@ -268,7 +323,6 @@ def cmd_derive(args) -> int:
         hyper=args.hyper,
         outputs=args.outputs,
     )
-    command = shlex.join(["symdl", *sys.argv[1:]]) if args.argv is None else shlex.join(["symdl", *args.argv])
     if args.scan:
         from .scan import report, scan_layer, sequence_source
 
@@ -286,13 +340,13 @@ def cmd_derive(args) -> int:
         text = sequence_source(seq, "equations given to symdl derive", command)
         if args.show:
             print(report(seq))
-        return _finish_derive(args, text, f"a sequence layer; gradients for {', '.join(seq.args)}")
+        return text, {"what": f"a sequence layer; gradients for {', '.join(seq.args)}"}
     d = derive(layer)
     text = generate_source(d, "equations given to symdl derive", command)
     if args.show:
         print(repr(d))
     n = sum(1 for g in d.grads.values() if g is not None)
-    return _finish_derive(args, text, f"{n} gradient(s) derived for {', '.join(d.spec.args)}")
+    return text, {"what": f"{n} gradient(s) derived for {', '.join(d.spec.args)}"}
 
 
 def _pairs(text: str, option: str) -> dict[str, str]:
@@ -308,7 +362,7 @@ def _pairs(text: str, option: str) -> dict[str, str]:
 
 
 def _finish_derive(args, text: str, what: str) -> int:
-    from .codegen import write_atomic
+    from .cache import write_atomic
 
     if args.check:
         from .testing import gradcheck
@@ -377,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", default="generated", help="output directory (default: generated)")
     s.add_argument("--check", action="store_true", help="fail if any file differs from the engine's output")
     s.add_argument("--force", action="store_true", help="overwrite modules edited by hand")
+    s.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor write the cache of generated modules (also: SYMDL_NO_CACHE=1)",
+    )
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("check", help="gradcheck catalogue layers against finite differences")
@@ -416,6 +475,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--stack",
         default="",
         help="with --scan: outputs stacked over time as name=cell_output (default y=<first state>)",
+    )
+    s.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor write the cache of generated modules (also: SYMDL_NO_CACHE=1)",
     )
     s.set_defaults(func=cmd_derive, argv=None)
     return p

@@ -12,7 +12,6 @@ import hashlib
 import inspect
 import os
 import subprocess
-import tempfile
 from pathlib import Path
 
 import jinja2
@@ -20,13 +19,11 @@ import sympy as sp
 from sympy.printing.str import StrPrinter
 
 from . import __version__
+from .cache import write_atomic  # noqa: F401 - re-exported: symdl.codegen.write_atomic
 from .derive import Derivation, derive
 from .errors import CodegenError
 from .latex import backward_text, formulas, forward_text
 from .lower import Lowered, lower
-from .snippets import erf as _erf_snippet
-from .snippets import extras as _extras
-from .snippets import runtime as _runtime
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 if not TEMPLATES.is_dir():  # a source checkout: templates/ beside the package
@@ -105,21 +102,64 @@ def _rawstr(text: str) -> str:
     return repr(text)
 
 
+_ENVIRONMENT: jinja2.Environment | None = None
+
+
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-    )
-    env.filters["pyrepr"] = _pyrepr
-    env.filters["rawstr"] = _rawstr
-    return env
+    """The Jinja environment of the module templates, built once (templates are compiled on
+    first use and kept; a template file changed on disk is reloaded)."""
+    global _ENVIRONMENT
+    if _ENVIRONMENT is None:
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+        )
+        env.filters["pyrepr"] = _pyrepr
+        env.filters["rawstr"] = _rawstr
+        _ENVIRONMENT = env
+    return _ENVIRONMENT
+
+
+class _SnippetSource:
+    """The functions of a module of symdl/snippets as text, read from its file without importing
+    it (the snippets import NumPy, which writing code does not need). ``hasattr`` tells whether
+    the module defines a function; :func:`_snippet` returns its text as ``inspect.getsource``
+    does."""
+
+    def __init__(self, name: str):
+        self.__path = Path(__file__).resolve().parent / "snippets" / f"{name}.py"
+        self.__texts: dict[str, str] | None = None
+
+    def _texts(self) -> dict[str, str]:
+        if self.__texts is None:
+            lines = self.__path.read_text(encoding="utf-8").splitlines(True)
+            texts = {}
+            for node in ast.parse("".join(lines)).body:
+                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+                    texts[node.name] = "".join(inspect.getblock(lines[first - 1 :]))
+            self.__texts = texts
+        return self.__texts
+
+    def __getattr__(self, name: str) -> str:
+        try:
+            return self._texts()[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_erf_snippet = _SnippetSource("erf")
+_extras = _SnippetSource("extras")
+_runtime = _SnippetSource("runtime")
 
 
 def _snippet(module, name: str) -> str:
+    if isinstance(module, _SnippetSource):
+        return getattr(module, name).rstrip() + "\n"
     return inspect.getsource(getattr(module, name)).rstrip() + "\n"
 
 
@@ -437,26 +477,6 @@ def format_source(text: str) -> str:
     if proc.returncode != 0:
         raise CodegenError(f"ruff format failed: {proc.stderr.strip()}")
     return proc.stdout
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def generate_source(

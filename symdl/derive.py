@@ -169,11 +169,15 @@ def _derive(spec: Spec) -> Derivation:
 
     # adjoint names: "d" + name, unless that collides with a user name
     adjoints: dict[str, str] = {}
-    for t in tensors:
+
+    def adjoint_name(t: str) -> str:
         cand = f"d{t}"
-        while cand in all_names or cand in adjoints.values():
+        while cand in all_names or cand in tensors or cand in adjoints.values():
             cand = f"grad_{cand}"
-        adjoints[t] = cand
+        return cand
+
+    for t in tensors:
+        adjoints[t] = adjoint_name(t)
 
     # ---- local partials ---------------------------------------------------------------------
     def active_targets(forward):
@@ -220,10 +224,6 @@ def _derive(spec: Spec) -> Derivation:
                     out.append((pos, a, occ, p))
         return out
 
-    partials = raw_partials(forward)
-
-    # ---- hoist function applications the backward shares with the forward -------------------
-    hoisted: dict[tuple[int, sp.Expr], sp.Expr] = {}
     counter = [0]
 
     def fresh():
@@ -232,6 +232,50 @@ def _derive(spec: Spec) -> Derivation:
         name = f"t{counter[0]}"
         counter[0] += 1
         return name
+
+    # ---- long products: the derivative of a product of k factors that depend on an argument
+    # is a sum of k products of k - 1 factors (quadratic in k); split the product into named
+    # partial products of at most MAX_FACTORS factors each, so every local partial stays small
+    def split_products(a: Assign, out: list) -> Assign:
+        def long_products(node):
+            if isinstance(node, sp.Piecewise):  # branch values stay inside their branch
+                return []
+            found = [n for arg in node.args for n in long_products(arg)]
+            if node.is_Mul and sum(_depends(f, needs, tensors) for f in node.args) > MAX_FACTORS:
+                found.append(node)  # innermost first
+            return found
+
+        done: dict = {}  # product -> its split form (inner products first)
+        for node in long_products(a.expr):
+            inner = node.xreplace(done)
+            live = [f for f in inner.args if _depends(f, needs, tensors)]
+            rest = [f for f in inner.args if not _depends(f, needs, tensors)]
+            while len(live) > MAX_FACTORS:
+                chunks = [live[k : k + MAX_FACTORS] for k in range(0, len(live), MAX_FACTORS)]
+                live = []
+                for chunk in chunks:
+                    body = sp.Mul(*chunk)
+                    idx = ordered(free_indices(body), a.all_indices)
+                    name = fresh()
+                    dims = tuple(spec.index_dims[(a.scope, i)] for i in idx)
+                    tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")
+                    needs.add(name)
+                    adjoints[name] = adjoint_name(name)
+                    out.append(Assign(name, idx, "map", body, (), a.scope))
+                    live.append(_indexed(name, idx))
+            done[node] = sp.Mul(*rest, *live)
+        return dataclasses.replace(a, expr=a.expr.xreplace(done)) if done else a
+
+    split: list[Assign] = []
+    for a in forward:
+        a = split_products(a, split) if a.target in needs else a
+        split.append(a)
+    forward = split
+
+    partials = raw_partials(forward)
+
+    # ---- hoist function applications the backward shares with the forward -------------------
+    hoisted: dict[tuple[int, sp.Expr], sp.Expr] = {}
 
     new_forward: list[Assign] = []
     for a in forward:
@@ -250,7 +294,7 @@ def _derive(spec: Spec) -> Derivation:
                     dims = tuple(spec.index_dims[(a.scope, i)] for i in idx)
                     tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")
                     needs.add(name) if _depends(node, needs, tensors) else None
-                    adjoints[name] = f"d{name}"
+                    adjoints[name] = adjoint_name(name)
                     hoisted[key] = _indexed(name, idx)
                     new_forward.append(Assign(name, idx, "map", node, (), a.scope))
                 expr = expr.xreplace({node: hoisted[key]})
@@ -267,10 +311,15 @@ def _derive(spec: Spec) -> Derivation:
     for (scope, node), ref in hoisted.items():
         reuse.setdefault(scope, {})[node] = ref
 
+    # longest expressions first so an outer match wins over its inner parts
+    reuse_order = {
+        scope: sorted(table, key=lambda e: (-sp.count_ops(e), sp.default_sort_key(e)))
+        for scope, table in reuse.items()
+    }
+
     def rewrite(p, scope):
         table = reuse.get(scope, {})
-        # longest expressions first so an outer match wins over its inner parts
-        for src in sorted(table, key=lambda e: (-sp.count_ops(e), sp.default_sort_key(e))):
+        for src in reuse_order.get(scope, ()):
             p = p.xreplace({src: table[src]}) if p.has(src) else p
             if src.is_Pow and not src.exp.is_integer:
                 p = _reuse_power(p, src, table[src])
@@ -357,6 +406,10 @@ def _reuse_power(p, src, target):
 def _strip_stop_gradient(expr):
     """``expr`` with every ``stop_gradient(...)`` replaced by an opaque constant."""
     return expr.replace(lambda e: isinstance(e, stop_gradient), lambda e: sp.Dummy("c", real=True))
+
+
+#: The most factors that depend on an argument in one product before it is split (derive).
+MAX_FACTORS = 8
 
 
 def _depends(node, needs, tensors):

@@ -27,54 +27,83 @@ from .errors import SpecError
 # ---------------------------------------------------------------------------------------------
 
 
-class sigmoid(sp.Function):
+class _SheetFunction(sp.Function):
+    """A formula-sheet function; ``_value`` gives its value at numbers (for ``evalf``)."""
+
+    def _value(self):  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def _eval_evalf(self, prec):
+        if not all(a.is_number for a in self.args):
+            return None
+        value = self._value().evalf(prec)
+        return value if value.is_Number else None
+
+
+class sigmoid(_SheetFunction):
     r"""The logistic function 1 / (1 + exp(-x))."""
 
     nargs = 1
+
+    def _value(self):
+        return 1 / (1 + sp.exp(-self.args[0]))
 
     def fdiff(self, argindex=1):
         s = sigmoid(self.args[0])
         return s * (1 - s)
 
 
-class softplus(sp.Function):
+class softplus(_SheetFunction):
     r"""log(1 + exp(x)), evaluated stably."""
 
     nargs = 1
+
+    def _value(self):
+        return sp.log(1 + sp.exp(self.args[0]))
 
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
 
 
-class relu(sp.Function):
+class relu(_SheetFunction):
     r"""max(x, 0)."""
 
     nargs = 1
+
+    def _value(self):
+        return sp.Max(self.args[0], 0)
 
     def fdiff(self, argindex=1):
         return step(self.args[0])
 
 
-class step(sp.Function):
+class step(_SheetFunction):
     r"""The unit step: 1 for x > 0, else 0 (the derivative of relu, with step(0) = 0)."""
 
     nargs = 1
+
+    def _value(self):
+        return sp.S.One if self.args[0].evalf() > 0 else sp.S.Zero
 
     def fdiff(self, argindex=1):
         return sp.S.Zero
 
 
-class xlogy(sp.Function):
+class xlogy(_SheetFunction):
     r"""x * log(y), with the convention 0 * log(y) = 0 (PyTorch's ``xlogy``)."""
 
     nargs = 2
+
+    def _value(self):
+        a, b = self.args
+        return sp.S.Zero if a.is_zero else a * sp.log(b)
 
     def fdiff(self, argindex=1):
         a, b = self.args
         return sp.log(b) if argindex == 1 else a / b
 
 
-class stop_gradient(sp.Function):
+class stop_gradient(_SheetFunction):
     r"""The identity in the forward pass, a constant in the backward pass.
 
     Used for shift-invariant stabilisers such as the max subtracted inside a softmax, where the
@@ -82,6 +111,9 @@ class stop_gradient(sp.Function):
     """
 
     nargs = 1
+
+    def _value(self):
+        return self.args[0]
 
     def fdiff(self, argindex=1):
         return sp.S.Zero

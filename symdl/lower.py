@@ -98,6 +98,7 @@ class Lowerer:
         self.spec = derivation.spec
         self.tensors = derivation.tensors
         self.arrays = set(derivation.tensors) | set(derivation.adjoints.values())
+        self.adjoint_of = {adj: t for t, adj in derivation.adjoints.items()}
         self.namer = Namer()
         self.var: dict[str, str] = {}
         for n in list(self.spec.args) + list(self.spec.consts) + list(self.spec.hyper):
@@ -123,6 +124,8 @@ class Lowerer:
         self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
         self.memo: dict[str, str] = {}  # contraction source -> the temporary holding it
         self.shapes: dict[str, tuple] = {}  # temporaries of a known shape (see symdl.fusion)
+        self.fixed: dict = {}  # index -> its value inside a loop over kernel offsets
+        self.argidx: dict[str, tuple] = {}  # arg-max mask -> (window indices): held as an index
 
     def v(self, name: str) -> str:
         """The variable holding tensor (or adjoint) ``name``."""
@@ -275,6 +278,11 @@ class Lowerer:
     def operand(self, occ, frame: tuple, scope: int) -> str:
         """Source for one tensor occurrence, aligned to ``frame``."""
         name = occurrence_name(occ)
+        if name in self.argidx:
+            return self.argmax_test(occ, frame, scope)
+        if self.fixed and set(plain_indices(occ)) & set(self.fixed):
+            text, syms = self.offset_slice(occ, scope)
+            return self.align(text, syms, frame)
         if self.needs_view(occ, scope):
             tmp, syms = self.view(occ, scope)
             return self.align(tmp, syms, frame)
@@ -315,12 +323,13 @@ class Lowerer:
         arrays: set = set()
         reps = {}
         for occ in occurrences(expr, self.arrays):
-            sym = sp.Dummy(occurrence_name(occ))
+            sym = sp.Dummy(occurrence_name(occ), real=True)
             names[sym] = self.operand(occ, frame, scope)
             reps[occ] = sym
             if occurrence_indices(occ):
                 arrays.add(sym)
-        body = expr.xreplace(reps)
+        with sp.evaluate(False):  # renaming only: re-evaluating nested functions is exponential
+            body = expr.xreplace(reps)
         for s in body.free_symbols:
             if s in names:
                 continue
@@ -330,8 +339,14 @@ class Lowerer:
             elif s.is_integer and s.is_positive and s.name in self.dim_vars:
                 self.phase.dims.add(s.name)
                 names[s] = self.dim_vars[s.name]
+            elif s in self.fixed:  # an index fixed by a loop over kernel offsets
+                names[s] = self.index_text(self.fixed[s], {})
             elif is_index(s) and s in frame:  # the value of an index: 0, 1, 2, ...
-                names[s] = self.align(f"np.arange({self.dimvar(scope, s)})", (s,), frame)
+                arange = f"np.arange({self.dimvar(scope, s)})"
+                if _in_arithmetic(body, s):  # in the arguments' dtype: no float64 promotion
+                    self.flags["dtype"] = True
+                    arange = f"np.arange({self.dimvar(scope, s)}, dtype=dtype)"
+                names[s] = self.align(arange, (s,), frame)
                 arrays.add(s)
             else:
                 raise LowerError(f"lowering requires known symbols, got {s.name!r}")
@@ -417,6 +432,9 @@ class Lowerer:
             return text
         shape = ", ".join(self.dimvar(scope, i) for i in frame)
         shape = f"({shape},)" if len(frame) == 1 else f"({shape})"
+        if not occurrences(expr, self.arrays) and not any(is_index(s) for s in expr.free_symbols):
+            self.flags["dtype"] = True  # a constant: an array of the arguments' dtype
+            return f"np.full({shape}, {text}, dtype=dtype)"
         return f"np.broadcast_to({text}, {shape})"
 
     def reduction(self, op: str, body: sp.Expr, out: tuple, red: tuple, scope: int) -> str:
@@ -475,6 +493,7 @@ class Lowerer:
         for v, idx in operands:  # products made by absorb: float arrays of a known shape
             if v not in before and self.options["fuse"] and not before & ints:
                 self.shapes[v] = tuple(self.spec.index_dims.get((scope, ix)) for ix in idx)
+        operands, red = self.pairwise(operands, out, red, scope)
         present = set().union(*[set(i) for _, i in operands]) if operands else set()
         for ix in red:  # a reduced index no operand carries: the sum is a count
             if ix not in present:
@@ -488,7 +507,7 @@ class Lowerer:
                 var, idx = operands[0]
                 text = self.sum_one(var, idx, out, red)
             else:
-                text = self.contract(operands, out, red)
+                text = self.contract(operands, out, red, scope)
             if text in self.memo and self.options["share"]:
                 text = self.memo[text]
         if coeff != 1:
@@ -510,11 +529,14 @@ class Lowerer:
         if not self.options["absorb"]:
             return operands
         operands = list(operands)
+        # a strided view (a window of an input) is never the host: multiplying into it would
+        # materialize the window, kernel-size times the input
+        views = {v for v, _ in self.views.values()}
         while len(operands) > 2:
             pair = None
             for a, (va, ia) in enumerate(operands):
                 for b, (vb, ib) in enumerate(operands):
-                    if a != b and set(ia) <= set(ib):
+                    if a != b and set(ia) <= set(ib) and vb not in views:
                         pair = (a, b)
                         break
                 if pair:
@@ -531,6 +553,43 @@ class Lowerer:
             self._register(tmp)
             operands = [o for k, o in enumerate(operands) if k not in pair] + [(tmp, ib)]
         return operands
+
+    def pairwise(self, operands: list, out: tuple, red: tuple, scope: int) -> tuple[list, tuple]:
+        """A sum over three or more operands as a chain of two-operand contractions, each
+        summing the indices no other operand carries: the pair with the smallest result goes
+        first, and a pair already contracted earlier in the function is reused (before: one
+        einsum over all operands, whose loop cannot use BLAS or the shared result)."""
+        if not self.options["pairwise"]:
+            return operands, red
+        operands = list(operands)
+        frame = tuple(out) + tuple(red)
+        while len(operands) > 2:
+            best = None
+            for a in range(len(operands)):
+                for b in range(a + 1, len(operands)):
+                    (va, ia), (vb, ib) = operands[a], operands[b]
+                    others = {i for k, (_, ik) in enumerate(operands) if k not in (a, b) for i in ik}
+                    summed = tuple(i for i in red if (i in ia or i in ib) and i not in others)
+                    if not summed:
+                        continue
+                    kept = ordered(set(ia) | set(ib), frame)
+                    kept = tuple(i for i in kept if i not in summed)
+                    text = self.contract([operands[a], operands[b]], kept, summed, scope)
+                    key = (len(kept), text not in self.memo, a, b)
+                    if best is None or key < best[0]:
+                        best = (key, a, b, kept, text)
+            if best is None:
+                break
+            _, a, b, kept, text = best
+            tmp = self.memo.get(text) if self.options["share"] else None
+            if tmp is None:
+                tmp = self.namer.temp()
+                self.emit(f"{tmp} = {text}")
+                self.memo[text] = tmp
+            self._register(tmp)
+            operands = [o for k, o in enumerate(operands) if k not in (a, b)] + [(tmp, kept)]
+            red = tuple(i for i in red if i in kept or any(i in ik for _, ik in operands))
+        return operands, red
 
     def _register(self, var: str):
         """Let a lowering temporary stand as an operand in expressions."""
@@ -564,7 +623,9 @@ class Lowerer:
         operands: list[tuple[str, tuple]] = []
         rest = []
         for f in sp.Mul.make_args(body):
-            if self.needs_view(f, scope):
+            if isinstance(f, sp.Indexed) and occurrence_name(f) in self.argidx:
+                rest.append(f)  # an arg-max held as an index: compared elementwise
+            elif self.needs_view(f, scope):
                 operands.append(self.view(f, scope))
             elif isinstance(f, sp.Indexed) and all(is_index(i) for i in f.indices):
                 operands.append((self.v(occurrence_name(f)), tuple(f.indices)))
@@ -595,13 +656,15 @@ class Lowerer:
             return f"{_paren(var, '.')}.sum(axis={_axes(axes)})"
         return self.contract([(var, idx)], out, red)
 
-    def contract(self, operands: list, out: tuple, red: tuple) -> str:
+    def contract(self, operands: list, out: tuple, red: tuple, scope: int | None = None) -> str:
         letters = _letters([i for _, idx in operands for i in idx] + list(out))
         out_kept = tuple(i for i in out if any(i in idx for _, idx in operands))
         mm = _matmul(operands, out_kept) if self.options["matmul"] else None
         if mm is None and self.options["batched_matmul"]:
             views = {v for v, _ in self.views.values()}
             mm = _batched_matmul(operands, out_kept, views)
+        if mm is None and self.options["grouped_matmul"] and scope is not None:
+            mm = self.grouped_matmul(operands, out_kept, scope)
         if mm is not None:
             return mm
         subs = ",".join("".join(letters[i] for i in idx) for _, idx in operands)
@@ -623,6 +686,17 @@ class Lowerer:
             if text is None:  # emitted as a fused statement
                 return
             text = self.full(text, a.expr, a.indices, a.scope)
+        elif a.op == "argmax" and a.target in self.argidx:
+            return  # recorded as an index by the running maximum
+        elif a.op == "max" and self.offset_max(a):
+            pos = self.d.forward.index(a)
+            after = self.d.forward[pos + 1] if pos + 1 < len(self.d.forward) else None
+            mask = after if (
+                after is not None and after.op == "argmax" and after.reduce == a.reduce
+                and after.scope == a.scope
+            ) else None
+            self.running_max(a, mask, comment)
+            return
         elif a.op == "argmax":
             frame = a.indices
             body = self.full(self.elementwise(a.expr, frame, a.scope), a.expr, frame, a.scope)
@@ -720,24 +794,6 @@ class Lowerer:
         occ = c.occurrence
         frame = plain_indices(occ)
         red = tuple(i for i in c.over if i not in frame)
-        if red:
-            text = self.reduction("sum", c.body, frame, red, c.scope)
-        else:
-            text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
-        if text.isidentifier() or (text in self.memo and self.options["share"]):
-            vals = self.memo.get(text, text)
-            if comment:
-                self.emit(f"# {comment}")
-        else:
-            vals = self.namer.temp()
-            self.emit(f"{vals} = {text}", comment)
-            self.memo[text] = vals
-        self.flags["dtype"] = True
-        own = not c.first and var in self.owned and var not in self.alias
-        into = var if (c.first or own) else self.namer.temp()
-        if c.first or not own:
-            self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
-            self.owned.add(into)
         positions = list(occ.indices)
         loop: list = []
         for ix in positions:
@@ -759,6 +815,52 @@ class Lowerer:
             and len([s for s in position_symbols(ix) if s not in loop]) <= 1
             for ix in positions
         )
+        offsets = self.options["offset_scatter"] and simple and bool(loop)
+        if offsets:
+            # the kernel offsets outermost among the window's symbols: each offset's slice of
+            # the values is a contiguous block, and a contraction yields them in that order
+            rest = [s for s in frame if s not in loop]
+            cut = next(
+                (k for k, s in enumerate(rest) if any(
+                    s in position_symbols(ix) and set(position_symbols(ix)) & set(loop)
+                    for ix in positions)),
+                len(rest),
+            )
+            frame = tuple(rest[:cut]) + tuple(s for s in frame if s in loop) + tuple(rest[cut:])
+        per_offset = offsets and not red and self.offset_ok(c.body, loop, c.scope)
+        loop_syms: dict = {}
+        for s in loop:  # one name per index, reused by every loop over it
+            if s.name not in self.loop_names:
+                self.loop_names[s.name] = self.namer.claim(s.name)
+            loop_syms[s] = sp.Symbol(self.loop_names[s.name])  # a value, not an index
+        loop_vars = {s: self.loop_names[s.name] for s in loop}
+        varies = per_offset and bool(self.covered(c.body) & set(loop) | free_indices(c.body) & set(loop))
+        if per_offset and not varies:  # the same values at every offset: computed once
+            frame = tuple(s for s in frame if s not in loop)
+        vals = None
+        if not varies:
+            if red:
+                text = self.reduction("sum", c.body, frame, red, c.scope)
+            elif per_offset:
+                text = self.elementwise(c.body, frame, c.scope)
+            else:
+                text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
+            if text.isidentifier() or (text in self.memo and self.options["share"]):
+                vals = self.memo.get(text, text)
+                if comment:
+                    self.emit(f"# {comment}")
+            else:
+                vals = self.namer.temp()
+                self.emit(f"{vals} = {text}", comment)
+                self.memo[text] = vals
+        elif comment:
+            self.emit(f"# {comment}")
+        self.flags["dtype"] = True
+        own = not c.first and var in self.owned and var not in self.alias
+        into = var if (c.first or own) else self.namer.temp()
+        if c.first or not own:
+            self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
+            self.owned.add(into)
         if not simple:  # general affine map: one scatter-add with index arrays
             arrays = []
             for ix in positions:
@@ -769,50 +871,247 @@ class Lowerer:
                 arrays.append(self.index_text(ix, names))
             self.emit(f"np.add.at({into}, ({', '.join(arrays)}), {vals})")
         else:
-            for s in loop:  # one name per index, reused by every loop over it
-                if s.name not in self.loop_names:
-                    self.loop_names[s.name] = self.namer.claim(s.name)
-            loop_vars = {s: self.loop_names[s.name] for s in loop}
-            info = self.tensors[c.tensor]
-            slices = []
-            for p, ix in enumerate(positions):
-                syms = [s for s in position_symbols(ix) if s not in loop]
-                if not syms:
-                    slices.append(self.index_text(ix, loop_vars))
-                    continue
-                sym = syms[0]
-                terms, _ = ([(sp.S.One, ix)], None) if is_index(ix) else affine_terms(ix)
-                coeff = dict((t, k) for k, t in terms)[sym]
-                start_expr = ix.subs(sym, 0)
-                size = self.dimvar(c.scope, sym)
-                padded = p in self.spec.pads.get(c.tensor, {})
-                if start_expr == 0 and coeff == 1 and not padded and (
-                    self.spec.index_dims[(c.scope, sym)] == info.dims[p]
-                ):
-                    slices.append(":")
-                    continue
-                lo = "" if start_expr == 0 else self.index_text(start_expr, loop_vars)
-                extent = dim_symbol(self.spec.index_dims[(c.scope, sym)])
-                stop = self.index_text(start_expr + coeff * (extent - 1) + 1, loop_vars)
-                step = "" if coeff == 1 else f":{self.index_text(coeff, loop_vars)}"
-                del size
-                slices.append(f"{lo}:{stop}{step}")
-            while slices and slices[-1] == ":":
-                slices.pop()
-            vsub = [loop_vars[s] if s in loop_vars else ":" for s in frame]
-            while vsub and vsub[-1] == ":":
-                vsub.pop()
+            slices = self.window_slices(c.tensor, positions, loop_vars, c.scope)
             target = f"{into}[{', '.join(slices)}]" if slices else into
-            source = f"{vals}[{', '.join(vsub)}]" if vsub else vals
             indent = ""
             for s in loop:
                 self.emit(f"{indent}for {loop_vars[s]} in range({self.dimvar(c.scope, s)}):")
                 indent += "    "
+            if varies:  # the values of one offset, computed inside the loop
+                start = len(self.phase.lines)
+                self.fixed = {s: loop_syms[s] for s in loop}
+                try:
+                    inner = tuple(s for s in frame if s not in loop)
+                    source = self.elementwise(c.body, inner, c.scope)
+                finally:
+                    self.fixed = {}
+                added = self.phase.lines[start:]
+                del self.phase.lines[start:]
+                for line in added:
+                    self.phase.lines.append(Line(indent + line.code, line.comment))
+            else:
+                vsub = [loop_vars[s] if s in loop_vars else ":" for s in frame]
+                while vsub and vsub[-1] == ":":
+                    vsub.pop()
+                source = f"{vals}[{', '.join(vsub)}]" if vsub else vals
             self.emit(f"{indent}{target} += {source}")
         if not c.first and into != var:
             self.emit(f"{var} = {self.v(c.target)} + {into}")
             self.alias.pop(var, None)
             self.owned.add(var)
+
+    def window_slices(self, tensor: str, positions: list, loop_vars: dict, scope: int) -> list:
+        """Slices of ``tensor`` at index ``positions`` whose symbols in ``loop_vars`` are fixed
+        (loop variables or constants) and whose others (at most one a position) run over their
+        range: ``[:, :, p : p + stride * (OH - 1) + 1 : stride]``; trailing ``:`` dropped."""
+        info = self.tensors[tensor] if tensor in self.tensors else self.tensors[self.adjoint_of[tensor]]
+        slices = []
+        for p, ix in enumerate(positions):
+            syms = [s for s in position_symbols(ix) if s not in loop_vars]
+            if not syms:
+                slices.append(self.index_text(ix, loop_vars))
+                continue
+            sym = syms[0]
+            terms, _ = ([(sp.S.One, ix)], None) if is_index(ix) else affine_terms(ix)
+            coeff = dict((t, k) for k, t in terms)[sym]
+            start_expr = ix.subs(sym, 0)
+            padded = p in self.spec.pads.get(tensor, {})
+            if start_expr == 0 and coeff == 1 and not padded and (
+                self.spec.index_dims[(scope, sym)] == info.dims[p]
+            ):
+                slices.append(":")
+                continue
+            lo = "" if start_expr == 0 else self.index_text(start_expr, loop_vars)
+            extent = dim_symbol(self.spec.index_dims[(scope, sym)])
+            stop = self.index_text(start_expr + coeff * (extent - 1) + 1, loop_vars)
+            step = "" if coeff == 1 else f":{self.index_text(coeff, loop_vars)}"
+            slices.append(f"{lo}:{stop}{step}")
+        while slices and slices[-1] == ":":
+            slices.pop()
+        return slices
+
+    def offset_ok(self, expr: sp.Expr, fixed, scope: int) -> bool:
+        """Whether ``expr`` can be evaluated with the indices ``fixed`` held at one value each:
+        every occurrence reading them is then a plain slice (or an arg-max index test)."""
+        fixed = set(fixed)
+        for occ in occurrences(expr, self.arrays):
+            if not isinstance(occ, sp.Indexed) or not set(plain_indices(occ)) & fixed:
+                continue
+            name = occurrence_name(occ)
+            if name in self.argidx:
+                continue
+            primal = self.adjoint_of.get(name)
+            if name not in self.tensors and (primal is None or self.spec.pads.get(primal)):
+                return False  # (an adjoint reads like its tensor, when that is not padded)
+            seen: set = set()
+            for ix in occ.indices:
+                syms = [s for s in position_symbols(ix) if s not in fixed]
+                if isinstance(ix, sp.Indexed) or len(syms) > 1 or set(syms) & seen:
+                    return False
+                seen |= set(syms)
+        return True
+
+    def offset_slice(self, occ, scope: int) -> tuple[str, tuple]:
+        """An occurrence with the indices of ``self.fixed`` held: a plain slice of its array,
+        axes in the order of its remaining symbols."""
+        var = self.v(occurrence_name(occ))
+        positions = [ix.xreplace(self.fixed) for ix in occ.indices]
+        slices = self.window_slices(occurrence_name(occ), positions, {}, scope)
+        syms = tuple(s for s in plain_indices(occ) if s not in self.fixed)
+        return (f"{var}[{', '.join(slices)}]" if slices else var), syms
+
+    def argmax_test(self, occ, frame: tuple, scope: int) -> str:
+        """An arg-max mask held as the flat index of each window's first maximum: the mask at
+        a window position is ``index == flat position``."""
+        window = self.argidx[occurrence_name(occ)]
+        idx = tuple(occ.indices)
+        lead, pos = idx[: len(idx) - len(window)], idx[len(idx) - len(window) :]
+        flat = None
+        for s in pos:
+            if s in self.fixed:
+                text = self.index_text(self.fixed[s], {})
+            else:
+                text = self.align(f"np.arange({self.dimvar(scope, s)})", (s,), frame)
+            if flat is None:
+                flat = text
+            else:
+                inner = flat if " " not in flat else f"({flat})"
+                flat = f"{inner} * {self.dimvar(scope, s)} + {text}"
+        return f"({self.align(self.v(occurrence_name(occ)), lead, frame)} == {flat})"
+
+    def offset_max(self, a: Assign) -> bool:
+        """Whether ``a`` is a Max over kernel offsets: its reduced indices occur only in affine
+        positions of strided reads, each read a plain slice once the offsets are fixed."""
+        if a.op != "max" or not self.options["running_max"] or not a.reduce:
+            return False
+        red = set(a.reduce)
+        for occ in occurrences(a.expr, self.arrays):
+            for ix in occurrence_indices(occ):
+                syms = set(position_symbols(ix))
+                if syms & red and not (is_affine(ix) and syms - red):
+                    return False
+        if red & (free_indices(a.expr) - self.covered(a.expr)):
+            return False
+        return self.covered(a.expr) >= red and self.offset_ok(a.expr, red, a.scope)
+
+    def running_max(self, a: Assign, mask: Assign | None, comment: str):
+        """A Max over kernel offsets as a running maximum over one slice per offset; with
+        ``mask``, the flat offset of each window's first maximum is kept (a small integer)."""
+        var = self.var[a.target]
+        red = a.reduce
+        names = {}
+        for s in red:
+            if s.name not in self.loop_names:
+                self.loop_names[s.name] = self.namer.claim(s.name)
+            names[s] = sp.Symbol(self.loop_names[s.name])  # a value, not an index
+        self.fixed = {s: sp.S.Zero for s in red}
+        try:
+            first = self.full(self.elementwise(a.expr, a.indices, a.scope), a.expr, a.indices, a.scope)
+        finally:
+            self.fixed = {}
+        if isinstance(a.expr, sp.Indexed) or first.startswith("np.broadcast_to("):
+            first = f"{_paren(first, '.')}.copy()"
+        self.emit(f"{var} = {first}", comment)
+        extents = [self.dimvar(a.scope, s) for s in red]
+        count = " * ".join(extents)
+        if mask is not None:
+            where = self.var[mask.target]
+            self.argidx[mask.target] = tuple(red)
+            self.emit(
+                f"{where} = np.zeros({var}.shape, dtype=np.min_scalar_type({count} - 1))",
+                f"{_lhs_text(mask.target, mask.indices[: len(mask.indices) - len(red)])} = the "
+                f"flat offset ({', '.join(s.name for s in red)}) of the first maximum",
+            )
+        if len(red) == 1:
+            k = names[red[0]].name
+            self.emit(f"for {k} in range(1, {count}):")
+        else:
+            k = self.namer.claim("k")
+            self.emit(f"for {k} in range(1, {count}):")
+            targets = ", ".join(names[s].name for s in red)
+            if len(red) == 2:
+                self.emit(f"    {targets} = divmod({k}, {extents[1]})")
+            else:
+                self.emit(f"    {targets} = np.unravel_index({k}, ({count.replace(' * ', ', ')}))")
+        start = len(self.phase.lines)
+        self.fixed = names
+        try:
+            text = self.full(self.elementwise(a.expr, a.indices, a.scope), a.expr, a.indices, a.scope)
+        finally:
+            self.fixed = {}
+        added = self.phase.lines[start:]
+        del self.phase.lines[start:]
+        for line in added:
+            self.phase.lines.append(Line("    " + line.code, line.comment))
+        if mask is None:
+            self.emit(f"    np.maximum({var}, {text}, out={var})")
+            return
+        value, better = self.namer.temp(), self.namer.temp()
+        self.emit(f"    {value} = {text}")
+        self.emit(f"    {better} = {value} > {var}", "strictly greater: ties keep the first")
+        self.emit(f"    np.maximum({var}, {value}, out={var})")
+        self.emit(f"    np.copyto({where}, {k}, where={better})")
+
+    def grouped_matmul(self, operands: list, out: tuple, scope: int) -> str | None:
+        """A two-operand contraction as one matrix product over grouped axes, as
+        ``np.tensordot`` does but with batch indices: the indices only one operand carries
+        merge into its rows (or columns), the contracted ones into one axis, indices of both
+        operands and of the result stay a batch. Each operand is reshaped (one copy where its
+        axes do not merge, e.g. im2col of a window view); the product is one large GEMM."""
+        if len(operands) != 2:
+            return None
+        (va, ia), (vb, ib) = operands
+        if len(set(ia)) != len(ia) or len(set(ib)) != len(ib) or ELL in ia + ib:
+            return None
+        contracted = [i for i in ia if i in ib and i not in out]
+        if not contracted or any(i not in out and not (i in ia and i in ib) for i in ia + ib):
+            return None
+        batch = [i for i in out if i in ia and i in ib]
+        views = {v for v, _ in self.views.values()}
+        best = None
+        for (vl, il), (vr, ir) in (((va, ia), (vb, ib)), ((vb, ib), (va, ia))):
+            left = [i for i in out if i in il and i not in ir]
+            right = [i for i in out if i in ir and i not in il]
+            if not left or not right:
+                return None  # matrix-vector products: einsum's own loop serves
+            result = batch + left + right
+            moved = sum(x != y for x, y in zip(result, out))
+            if best is None or moved < best[0]:
+                best = (moved, vl, il, vr, ir, left, right, result)
+        _, vl, il, vr, ir, left, right, result = best
+        if not (len(left) > 1 or len(right) > 1 or len(contracted) > 1 or batch):
+            return None  # a plain matrix product: the other paths serve
+        for v, idx, last in ((vl, il, contracted[-1]), (vr, ir, right[-1])):
+            if v in views and idx[-1] != last:
+                return None  # its copy would not keep the window's rows whole: einsum's is faster
+        a = self._group(vl, il, batch, left, contracted, views, scope)
+        b = self._group(vr, ir, batch, contracted, right, views, scope)
+        text = f"({a} @ {b})"
+        if len(left) > 1 or len(right) > 1:
+            dims = ", ".join(self.dimvar(scope, i) for i in result)
+            text += f".reshape({dims})"
+        if result != list(out):
+            perm = [result.index(i) for i in out]
+            text += f".transpose({', '.join(map(str, perm))})"
+        return text
+
+    def _group(self, var, idx, lead, first, second, views, scope) -> str:
+        """``var`` as a stack of (first, second) matrices over ``lead`` (size 1 where it lacks a
+        lead index): transposed into that order and reshaped, as ``np.tensordot`` does."""
+        present = [i for i in lead if i in idx]
+        perm = [idx.index(i) for i in present + first + second]
+        text = var
+        if perm != list(range(len(idx))):
+            text = f"{var}.T" if len(idx) == 2 else f"{var}.transpose({', '.join(map(str, perm))})"
+        shape = [self.dimvar(scope, i) if i in idx else "1" for i in lead]
+        while shape and shape[0] == "1":
+            shape.pop(0)
+        shape += [" * ".join(self.dimvar(scope, i) for i in g) for g in (first, second)]
+        if len(shape) != len(idx):
+            text = f"{_paren(text, '.')}.reshape({', '.join(shape)})"
+        if var in views:  # a window view: BLAS needs it copied into rows (im2col)
+            text = f"np.ascontiguousarray({text})"
+        return text
 
 
 class _TempSymbols:
@@ -843,6 +1142,15 @@ class _Sum(sp.Expr):
         return f"Sum({printer._print(self.args[0])}, {idx})"
 
 
+def _in_arithmetic(expr: sp.Expr, symbol: sp.Symbol) -> bool:
+    """Whether ``symbol`` occurs in ``expr`` outside comparisons (where integers serve)."""
+    if expr == symbol:
+        return True
+    if isinstance(expr, sp.core.relational.Relational):
+        return False
+    return any(_in_arithmetic(a, symbol) for a in expr.args)
+
+
 def _floats(expr: sp.Expr) -> sp.Expr:
     """Non-integer rationals as floats, so that ``1/2 * x`` prints as ``0.5 * x`` (exponents
     stay exact, so ``x**(1/2)`` still prints as ``np.sqrt(x)``)."""
@@ -851,7 +1159,7 @@ def _floats(expr: sp.Expr) -> sp.Expr:
         value = expr.evalf(17)
         if value.is_Number:
             return sp.Float(value, 17)
-    if expr.is_Mul:
+    if expr.is_Mul and not expr.is_number:
         num = sp.Mul(*[a for a in expr.args if a.is_number])
         rest = [_floats(a) for a in expr.args if not a.is_number]
         if num == 1:
@@ -1027,7 +1335,7 @@ def _matmul(operands, out):
     return f"{left(vb, ib, fb)} @ {right(va, ia, fa)}"
 
 
-#: Each lowering optimization, on by default; ``lower(d, {"matmul": False, ...})`` switches one
+#: Each lowering optimization (on by default unless marked off); ``lower(d, {"matmul": False, ...})`` switches one
 #: off, so the tests can compare the fast path with the plain one.
 OPTIMIZATIONS = {
     "matmul": True,  # two-operand matrix products as a @ b instead of einsum
@@ -1036,6 +1344,12 @@ OPTIMIZATIONS = {
     "factor_out": True,  # factors free of the summed indices applied after the sum
     "share": True,  # an identical contraction or scatter value computed once
     "views": True,  # plain slices instead of strided views where they serve
+    # contractions over several axes as one reshaped a @ b (off: no measured gain over
+    # einsum on the convolution benchmarks yet; tested against the plain lowering)
+    "grouped_matmul": False,
+    "running_max": True,  # a Max over kernel offsets as a running maximum, arg-max as an index
+    "offset_scatter": True,  # adjoints of window reads: offsets outermost, values per offset
+    "pairwise": True,  # sums over 3+ operands as a chain of shared two-operand contractions
     "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
 }
 

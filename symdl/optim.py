@@ -28,7 +28,7 @@ import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 
 from . import __version__
-from .codegen import _environment, format_source, stamp, write_atomic
+from .cache import write_atomic
 from .errors import CodegenError, SpecError
 from .printing import Namer, NumpyPrinter, equation_text
 
@@ -551,6 +551,8 @@ def optimizer_latex(opt: Optimizer) -> dict[str, str]:
 
 def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
     """The complete, formatted and hash-stamped text of the generated module for ``opt``."""
+    from .codegen import _environment, format_source, stamp  # Jinja2 and ruff: only when rendering
+
     em = _Emitter(opt)
     pure = em.body(inplace=False)
     inplace = em.body(inplace=True)

@@ -178,14 +178,10 @@ class _Converter:
 
     def _binop(self, node):
         if True:
-            a, b = self.value(node.left), self.value(node.right)
             op = type(node.op)
-            if op is ast.Add:
-                return a + b
-            if op is ast.Sub:
-                return a - b
-            if op is ast.Mult:
-                return a * b
+            if op in (ast.Add, ast.Sub, ast.Mult):
+                return self._chain(node)
+            a, b = self.value(node.left), self.value(node.right)
             if op is ast.Div:
                 if b == 0:
                     _fail("a division requires a non-zero divisor, got 0", node)
@@ -197,6 +193,18 @@ class _Converter:
                     _fail("0 raised to a negative power is undefined", node)
                 return a**b
             _fail(f"operator {type(node.op).__name__} is not allowed in equations (use + - * / **)", node)
+    def _chain(self, node):
+        """``a + b - c + ...`` or ``a * b * c ...`` built in one step: SymPy flattens a sum or
+        product again at every binary operation, so a chain of k terms would cost O(k**2)."""
+        family = (ast.Mult,) if isinstance(node.op, ast.Mult) else (ast.Add, ast.Sub)
+        parts = []  # (operand node, negated), right to left
+        while isinstance(node, ast.BinOp) and isinstance(node.op, family):
+            parts.append((node.right, isinstance(node.op, ast.Sub)))
+            node = node.left
+        parts.append((node, False))
+        values = [-self.value(n) if neg else self.value(n) for n, neg in reversed(parts)]
+        return sp.Mul(*values) if family == (ast.Mult,) else sp.Add(*values)
+
     def _other(self, node):
         if isinstance(node, ast.Compare):
             if len(node.ops) != 1:

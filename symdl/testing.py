@@ -276,9 +276,12 @@ def reference_forward(layer, *args, **kwargs):
             key=lambda s: s.name,
         )
         index_syms = sorted((s for s in body.free_symbols if is_index(s)), key=lambda s: s.name)
-        fn = sp.lambdify(
-            dummies + hyper_syms + dim_syms + index_syms, body, modules=[funcs, "math"]
-        )
+        # every argument a Dummy: a user's name (a hyperparameter called exp) cannot shadow a
+        # function in the lambdified source
+        params = hyper_syms + dim_syms + index_syms
+        stand_ins = [sp.Dummy(f"p{k}") for k in range(len(params))]
+        body = body.xreplace(dict(zip(params, stand_ins)))
+        fn = sp.lambdify(dummies + stand_ins, body, modules=[funcs, "math"])
         consts = [float(hyper[s.name]) for s in hyper_syms] + [sizes[s.name] for s in dim_syms]
         idx_all = a.all_indices
         ranges = [range(sizes[spec.index_dims[(a.scope, i)]]) for i in idx_all]

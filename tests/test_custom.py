@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sympy as sp
 
 from symdl import derive
 from symdl.cli import load_module
@@ -61,6 +62,14 @@ CUSTOM = {
     "elementwise_where_and_sigmoid": (
         "y[n] = where(x[n] > 0, sigmoid(x[n]) * x[n], 0.1 * x[n]) + softplus(x[n])",
         dict(inputs="x"),
+    ),
+    "long_product": (  # 40 factors of x: split into partial products before differentiating
+        "y[n] = " + " * ".join(f"(x[n] + {k / 10})" for k in range(40)),
+        dict(inputs="x"),
+    ),
+    "long_product_in_a_sum": (
+        "y[n] = Sum(" + " * ".join(f"(x[n, i] * w[i] + {k / 10})" for k in range(24)) + ", i)",
+        dict(inputs="x", params="w"),
     ),
     "batch_dims_ellipsis": (
         "y[..., o] = Sum(x[..., i] * w[o, i], i)",
@@ -132,3 +141,16 @@ def test_bias_gradient_reduces_over_the_batch():
     text = generate_source(catalogue()["linear"])
     assert "dbias = dy.sum(axis=0)" in text
     assert "dweight = dy.T @ x" in text and "dx = dy @ weight" in text
+
+
+def test_long_product_derivative_grows_linearly():
+    """The derivative of a product of k factors is a sum of k products of k - 1 factors; split
+    into partial products, the backward grows linearly with k, not quadratically."""
+
+    def backward_size(k):
+        text = "y[n] = " + " * ".join(f"(x[n] + {j})" for j in range(k))
+        d = derive(parse_layer("p", text, inputs="x"))
+        return sum(sp.count_ops(c.body) for c in d.backward)
+
+    small, large = backward_size(64), backward_size(256)
+    assert large < 6 * small, (small, large)  # quadratic growth would be 16x

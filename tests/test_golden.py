@@ -60,7 +60,7 @@ def test_deterministic_across_hash_seeds(tmp_path):
         out = tmp_path / f"seed{seed}"
         env = dict(os.environ, PYTHONHASHSEED=seed)
         subprocess.run(
-            [sys.executable, "-m", "symdl", "generate", "-o", str(out)],
+            [sys.executable, "-m", "symdl", "generate", "--no-cache", "-o", str(out)],
             check=True,
             capture_output=True,
             env=env,

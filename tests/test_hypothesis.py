@@ -895,6 +895,15 @@ KNOWN_BAD_LAYERS = {
     "constant-over-softplus-of-constant": _layer(
         "y[i] = x[i] * exp(0.25) / (softplus(0.25) + 0.5)", inputs="x"
     ),
+    # float32 in, float64 out: an intermediate that is a constant, np.broadcast_to(0.317, (J,))
+    "float32-constant-intermediate": _layer(
+        "h[j] = log(softplus(x[j] / 3 / x[j]) + 0.5); z[i] = Sum(c[j, o], (j, o)) * h[i]; "
+        "y[i, n] = x[n] * z[n] * m[i, n]",
+        inputs="x",
+        consts="c, m",
+    ),
+    # float32 in, float64 out: the value of an index, np.arange(J) * 0.5
+    "float32-index-value": _layer("y[n, j] = x[n] * (j * 0.5 + 1) * c[j]", inputs="x", consts="c"),
 }
 
 

@@ -71,6 +71,67 @@ def test_unknown_option_is_an_error():
         lower(derive(LAYERS["linear"]), {"fast": True})
 
 
+WINDOW_SWITCHES = {
+    "running_max": ["max_pool2d"],
+    "offset_scatter": ["max_pool2d", "avg_pool2d", "conv2d", "local_attention"],
+    "grouped_matmul": ["conv1d", "conv2d", "additive_attention", "multi_head_self_attention"],
+}
+
+
+@pytest.mark.parametrize(
+    "option, name", [(o, n) for o, names in WINDOW_SWITCHES.items() for n in names]
+)
+def test_window_switches_on_and_off_agree(option, name, rng):
+    """Running maxima, per-offset scatters and grouped matrix products compute what the
+    lowering without them computes (float64, forward and backward)."""
+    d = derive(LAYERS[name])
+    on_text = generate_source(d, options={option: True})
+    off_text = generate_source(d, options={option: False})
+    assert on_text != off_text, f"{option} changes nothing in {name}"
+    on, off = load_module(on_text, name), load_module(off_text, name)
+    args, kwargs = R.DOMAINS[name](rng)
+    for a, b in zip(*(_run(m, args, kwargs, rng) for m in (on, off))):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride, padding", [(1, 0), (2, 1), (3, 1)])
+def test_running_max_ties_and_overlaps(stride, padding):
+    """Windows full of ties (integer-valued input) and overlapping windows: the running
+    maximum sends each window's gradient to its first maximum, as the arg-max mask does."""
+    d = derive(LAYERS["max_pool2d"])
+    on = load_module(generate_source(d), "max_pool2d")
+    off = load_module(generate_source(d, options={"running_max": False}), "max_pool2d")
+    assert "np.maximum(" in generate_source(d) and "_argmax_mask" not in generate_source(d)
+    x = np.random.default_rng(3).integers(0, 3, (2, 3, 7, 8)).astype(np.float64)
+    kw = {"kernel_size": 3, "stride": stride, "padding": padding}
+    (y1, c1), (y2, c2) = on.forward(x, **kw), off.forward(x, **kw)
+    np.testing.assert_array_equal(y1, y2)
+    dy = np.random.default_rng(4).standard_normal(y1.shape)
+    np.testing.assert_array_equal(on.backward(dy, c1)[0], off.backward(dy, c2)[0])
+
+
+def _einsum_operand_counts(text):
+    import re
+
+    return [spec.split("->")[0].count(",") + 1 for spec in re.findall(r'np\.einsum\("([^"]+)"', text)]
+
+
+@pytest.mark.parametrize("name", ["local_attention", "scaled_dot_product_attention", "bilinear"])
+def test_pairwise_contractions(name, rng):
+    """Sums over three operands become two-operand contractions (sharing one computed earlier
+    where there is one); with the switch off, a three-operand einsum is left."""
+    d = derive(LAYERS[name])
+    on, off = generate_source(d), generate_source(d, options={"pairwise": False})
+    three = [_einsum_operand_counts(t).count(3) for t in (on, off)]
+    assert three[0] < three[1], three  # (bilinear's dweight keeps one: n is in every operand)
+    args, kwargs = R.DOMAINS[name](rng)
+    a, b = (_run(load_module(t, name), args, kwargs, rng) for t in (on, off))
+    for x, y in zip(a, b):
+        for u, w in zip(x, y):
+            np.testing.assert_allclose(u, w, rtol=1e-10, atol=1e-12)
+
+
 # ---- fused elementwise statements (OPTIMIZATIONS["fuse"]) -------------------------------------
 
 FUSED = sorted(n for n in LAYERS if n in R.DOMAINS)
