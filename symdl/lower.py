@@ -81,6 +81,7 @@ class Lowered:
     needs_dtype: bool
     has_ell: bool
     index_ranges: dict[str, str] = dataclasses.field(default_factory=dict)
+    adjoint_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # adjoint -> its variable
 
 
 class _Phase:
@@ -126,6 +127,7 @@ class Lowerer:
         self.shapes: dict[str, tuple] = {}  # temporaries of a known shape (see symdl.fusion)
         self.fixed: dict = {}  # index -> its value inside a loop over kernel offsets
         self.argidx: dict[str, tuple] = {}  # arg-max mask -> (window indices): held as an index
+        self.fresh: set[str] = set()  # forward tensors held in a new array of their own
 
     def v(self, name: str) -> str:
         """The variable holding tensor (or adjoint) ``name``."""
@@ -393,28 +395,31 @@ class Lowerer:
         if statement.fresh:  # an array of this function's own: later scatters may add into it
             self.owned.add(statement.dest)
 
-    def scatters_later(self, contributions: list) -> list:
+    def scatters_later(self, contributions: list, frozen=frozenset()) -> list:
         """A scatter-add that defines an adjoint (into zeros) moves after the adjoint's next
         contribution when that one is a full-size elementwise term, which then defines the
         adjoint: the scatter adds into its buffer, with no zeros and no extra pass. (Every
         contribution to an adjoint comes before its first use, so the scatter's values are
-        final where it moves to.)"""
-        out = list(contributions)
+        final where it moves to.) Returns (position, contribution) pairs; ``frozen``:
+        positions that keep their place."""
+        out = list(enumerate(contributions))
         k = 0
         while k < len(out):
-            c = out[k]
+            pos, c = out[k]
             if c.first and c.is_gather and not self.needs_view(c.occurrence, c.scope):
-                j = next((j for j in range(k + 1, len(out)) if out[j].target == c.target), None)
-                nxt = out[j] if j is not None else None
+                j = next((j for j in range(k + 1, len(out)) if out[j][1].target == c.target), None)
+                nxt = out[j][1] if j is not None else None
                 if (
                     nxt is not None
+                    and pos not in frozen
+                    and out[j][0] not in frozen
                     and not nxt.is_gather
                     and not nxt.reduce
                     and not self.needs_view(nxt.occurrence, nxt.scope)
                     and set(nxt.lhs) <= self.covered(nxt.body)
                 ):
-                    out[j] = dataclasses.replace(nxt, first=True)
-                    out.insert(j + 1, dataclasses.replace(c, first=False))
+                    out[j] = (out[j][0], dataclasses.replace(nxt, first=True))
+                    out.insert(j + 1, (pos, dataclasses.replace(c, first=False)))
                     del out[k]
                     continue
             k += 1
@@ -678,9 +683,12 @@ class Lowerer:
         return f'np.einsum("{subs}", {ops}{opt})'
 
     # ---- programs ----------------------------------------------------------------------------
-    def lower_assign(self, a: Assign):
+    def lower_assign(self, a: Assign, dead: frozenset = frozenset()):
+        """``dead``: tensors no later statement reads (their arrays may be reused)."""
         var = self.var[a.target]
         comment = f"{_lhs_text(a.target, a.indices)} = {equation_text(_rhs_of(a))}"
+        if a.op == "map" and self.options["inplace"] and self.add_into(a, var, dead, comment):
+            return
         if a.op == "map":
             text = self.elementwise(a.expr, a.indices, a.scope, into=var, comment=comment)
             if text is None:  # emitted as a fused statement
@@ -706,10 +714,45 @@ class Lowerer:
         else:
             text = self.reduction(a.op, a.expr, a.indices, a.reduce, a.scope)
         self.emit(f"{var} = {text}", comment)
+        if a.op in ("sum", "map") and _fresh(text):
+            self.fresh.add(a.target)
 
-    def lower_contribution(self, c: Contribution, defined: set):
+    def add_into(self, a: Assign, var: str, dead, comment: str) -> bool:
+        """``x = t + rest`` as ``t += rest; x = t`` when ``t`` is a whole array this function
+        made (a matrix product's result) that nothing reads afterwards: no new array, no
+        second pass over memory (the bias of a projection over all time steps)."""
+        if not isinstance(a.expr, sp.Add):
+            return False
+        for term in a.expr.args:
+            if (
+                isinstance(term, sp.Indexed)
+                and occurrence_name(term) in self.fresh
+                and occurrence_name(term) in dead
+                and tuple(term.indices) == tuple(a.indices)
+                and not self.needs_view(term, a.scope)
+            ):
+                break
+        else:
+            return False
+        rest = a.expr - term
+        if not rest.free_symbols or any(
+            isinstance(o, sp.Indexed) and set(plain_indices(o)) == set(a.indices)
+            for o in occurrences(rest, self.arrays)
+        ):
+            return False  # a scalar, or a term as large as the result: the plain sum is as fast
+        into = self.v(occurrence_name(term))
+        text = self.elementwise(rest, a.indices, a.scope)
+        self.emit(f"{into} += {text}", comment)
+        self.emit(f"{var} = {into}")
+        self.fresh.discard(occurrence_name(term))
+        self.memo = {k: v for k, v in self.memo.items() if v != into}
+        return True
+
+    def lower_contribution(self, c: Contribution, defined: set, shown: sp.Expr | None = None):
+        """``shown``: the body for the comment (``c.body`` may read a shared factor)."""
         var = self.var[c.target]
-        rhs = c.body if not c.reduce else _Sum(c.body, c.reduce)
+        rhs = c.body if shown is None else shown
+        rhs = rhs if not c.reduce else _Sum(rhs, c.reduce)
         op = "=" if c.first else "+="
         comment = f"{_lhs_text(c.target, c.lhs)} {op} {equation_text(rhs)}"
         if self.needs_view(c.occurrence, c.scope):
@@ -1350,12 +1393,17 @@ OPTIMIZATIONS = {
     "running_max": True,  # a Max over kernel offsets as a running maximum, arg-max as an index
     "offset_scatter": True,  # adjoints of window reads: offsets outermost, values per offset
     "pairwise": True,  # sums over 3+ operands as a chain of shared two-operand contractions
+    "same_adjoint": True,  # an adjoint built by the very same contributions as another: reused
+    "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
+    "common_factor": True,  # a product several contributions of one assignment share, once
     "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
 }
 
 
-def lower(derivation: Derivation, options: dict | None = None) -> Lowered:
-    """Lower a derivation to NumPy statements (``options``: see OPTIMIZATIONS)."""
+def lower(derivation: Derivation, options: dict | None = None, keep=()) -> Lowered:
+    """Lower a derivation to NumPy statements (``options``: see OPTIMIZATIONS). ``keep``:
+    adjoints whose final arrays the caller reads besides the gradients (Lowered.adjoint_vars),
+    never overwritten by a fused statement."""
     unknown = set(options or {}) - set(OPTIMIZATIONS)
     if unknown:
         raise LowerError(
@@ -1363,19 +1411,24 @@ def lower(derivation: Derivation, options: dict | None = None) -> Lowered:
             f"{', '.join(sorted(unknown))}"
         )
     try:
-        return _lower(derivation, options)
+        return _lower(derivation, options, keep)
     except LowerError as err:
         raise err.with_context(f"layer {derivation.spec.name!r}") from None
 
 
-def _lower(d: Derivation, options: dict | None = None) -> Lowered:
+def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     spec = d.spec
     lw = Lowerer(d, options)
 
     # forward
     lw.phase = _Phase()
-    for a in d.forward:
-        lw.lower_assign(a)
+    live = set(spec.outputs) | set(d.cached) | set(spec.args) | set(spec.consts)
+    dead_after = []
+    for a in reversed(d.forward):
+        dead_after.append(frozenset(set(d.tensors) - live))
+        live |= {occurrence_name(o) for o in occurrences(a.expr, d.tensors)}
+    for a, dead in zip(d.forward, reversed(dead_after)):
+        lw.lower_assign(a, dead)
     fwd = lw.phase
     for o in spec.outputs:
         fwd.dims.update(d.tensors[o].dims)
@@ -1388,9 +1441,46 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
     lw.owned = set()
     lw.flags["dtype"] = False
     defined: set[str] = set()
-    for c in lw.scatters_later(d.backward) if lw.options["fuse"] else d.backward:
-        lw.lower_contribution(c, defined)
+    same = _same_adjoints(d) if lw.options["same_adjoint"] else {}
+    shared_body: dict[int, sp.Expr] = {}
+    last = {c.target: k for k, c in enumerate(d.backward)}
+    complete = {}  # the position after which each duplicate's original holds its final value
+    for dup, orig in same.items():
+        complete.setdefault(last[orig], []).append(dup)
+    common = _common_factors(d, same) if lw.options["common_factor"] else {}
+    # (a scatter moves later only where no shared factor or duplicate adjoint is involved)
+    frozen = set(common) | {u for _, _, users in common.values() for u in users}
+    frozen |= {k for k, c in enumerate(d.backward) if c.target in same or c.target in same.values()}
+    order = lw.scatters_later(d.backward, frozen) if lw.options["fuse"] else enumerate(d.backward)
+    for k, c in order:
+        if c.target not in same:
+            if k in common:  # the factor several contributions share, computed once
+                factor, idx, users = common[k]
+                tmp = lw.namer.temp()
+                text = lw.full(lw.elementwise(factor, idx, c.scope), factor, idx, c.scope)
+                lw.emit(
+                    f"{tmp} = {text}",
+                    f"{_lhs_text(tmp, idx)} = {equation_text(factor)}, a factor of the "
+                    f"{len(users)} contributions below",
+                )
+                lw._register(tmp)
+                ref = sp.IndexedBase(tmp, real=True)[idx] if idx else sp.Symbol(tmp, real=True)
+                for u in users:
+                    body = d.backward[u].body
+                    rest = [f for f in sp.Mul.make_args(body)]
+                    for f in sp.Mul.make_args(factor):
+                        rest.remove(f)
+                    shared_body[u] = sp.Mul(ref, *rest)
+            if k in shared_body:
+                lw.lower_contribution(
+                    dataclasses.replace(c, body=shared_body[k]), defined, shown=c.body
+                )
+            else:
+                lw.lower_contribution(c, defined)
+        for dup in complete.get(k, ()):  # the same array under the duplicate's name
+            lw.alias[lw.var[dup]] = lw.v(same[dup])
     grads = []
+    returned: set[str] = set()
     for n in spec.args:
         adj = d.grads[n]
         if adj is None:
@@ -1398,6 +1488,9 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
             grads.append((n, f"np.zeros({lw.shape_of(n)}, dtype=dtype)"))
         else:
             text = lw.v(adj)
+            if text in returned and (adj in same or adj in same.values()):  # one array each
+                text = f"{text}.copy()"
+            returned.add(text)
             pads = spec.pads.get(n, {})
             if pads:
                 dims = d.tensors[n].dims
@@ -1431,7 +1524,8 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
         kept = {v for _, v in cache} | {lw.var[o] for o in spec.outputs}
         finish(fwd.lines, kept, lw.shapes)
         returned = {w for _, text in grads for w in re.findall(r"[A-Za-z_]\w*", text)}
-        finish(bwd.lines, returned | set(lw.var[d.adjoints[o]] for o in spec.outputs), lw.shapes)
+        returned |= {lw.var[d.adjoints[o]] for o in spec.outputs} | {lw.v(a) for a in keep}
+        finish(bwd.lines, returned, lw.shapes)
     dims_order = [x for x in spec.dims]
     return Lowered(
         derivation=d,
@@ -1451,4 +1545,84 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
         needs_dtype=forward_needs_dtype or backward_needs_dtype,
         has_ell=has_ell,
         index_ranges=dict(spec.gathers),
+        adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
     )
+
+
+def _fresh(text: str) -> bool:
+    """Whether the code ``text`` makes a new array: a matrix product, or an einsum whose
+    operands repeat no index (a repeated one can return a view of its operand)."""
+    if re.fullmatch(r"[\w.]+ @ [\w.]+", text):
+        return True
+    m = re.fullmatch(r'np\.einsum\("([a-zA-Z,]+)->([a-zA-Z]*)", [\w.,= ]+\)', text)
+    if m is None:
+        return False
+    terms = m.group(1).split(",")
+    return len(terms) >= 2 and all(len(set(t)) == len(t) for t in terms)
+
+
+def _common_factors(d: Derivation, skipped: dict) -> dict[int, tuple]:
+    """Products that several contributions of one forward assignment share, beyond the
+    adjoint itself: ``dn * (1 - n**2)`` for the three arguments of GRU's ``n = tanh(...)``.
+    Position of the first contribution -> (factor, its indices, positions of the users)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, c in enumerate(d.backward):
+        if c.target not in skipped:
+            groups.setdefault((c.source, c.scope), []).append(k)
+    out = {}
+    for (_, _), ks in groups.items():
+        if len(ks) < 2:
+            continue
+        factors = None
+        for k in ks:
+            fs = list(sp.Mul.make_args(d.backward[k].body))
+            if factors is None:
+                factors = fs
+            else:
+                keep = []
+                for f in factors:
+                    if f in fs:
+                        fs.remove(f)
+                        keep.append(f)
+                factors = keep
+        factors = [f for f in factors or [] if not f.is_number]
+        arrays = set(d.tensors) | set(d.adjoints.values())
+        big = [f for f in factors if not isinstance(f, (sp.Indexed, sp.Symbol))]
+        if len(factors) < 2 or not big or not all(occurrences(f, arrays) for f in factors):
+            continue  # a single factor (the adjoint) costs nothing to read again
+        bodies = {d.backward[k].body for k in ks}
+        if len(bodies) == 1:
+            continue  # identical values: shared already
+        factor = sp.Mul(*factors)
+        c = d.backward[ks[0]]
+        idx = ordered(free_indices(factor), c.over)
+        out[ks[0]] = (factor, idx, ks)
+    return out
+
+
+def _same_adjoints(d: Derivation) -> dict[str, str]:
+    """Adjoints built by exactly the same contributions (same index lists, bodies and sums) as
+    an earlier one, mapped to that one: an LSTM's ``dgi`` and ``dgh`` (both gate projections
+    feed the same pre-activations) are one array, computed once."""
+    by_target: dict[str, list] = {}
+    for c in d.backward:
+        by_target.setdefault(c.target, []).append(c)
+    outputs = {d.adjoints[o] for o in d.spec.outputs}
+    seen: dict = {}
+    same: dict[str, str] = {}
+    for target, cs in by_target.items():
+        tensor = cs[0].tensor
+        info = d.tensors[tensor]
+        if target in outputs or tensor in d.spec.pads:
+            continue
+        key = (
+            info.dims,
+            tuple(
+                (c.lhs, c.body, c.reduce, c.over, c.scope, c.first, c.is_gather) for c in cs
+            ),
+        )
+        if key in seen:
+            same[target] = seen[key]
+        else:
+            seen[key] = target
+    return same

@@ -514,6 +514,161 @@ def _check_parts(parts: ScanParts, varying: set[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Parameter gradients over all steps at once
+# ---------------------------------------------------------------------------------------------
+
+#: Each scan optimization, on by default; ``sequence_source(seq, options={"defer": False})``
+#: switches one off (lowering switches from :data:`symdl.lower.OPTIMIZATIONS` go there too).
+OPTIMIZATIONS = {
+    # the parameters' gradients summed over all steps after the time loop (one matrix product
+    # over T * B rows for dW_hh) from per-step gradients kept in (T, ...) arrays, instead of one
+    # small product and one accumulation per step inside the loop
+    "defer": True,
+}
+
+
+@dataclasses.dataclass
+class Deferred:
+    """The step's parameter gradients, taken out of the time loop.
+
+    ``layer`` computes them for all steps at once: each contribution of the step's backward to
+    a parameter's adjoint, with a leading time index on every per-step tensor it reads and the
+    time index summed (``dW[r, k] = Sum(dg[t, b, r] * h[t, b, k], (t, b))``). ``loop`` is the
+    step's derivation without those contributions (what runs inside the loop).
+    """
+
+    layer: Layer
+    loop: object  # Derivation
+    params: tuple[str, ...]  # step arguments whose gradients the layer computes
+    adjoints: tuple[str, ...]  # per-step adjoints it reads (returned by the step's backward)
+    per_step: tuple[str, ...]  # per-step forward tensors it reads (step arguments)
+    constants: tuple[str, ...]  # step arguments it reads as they are (parameters)
+
+
+def _defer(seq: Sequence, parts: ScanParts, d) -> Deferred | None:
+    """The parameter-gradient part of the step's derivation ``d`` (None: nothing to defer)."""
+    spec = d.spec
+    adjoint_of = {adj: t for t, adj in d.adjoints.items()}
+    names = set(d.tensors) | set(adjoint_of)
+    constant = [n for n in spec.args if n in seq.cell.params or n in parts.invariant]
+    by_target: dict[str, list] = {}
+    for c in d.backward:
+        by_target.setdefault(c.target, []).append(c)
+
+    def dims(name):
+        return d.tensors[adjoint_of.get(name, name)].dims
+
+    def readable(c) -> bool:
+        """Every read is a whole per-step array (or a constant) through plain indices."""
+        for occ in occurrences(c.body, names):
+            n = occurrence_name(occ)
+            if n not in adjoint_of and n not in d.tensors:
+                return False
+            for p, ix in enumerate(occurrence_indices(occ)):
+                if not is_index(ix) or spec.index_dims[(c.scope, ix)] != dims(n)[p]:
+                    return False
+        return True
+
+    def whole(c) -> bool:
+        """The contribution writes the whole adjoint through plain, distinct indices."""
+        lhs = tuple(c.lhs)
+        if len(set(lhs)) != len(lhs) or not all(is_index(ix) for ix in lhs):
+            return False
+        return all(spec.index_dims[(c.scope, ix)] == dims(c.tensor)[p] for p, ix in enumerate(lhs))
+
+    # an adjoint that is another one under a new name (dt0[b, r] = dgh[b, r]) is read as that one
+    canon: dict[str, str] = {}
+    for target, cs in by_target.items():
+        body = cs[0].body
+        if (
+            len(cs) == 1
+            and cs[0].first
+            and not cs[0].reduce
+            and isinstance(body, (sp.Indexed, sp.Symbol))
+            and occurrence_name(body) in adjoint_of
+            and tuple(occurrence_indices(body)) == tuple(cs[0].lhs)
+        ):
+            canon[target] = occurrence_name(body)
+    from .lower import _same_adjoints
+
+    for dup, orig in _same_adjoints(d).items():  # the same contributions: the same values
+        canon.setdefault(dup, orig)
+
+    def resolve(name):
+        while name in canon:
+            name = canon[name]
+        return name
+
+    deferred: dict[str, list] = {}
+    for n in constant:
+        adj = d.grads.get(n)
+        cs = by_target.get(adj, []) if adj else []
+        if cs and all(whole(c) and readable(c) for c in cs):
+            deferred[n] = cs
+    if not deferred:
+        return None
+
+    taken = {s.name for a in d.forward for s in a.all_indices}
+    taken |= {s.name for c in d.backward for s in c.over} | names
+    t = _time_index(spec, taken)
+    per_step: list[str] = []
+    consts: list[str] = []
+    adjoints: list[str] = []
+    equations = []
+    for n, cs in deferred.items():
+        lhs = tuple(cs[0].lhs)
+        terms = []
+        for c in cs:
+            ren = dict(zip(c.lhs, lhs))
+            if set(c.reduce) & (set(lhs) - set(c.lhs)):
+                return None  # a summed index named like an index of the first: keep the loop
+            reps = {}
+            for occ in occurrences(c.body, names):
+                r = resolve(occurrence_name(occ))
+                if r in constant:
+                    consts.append(r)
+                    continue
+                (adjoints if r in adjoint_of else per_step).append(r)
+                base = sp.IndexedBase(r, real=True)
+                reps[occ] = base[(t,) + tuple(occurrence_indices(occ))]
+            body = c.body.xreplace(reps).xreplace(ren)
+            terms.append(IndexSum(body, (t,) + tuple(c.reduce)))
+        target = d.grads[n]
+        out = sp.IndexedBase(target, real=True)[lhs] if lhs else sp.Symbol(target, real=True)
+        equations.append((out, sp.Add(*terms)))
+    adjoints = list(dict.fromkeys(adjoints))
+    per_step = list(dict.fromkeys(per_step))
+    consts = [n for n in constant if n in consts]
+    shapes = {n: (TIME_DIM,) + dims(n) for n in adjoints + per_step}
+    shapes.update({n: dims(n) for n in consts})
+    layer = Layer(
+        f"{seq.name}_param_grads",
+        equations,
+        inputs=adjoints + per_step,
+        params=consts,
+        outputs=[d.grads[n] for n in deferred],
+        shapes=shapes,
+        doc=f"the gradients of the parameters of {seq.cell.name}, summed over all steps",
+        extras=seq.cell.extras,
+    )
+
+    # the loop's derivation: the rest of the backward, caching only what that rest reads
+    targets = {d.grads[n] for n in deferred}
+    backward = [c for c in d.backward if c.target not in targets]
+    referenced = set(spec.keep) | {n for n in per_step if n not in spec.args}  # kept per step
+    for c in backward:
+        referenced |= {occurrence_name(o) for o in occurrences(c.body, d.tensors)}
+        referenced |= {occurrence_name(ix) for ix in c.lhs if isinstance(ix, sp.Indexed)}
+    cached = tuple(
+        n
+        for n in list(spec.args) + list(spec.consts) + [a.target for a in d.forward]
+        if n in referenced
+    )
+    loop = dataclasses.replace(d, backward=backward, cached=cached)
+    return Deferred(layer, loop, tuple(deferred), tuple(adjoints), tuple(per_step), tuple(consts))
+
+
+# ---------------------------------------------------------------------------------------------
 # Code generation
 # ---------------------------------------------------------------------------------------------
 
@@ -532,22 +687,23 @@ def _used(name: str, code: str) -> bool:
 class _Part:
     """One lowered part rendered as a private forward/backward pair of functions."""
 
-    def __init__(self, layer: Layer, derivation, prefix: str):
+    def __init__(self, layer: Layer, derivation, prefix: str, options=None, dropped=(), keep=()):
         from .lower import lower
 
         self.layer = layer
         self.derivation = derivation
-        self.lowered = lower(self.derivation)
+        self.lowered = lower(self.derivation, options, keep=keep)  # keep: adjoints read after
         self.prefix = prefix
         low = self.lowered
         self.arg_vars = [a.var for a in low.args]
         self.out_vars = [v for _, v, _ in low.outputs]
         self.cache = list(low.cache)
+        self.grads = [(n, g) for n, g in low.grads if n not in dropped]  # what backward returns
         fcode = "\n".join(line.code for line in low.forward)
         bcode = (
             "\n".join(line.code for line in low.backward)
             + "\n"
-            + "\n".join(t for _, t in low.grads)
+            + "\n".join(t for _, t in self.grads)
         )
         spec = self.derivation.spec
         dv = low.dim_vars
@@ -570,22 +726,53 @@ class _Part:
         return "\n".join(lines)
 
 
-def sequence_source(seq: Sequence, source: str | None = None, command: str | None = None) -> str:
-    """The complete text of the generated sequence module (nothing is written)."""
+def sequence_source(
+    seq: Sequence,
+    source: str | None = None,
+    command: str | None = None,
+    options: Mapping[str, bool] | None = None,
+) -> str:
+    """The complete text of the generated sequence module (nothing is written). ``options``
+    switches scan optimizations (:data:`OPTIMIZATIONS`) and lowering ones
+    (:data:`symdl.lower.OPTIMIZATIONS`) off or on."""
     from .codegen import _environment, _shape_expr, _snippet, format_source, stamp
+    from .derive import derive
     from .latex import backward_text, forward_text
+    from .lower import OPTIMIZATIONS as LOWER_OPTIMIZATIONS
     from .lower import _identifier
     from .printing import Namer
     from .snippets import erf as _erf_snippet
     from .snippets import extras as _extras
     from .snippets import runtime as _runtime
 
+    options = dict(options or {})
+    unknown = set(options) - set(OPTIMIZATIONS) - set(LOWER_OPTIMIZATIONS)
+    if unknown:
+        raise SpecError(
+            f"scan options require names from {', '.join([*OPTIMIZATIONS, *LOWER_OPTIMIZATIONS])}, "
+            f"got {', '.join(sorted(unknown))}"
+        )
+    opts = {**OPTIMIZATIONS, **{k: v for k, v in options.items() if k in OPTIMIZATIONS}}
+    lower_opts = {k: v for k, v in options.items() if k in LOWER_OPTIMIZATIONS}
     parts = seq.parts()
     cell = seq.cell
     cspec = cell.spec()
     hoisted_d, step_d = seq.derivations()
-    hp = _Part(parts.hoisted, hoisted_d, "hoisted") if parts.hoisted is not None else None
-    sp_ = _Part(parts.step, step_d, "step")
+    hp = (
+        _Part(parts.hoisted, hoisted_d, "hoisted", lower_opts)
+        if parts.hoisted is not None
+        else None
+    )
+    deferred = _defer(seq, parts, step_d) if opts["defer"] else None
+    if deferred is not None:
+        sp_ = _Part(
+            parts.step, deferred.loop, "step", lower_opts, dropped=deferred.params,
+            keep=deferred.adjoints,
+        )
+        dp = _Part(deferred.layer, derive(deferred.layer), "step", lower_opts)
+    else:
+        sp_ = _Part(parts.step, step_d, "step", lower_opts)
+        dp = None
     step_spec = sp_.derivation.spec
     cdims = parts.cell_dims
 
@@ -613,7 +800,7 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
         for d in ds:
             if d not in dim_order:
                 dim_order.append(d)
-    for part in (hp, sp_):
+    for part in (hp, sp_, dp):
         if part is not None:
             for d in part.derivation.spec.dims:
                 if d not in dim_order and d != "...":
@@ -630,6 +817,10 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     def shape(ds, used):
         used.update(ds)
         return _shape_expr(ds, dvar)
+
+    def shape_plus(ds, used):  # a leading "T + 1"
+        text = shape((TIME_DIM,) + tuple(ds[1:]), used)
+        return text.replace(dvar[TIME_DIM], f"{dvar[TIME_DIM]} + 1", 1)
 
     state_var = {s: namer.claim(s) for s in seq.state}
     out_var = {n: namer.claim(n) for n in seq.output_names}
@@ -662,8 +853,46 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
             call_args.append("dtype")
         outs = [hoisted_var[n] for n in hp.layer.spec().outputs] + [hoisted_cache]
         body.append(f"{', '.join(outs)} = _hoisted_forward({', '.join(call_args)})")
+    # per-step forward tensors the parameters' gradients read after the backward loop:
+    # name -> (cache key, the forward's expression); a state stacked as an output is read
+    # from one (T + 1, ...) array whose tail is that output, without a copy
+    over_steps: dict[str, tuple[str, str]] = {}
+    kept: list[str] = []  # loop lines keeping step intermediates
+    state_steps: dict[str, str] = {}  # state -> the (T, ...) array it is copied into per step
+    with_state: dict[str, str] = {}  # output -> the (T + 1, ...) array it is the tail of
+    for n in deferred.per_step if deferred is not None else ():
+        key = namer.claim(f"{n}_steps")
+        if n in parts.time_varying:
+            over_steps[n] = (key, hoisted_var[n])
+        elif n not in step_spec.args:  # a step intermediate, copied out of each step's cache
+            info = sp_.derivation.tensors[n]
+            body.append(f"{key} = np.empty({shape((TIME_DIM,) + info.dims, fused)}, dtype=dtype)")
+            per_t = [c for c, _ in sp_.cache if c not in step_spec.params + parts.invariant]
+            k = per_t.index(n)
+            kept.append(f"{key}[{t}] = {step_cache}[{k}]  # {n}")
+            over_steps[n] = (key, key)
+        elif n in seq.per_step:
+            over_steps[n] = (key, var[n])
+        else:
+            ys = [y for y, yo in seq.outputs.items() if yo == seq.state[n]]
+            if ys:
+                buf = namer.claim(f"{n}s")
+                with_state[ys[0]] = buf
+                dims_ = (f"{TIME_DIM} + 1",) + cdims[n]
+                body.append(f"{buf} = np.empty({shape_plus(dims_, fused)}, dtype=dtype)")
+                body.append(f"{buf}[0] = {var[seq.initial[n]]}")
+                over_steps[n] = (key, f"{buf}[:-1]")
+            else:
+                state_steps[n] = key
+                body.append(
+                    f"{key} = np.empty({shape((TIME_DIM,) + cdims[n], fused)}, dtype=dtype)"
+                )
+                over_steps[n] = (key, key)
     for y, o in seq.outputs.items():
-        body.append(f"{out_var[y]} = np.empty({shape(out_dims[y], fused)}, dtype=dtype)")
+        if y in with_state:
+            body.append(f"{out_var[y]} = {with_state[y]}[1:]")
+        else:
+            body.append(f"{out_var[y]} = np.empty({shape(out_dims[y], fused)}, dtype=dtype)")
     body.append(
         ", ".join(state_var[s] for s in seq.state)
         + " = "
@@ -685,7 +914,7 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     step_args += dims_of(sp_, "forward")
     if sp_.fdtype:
         step_args.append("dtype")
-    loop: list[str] = []
+    loop: list[str] = [f"{buf}[{t}] = {state_var[n]}" for n, buf in state_steps.items()]
     targets = []
     after: list[str] = []
     for o in parts.step_outputs:
@@ -705,7 +934,7 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
                 else f"{state_var[s]} = {v}"
             )
     loop.append(f"{', '.join(targets + [step_cache])} = _step_forward({', '.join(step_args)})")
-    loop += after
+    loop += after + kept
     loop.append(f"{steps}.append({step_cache})")
     body.append(f"for {t} in range({dvar[TIME_DIM]}):")
     fused.add(TIME_DIM)
@@ -755,6 +984,8 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
             step_grad_target[n] = f"{dvar_[n]}[{t}]"
         elif n in seq.state:
             step_grad_target[n] = dstate[n]
+        elif deferred is not None and n in deferred.params:
+            continue  # summed over all steps after the loop
         else:
             acc = dhoisted[n] if n in parts.invariant else dvar_[n]
             bwd.append(f"{acc} = np.zeros({shape(cdims[n], bused)}, dtype=dtype)")
@@ -777,12 +1008,52 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     )
     if sp_.bdtype:
         bargs.append("dtype")
-    bwd.append(f"for {t} in range({dvar[TIME_DIM]} - 1, -1, -1):")
     bused.add(TIME_DIM)
-    grads_t = [step_grad_target[n] for n in step_spec.args]
+    grads_t = [step_grad_target[n] for n, _ in sp_.grads]
+    extra_returns: list[str] = []  # adjoints the step's backward returns besides its gradients
+    dp_call = None
+    if deferred is not None:
+        # the per-step adjoints the parameters' gradients read: kept in (T, ...) arrays, the
+        # one a step gradient already fills when the step computes the same array for both
+        returned = {g: step_grad_target[n] for n, g in sp_.grads}
+        dp_src = {}
+        low = sp_.lowered
+        out_adj = dict(zip((sp_.derivation.adjoints[o] for o in step_spec.outputs), low.dout_vars))
+        for a in deferred.adjoints:
+            text = low.adjoint_vars.get(a, out_adj.get(a))
+            target = returned.get(text, "")
+            if target.endswith(f"[{t}]"):
+                dp_src[a] = target[: -len(f"[{t}]")]
+                continue
+            buf = namer.claim(f"{a}_steps")
+            info = sp_.derivation.tensors[a if a in sp_.derivation.tensors else next(
+                k for k, v in sp_.derivation.adjoints.items() if v == a
+            )]
+            bwd.append(
+                f"{buf} = np.empty({shape((TIME_DIM,) + info.dims, bused)}, dtype=dtype)"
+            )
+            dp_src[a] = buf
+            grads_t.append(f"{buf}[{t}]")
+            extra_returns.append(text)
+        for n in deferred.per_step:
+            dp_src[n] = over_steps[n][0]
+        for n in deferred.constants:
+            dp_src[n] = hoisted_var[n] if n in parts.invariant else var[n]
+        dspec = dp.layer.spec()
+        dargs = [dp_src[n] for n in dspec.args] + [dvar[d] for d in dp.fdims]
+        bused.update(dp.fdims)
+        if dp.fdtype:
+            dargs.append("dtype")
+        douts_ = [
+            dhoisted[n] if n in parts.invariant else dvar_[n] for n in deferred.params
+        ]
+        dp_call = f"{', '.join(douts_)} = _step_param_grads({', '.join(dargs)})"
+    bwd.append(f"for {t} in range({dvar[TIME_DIM]} - 1, -1, -1):")
     bwd.append(f"    {', '.join(grads_t)} = _step_backward({', '.join(bargs)})")
     for acc, tmp in accumulate:
         bwd.append(f"    {acc} += {tmp}")
+    if dp_call is not None:
+        bwd.append(dp_call)
     if hp is not None:
         hspec = hp.layer.spec()
         hargs = [dhoisted[n] for n in hspec.outputs] + [hoisted_cache] + dims_of(hp, "backward")
@@ -817,6 +1088,13 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     cache_items.append(f'"steps": {steps}')
     for k, _ in step_const:
         cache_items.append(f'"{k}": {const_src[k]}')
+    extra_keys = [(key, expr, key) for key, expr in over_steps.values()]  # (key, forward, backward)
+    for n in deferred.constants if deferred is not None else ():
+        if n not in const_src:
+            src = hoisted_var[n] if n in parts.invariant else var[n]
+            extra_keys.append((n, src, src))
+    for key, expr, _ in extra_keys:
+        cache_items.append(f'"{key}": {expr}')
     bdims = [d for d in dim_order if d in bused]
     if bdims:
         cache_items.append('"sizes": ' + _tuple(dvar[d] for d in bdims))
@@ -853,6 +1131,7 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     bpre_cache = []
     keys = [("hoisted", hoisted_cache)] if hp is not None else []
     keys += [("steps", steps)] + [(k, const_src[k]) for k, _ in step_const]
+    keys += [(key, v) for key, _, v in extra_keys]
     bpre_cache.append(
         ", ".join(v for _, v in keys) + " = " + ", ".join(f'cache["{k}"]' for k, _ in keys)
     )
@@ -921,16 +1200,34 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
         if step_percache
         else []
     )
-    grads = [g for _, g in low.grads]
+    grads = [g for _, g in sp_.grads] + extra_returns
     private.append(
         sp_.function(
             "backward",
             bparams,
             unpack + list(low.backward),
             grads[0] + "," if len(grads) == 1 else ", ".join(grads),
-            "Gradients of one step's arguments (its state gradients feed the step before).",
+            "Gradients of one step's arguments (its state gradients feed the step before)"
+            + (
+                f", and the step's {', '.join(deferred.adjoints)} for its parameters' gradients."
+                if extra_returns
+                else "."
+            ),
         )
     )
+    if dp is not None:
+        low = dp.lowered
+        params = dp.arg_vars + [low.dim_vars[d] for d in dp.fdims]
+        params += ["dtype"] if dp.fdtype else []
+        private.append(
+            dp.function(
+                "param_grads",
+                params,
+                low.forward,
+                ", ".join(dp.out_vars),
+                "Gradients of the step's parameters, summed over all time steps at once.",
+            )
+        )
 
     # ---- helpers, docs, formulas ---------------------------------------------------------------
     helpers = [
@@ -940,6 +1237,7 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
     used_helpers = set(sp_.lowered.helpers) | (
         set(hp.lowered.helpers) if hp is not None else set()
     )
+    used_helpers |= set(dp.lowered.helpers) if dp is not None else set()
     for h in sorted(used_helpers):
         helpers.append(_snippet(_erf_snippet if hasattr(_erf_snippet, h) else _runtime, h))
     extras = [_snippet(_extras, h) for h in cell.extras]
@@ -970,6 +1268,7 @@ def sequence_source(seq: Sequence, source: str | None = None, command: str | Non
         "hoisted_backward": hoisted_bwd,
         "step_backward": backward_text(sp_.derivation),
         "bptt_text": _bptt_text(seq, parts),
+        "deferred_text": forward_text(dp.derivation) if dp is not None else [],
         "shapes_text": shapes_text,
         "name": seq.name,
         "args": tuple(seq.args),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,20 @@ from symdl.lower import OPTIMIZATIONS, lower
 LAYERS = catalogue()
 PLAIN = {name: False for name in OPTIMIZATIONS}
 NAMES = [
-    "linear", "bilinear", "softmax", "layer_norm", "batch_norm", "conv2d", "max_pool2d",
-    "lstm_cell", "gru_cell", "scaled_dot_product_attention", "multi_head_self_attention",
-    "local_attention", "cross_entropy", "embedding",
+    "linear",
+    "bilinear",
+    "softmax",
+    "layer_norm",
+    "batch_norm",
+    "conv2d",
+    "max_pool2d",
+    "lstm_cell",
+    "gru_cell",
+    "scaled_dot_product_attention",
+    "multi_head_self_attention",
+    "local_attention",
+    "cross_entropy",
+    "embedding",
 ]
 
 
@@ -114,7 +126,9 @@ def test_running_max_ties_and_overlaps(stride, padding):
 def _einsum_operand_counts(text):
     import re
 
-    return [spec.split("->")[0].count(",") + 1 for spec in re.findall(r'np\.einsum\("([^"]+)"', text)]
+    return [
+        spec.split("->")[0].count(",") + 1 for spec in re.findall(r'np\.einsum\("([^"]+)"', text)
+    ]
 
 
 @pytest.mark.parametrize("name", ["local_attention", "scaled_dot_product_attention", "bilinear"])
@@ -346,3 +360,72 @@ def test_fuse_never_writes_a_broadcast_view(rng):
     for a, b in zip(*(_run(m, args, {"c": 0.7}, rng) for m in (fused, plain))):
         for x, y in zip(a, b):
             np.testing.assert_allclose(x, y, rtol=1e-12)
+@pytest.mark.parametrize("name", ["lstm_cell", "rnn_cell"])
+def test_same_adjoint_switch(name, rng):
+    """An adjoint built by the same contributions as another is that array (the LSTM's dgi is
+    dgh; the Elman cell's two bias gradients are one sum, returned as two arrays); switched
+    off, both are built and the numbers agree."""
+    d = derive(LAYERS[name])
+    on, off = generate_source(d), generate_source(d, options={"same_adjoint": False})
+    fast, plain = load_module(on, name), load_module(off, name)
+    args, kwargs = R.DOMAINS[name](rng)
+    outs_f, grads_f = _run(fast, args, kwargs, rng)
+    outs_p, grads_p = _run(plain, args, kwargs, rng)
+    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    ids = [id(g) for g in grads_f]
+    assert len(set(ids)) == len(ids)  # every gradient its own array
+    if name == "lstm_cell":
+        assert "dgi = np.zeros" in off and "dgi = np.zeros" not in on
+        assert on.count("] += ") < off.count("] += ")
+    else:
+        assert on.count(".sum(") + on.count("np.einsum(") < off.count(".sum(") + off.count(
+            "np.einsum("
+        )
+
+
+@pytest.mark.parametrize("name", ["linear", "conv2d", "multi_head_self_attention"])
+def test_inplace_switch(name, rng):
+    """A bias is added into the matrix product's own array (``t += bias``) when nothing else
+    reads the product; switched off it is a new array. Same numbers, and no argument is
+    modified."""
+    d = derive(LAYERS[name])
+    # (the fused statements add into a dead product's array too: off for the plain side)
+    on, off = generate_source(d), generate_source(d, options={"inplace": False, "fuse": False})
+    assert re.search(r"^    t\d+ \+= ", on, re.MULTILINE) and not re.search(
+        r"^    t\d+ \+= ", off, re.MULTILINE
+    )
+    fast, plain = load_module(on, name), load_module(off, name)
+    args, kwargs = R.DOMAINS[name](rng)
+    before = [np.array(a, copy=True) for a in args]
+    outs_f, grads_f = _run(fast, args, kwargs, rng)
+    for a, b in zip(args, before):
+        np.testing.assert_array_equal(a, b)
+    outs_p, grads_p = _run(plain, args, kwargs, rng)
+    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+
+
+def test_common_factor_switch(rng):
+    """GRU's n = tanh(gi + r * gh) passes dn * (1 - n**2) to its three arguments: computed
+    once with the switch on, three times off; the same numbers."""
+    d = derive(LAYERS["gru_cell"])
+    on, off = generate_source(d), generate_source(d, options={"common_factor": False})
+
+    def code(text):
+        return "\n".join(
+            line for line in text.splitlines() if not line.strip().startswith(("#", 'r"', "'"))
+        )
+
+    backward = code(on[on.index("def backward") :])
+    plain = code(off[off.index("def backward") :])
+    def squares(text):  # n**2, or np.square(n) in a fused statement
+        return text.count("n**2") + text.count("np.square(n)")
+
+    assert squares(backward) == 1 and squares(plain) == 3
+    fast, slow = load_module(on, "gru_cell"), load_module(off, "gru_cell")
+    args, kwargs = R.DOMAINS["gru_cell"](rng)
+    outs_f, grads_f = _run(fast, args, kwargs, rng)
+    outs_p, grads_p = _run(slow, args, kwargs, rng)
+    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)

@@ -444,14 +444,16 @@ def _contractions(src):
 @pytest.mark.parametrize("name", SEQS)
 def test_blas_calls_per_sequence(name):
     """Input projections for all T steps are one GEMM forward and two backward (dW_ih over all
-    T*B rows and dx); each step does one GEMM forward (h W_hh^T) and two backward."""
+    T*B rows and dx); each step does one GEMM forward (h W_hh^T) and one backward (dh); dW_hh
+    is one GEMM over all T*B rows after the loop."""
     from symdl.layers.sequences import render
 
     text = render(name)
     assert _contractions(_function_source(text, "_hoisted_forward")) == 1
     assert _contractions(_function_source(text, "_hoisted_backward")) == 2
     assert _contractions(_function_source(text, "_step_forward")) == 1
-    assert _contractions(_function_source(text, "_step_backward")) == 2
+    assert _contractions(_function_source(text, "_step_backward")) == 1
+    assert _contractions(_function_source(text, "_step_param_grads")) == 1
     for public in ("forward", "backward"):
         src = _function_source(text, public)
         assert _contractions(src) == 0
@@ -488,3 +490,156 @@ def test_show_helpers():
         assert part in text
     module = load_module(render("gru"), "gru")
     assert module.FORMULAS == sequence_formulas(seq)
+
+
+# ---- parameter gradients over all steps (the scan's "defer" optimization) -----------------------
+
+
+def _mix_seq():
+    cell = parse_layer(
+        "mix_cell",
+        """
+        q[j] = exp(p[j])
+        n[b,j] = tanh(Sum(x[b,i]*w[j,i], i) + Sum(h[b,k]*u[j,k], k) + sigmoid(g[b,j]))
+        h1[b,j] = n[b,j] + g[b,j]*h[b,j]*q[j]
+        m1[b,j] = m[b,j]*n[b,j] + Sum(x[b,i]*v[j,i], i)
+        """,
+        inputs="x, g, h, m",
+        params="w, u, p, v",
+        outputs="h1, m1",
+    )
+    return scan_layer(
+        cell, "mix", per_step="x, g", state={"h": "h1", "m": "m1"}, outputs={"y": "h1", "z": "n"}
+    )
+
+
+def _two_seq():
+    """A state that is not stacked (m) feeding a recurrent weight's gradient."""
+    import sympy as sp
+
+    from symdl.functions import Sum, sigmoid
+    from symdl.spec import Layer, indices, tensors
+
+    x, h, m, w, u, v, h1, m1 = tensors("x h m w u v h1 m1")
+    b, i, j, k = indices("b i j k")
+    cell = Layer(
+        "two_cell",
+        [
+            (h1[b, j], sp.tanh(Sum(x[b, i] * w[j, i], i) + Sum(m[b, k] * u[j, k], k))),
+            (m1[b, j], sigmoid(Sum(h[b, k] * v[j, k], k)) * m[b, j] + h1[b, j]),
+        ],
+        inputs="x h m",
+        params="w u v",
+        outputs="h1 m1",
+        shapes={"x": ("B", "I"), "h": ("B", "H"), "m": ("B", "H"), "w": ("H", "I")},
+    )
+    return scan_layer(cell, "two", per_step="x", state={"h": "h1", "m": "m1"})
+
+
+def _scans():
+    from symdl.layers.sequences import get
+
+    return {
+        **{name: get(name) for name in SEQS},
+        "mgu": scan_layer(mgu_cell(), "mgu", per_step="x", state={"h": "h1"}),
+        "mix": _mix_seq(),
+        "two": _two_seq(),
+    }
+
+
+def _random_args(module, rng, T=4, B=3):
+    sizes = {"T": T, "B": B}
+    args = []
+    for n in module.ARGS:
+        shape = []
+        for d in module.SHAPES[n]:
+            factor, _, base = d.partition("*")
+            if base:
+                shape.append(int(factor) * sizes.setdefault(base, 5))
+            else:
+                shape.append(sizes.setdefault(d, 5))
+        args.append(rng.uniform(-0.8, 0.8, tuple(shape)))
+    return args
+
+
+@pytest.mark.parametrize("name", [*SEQS, "mgu", "mix", "two"])
+def test_deferred_parameter_gradients_switch(name, rng):
+    """With the scan's "defer" switch off the parameters' gradients are summed step by step in
+    the loop (the plain scan); both give the same numbers, and on, no step computes one."""
+    seq = _scans()[name]
+    fast_text = sequence_source(seq)
+    plain_text = sequence_source(seq, options={"defer": False})
+    assert "def _step_param_grads" in fast_text and "def _step_param_grads" not in plain_text
+    fast, plain = load_module(fast_text, name), load_module(plain_text, name)
+    if name == "two":  # not gradchecked elsewhere
+        result = gradcheck(fast)
+        assert result.ok, str(result)
+    args = _random_args(fast, rng)
+    out_f, cache_f = fast.forward(*args)
+    out_p, cache_p = plain.forward(*args)
+    douts = tuple(rng.standard_normal(np.shape(o)) for o in out_f)
+    for a, b in zip(out_f, out_p):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    grads_f = fast.backward(douts, cache_f)
+    grads_p = plain.backward(douts, cache_p)
+    for n, a, b in zip(fast.ARGS, grads_f, grads_p):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=n)
+    # T = 0: the sums over no steps are zero
+    args0 = [
+        np.zeros((0,) + a.shape[1:]) if n in ("x", "g") else a for n, a in zip(fast.ARGS, args)
+    ]
+    out0, cache0 = fast.forward(*args0)
+    grads0 = fast.backward(tuple(np.zeros(np.shape(o)) for o in out0), cache0)
+    for n, g in zip(fast.ARGS, grads0):
+        if n in fast.PARAMS:
+            assert g.shape == np.shape(args0[fast.ARGS.index(n)]) and not np.any(g), n
+
+
+def _loop_of(src):
+    return next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.For))
+
+
+@pytest.mark.parametrize("name", [*SEQS, "mgu", "mix", "two"])
+def test_no_parameter_gradient_inside_the_backward_loop(name):
+    """dW_hh (and every recurrent weight's gradient) is one contraction over all T*B rows after
+    the loop: the step's backward computes no parameter gradient, the loop accumulates nothing,
+    and the contractions left in the step are those the state gradient needs."""
+    seq = _scans()[name]
+    text = sequence_source(seq)
+    step = _function_source(text, "_step_backward")
+    params = _function_source(text, "_step_param_grads")
+    plain = sequence_source(seq, options={"defer": False})
+    plain_step = _function_source(plain, "_step_backward")
+    recurrent = [n for n in seq.cell.params if n in seq.parts().step.spec().params]
+    assert recurrent
+    for n in recurrent:  # dW is returned by the plain step, computed after the loop otherwise
+        assert re.search(rf"^    d{n} = ", plain_step, re.MULTILINE)
+        assert not re.search(rf"\bd{n}\b", step)
+        assert re.search(rf"^    d{n} = ", params, re.MULTILINE)
+    loop = _loop_of(_function_source(text, "backward"))
+    assert not any(isinstance(n, ast.AugAssign) for n in ast.walk(loop))
+    plain_loop = _loop_of(_function_source(plain, "backward"))
+    assert any(isinstance(n, ast.AugAssign) for n in ast.walk(plain_loop))
+    weights_ = [n for n in recurrent if len(seq.cell.spec().tensors[n].dims) == 2]
+    assert _contractions(step) <= _contractions(plain_step) - len(weights_)
+    assert _contractions(params) >= len(weights_)
+
+
+def test_shared_gate_gradient_is_one_array():
+    """The LSTM's gradients with respect to the two gate projections are the same array: the
+    step builds it once and one (T, B, 4H) buffer feeds dW_ih, dx, dW_hh and both biases."""
+    from symdl.layers.sequences import render
+
+    text = render("lstm")
+    step = _function_source(text, "_step_backward")
+    assert step.count("np.zeros(") == 1
+    code = [line for line in step.splitlines() if not line.strip().startswith("#")]
+    assert sum("] += " in line for line in code) == 4  # the four gate blocks, once
+    backward = _function_source(text, "backward")
+    assert backward.count("np.empty(") == 1
+    assert "_step_param_grads(dgi, " in backward and "_hoisted_backward(dgi, " in backward
+
+
+def test_scan_unknown_option_is_an_error():
+    with pytest.raises(SpecError, match="scan options require names"):
+        sequence_source(_scans()["rnn"], options={"fast": True})
