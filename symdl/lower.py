@@ -22,6 +22,7 @@ import sympy as sp
 
 from .derive import Contribution, Derivation, backward_reads
 from .errors import LowerError
+from .fusion import Chain, Statement, finish
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import (
     ELL,
@@ -47,6 +48,7 @@ class Line:
 
     code: str
     comment: str | None = None
+    chain: object = None  # a fused statement, rendered once the whole function is known
 
 
 @dataclasses.dataclass
@@ -122,6 +124,7 @@ class Lowerer:
         self.phase = _Phase()
         self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
         self.memo: dict[str, str] = {}  # contraction source -> the temporary holding it
+        self.shapes: dict[str, tuple] = {}  # temporaries of a known shape (see symdl.fusion)
         self.fixed: dict = {}  # index -> its value inside a loop over kernel offsets
         self.argidx: dict[str, tuple] = {}  # arg-max mask -> (window indices): held as an index
         self.fresh: set[str] = set()  # forward tensors held in a new array of their own
@@ -162,9 +165,11 @@ class Lowerer:
             return "()"
         return f"({', '.join(parts)},)" if len(parts) == 1 else f"({', '.join(parts)})"
 
-    def emit(self, code: str, comment: str | None = None):
-        self.phase.lines.append(Line(code, comment))
+    def emit(self, code: str, comment: str | None = None, chain: Statement | None = None):
+        self.phase.lines.append(Line(code, comment, chain))
         target = code.split(" = ", 1)[0].strip() if " = " in code else None
+        if chain is not None:
+            target = chain.dest
         if target and target.isidentifier():  # a rebound name invalidates what read it
             pattern = re.compile(rf"\b{re.escape(target)}\b")
             self.memo = {k: v for k, v in self.memo.items() if not pattern.search(k) or v == target}
@@ -324,8 +329,12 @@ class Lowerer:
         return f"{var}[{', '.join(self.gather_index(idx, frame, scope))}]"
 
     # ---- expressions -------------------------------------------------------------------------
-    def elementwise(self, expr: sp.Expr, frame: tuple, scope: int) -> str:
-        """Source of an elementwise expression over ``frame`` (extra CSE lines are emitted)."""
+    def elementwise(
+        self, expr: sp.Expr, frame: tuple, scope: int, into: str | None = None, comment=None
+    ) -> str | None:
+        """Source of an elementwise expression over ``frame`` (extra CSE lines are emitted).
+        With ``into``, a full-size expression may instead be emitted as a fused statement
+        assigning ``into`` (see symdl.fusion); then None is returned."""
         names: dict = {}
         arrays: set = set()
         reps = {}
@@ -362,11 +371,73 @@ class Lowerer:
         printer = NumpyPrinter(names, arrays, self.helpers, self.flags)
         body = _floats(body)
         subexprs = [(sym, _floats(sub)) for sym, sub in subexprs]
+        chain = self.chain(printer, names, reps, arrays, frame, scope) if self.options["fuse"] else None
         for sym, sub in subexprs:
             if any(a in arrays for a in sub.free_symbols):
                 arrays.add(sym)
-            self.emit(f"{names[sym]} = {printer.doprint(sub)}")
+            if chain is not None and chain.fusable(sub):
+                self.emit_chain(Statement(chain, sub, names[sym]))
+            else:
+                self.emit(f"{names[sym]} = {printer.doprint(sub)}")
+            if chain is not None:
+                chain.define(sym, sub)
+        if into is not None and chain is not None and chain.fusable(body):
+            self.emit_chain(Statement(chain, body, into), comment)
+            return None
         return printer.doprint(body)
+
+    def chain(self, printer, names: dict, reps: dict, arrays: set, frame: tuple, scope: int):
+        """A planner of fused statements over ``frame`` (see symdl.fusion)."""
+        rank = max((len(t.dims) for t in self.tensors.values()), default=0)
+        if not frame or len(frame) < rank:  # not among the layer's largest arrays
+            return None
+        covers, integers = {}, set()
+        for occ, sym in reps.items():
+            covers[sym] = frozenset(free_indices(occ)) & set(frame)
+            info = self.tensors.get(occurrence_name(occ))
+            if info is not None and info.kind != "float":
+                integers.add(sym)
+        for s in arrays:
+            if is_index(s):  # the value of an index: an integer array
+                covers[s] = frozenset({s})
+                integers.add(s)
+        shape = tuple(self.spec.index_dims.get((scope, ix)) for ix in frame)
+        return Chain(printer, names, covers, frame, self.namer.temp, self.memo, integers, shape)
+
+    def emit_chain(self, statement: Statement, comment: str | None = None):
+        self.emit(statement.default, comment, statement)
+        if statement.fresh:  # an array of this function's own: later scatters may add into it
+            self.owned.add(statement.dest)
+
+    def scatters_later(self, contributions: list, frozen=frozenset()) -> list:
+        """A scatter-add that defines an adjoint (into zeros) moves after the adjoint's next
+        contribution when that one is a full-size elementwise term, which then defines the
+        adjoint: the scatter adds into its buffer, with no zeros and no extra pass. (Every
+        contribution to an adjoint comes before its first use, so the scatter's values are
+        final where it moves to.) Returns (position, contribution) pairs; ``frozen``:
+        positions that keep their place."""
+        out = list(enumerate(contributions))
+        k = 0
+        while k < len(out):
+            pos, c = out[k]
+            if c.first and c.is_gather and not self.needs_view(c.occurrence, c.scope):
+                j = next((j for j in range(k + 1, len(out)) if out[j][1].target == c.target), None)
+                nxt = out[j][1] if j is not None else None
+                if (
+                    nxt is not None
+                    and pos not in frozen
+                    and out[j][0] not in frozen
+                    and not nxt.is_gather
+                    and not nxt.reduce
+                    and not self.needs_view(nxt.occurrence, nxt.scope)
+                    and set(nxt.lhs) <= self.covered(nxt.body)
+                ):
+                    out[j] = (out[j][0], dataclasses.replace(nxt, first=True))
+                    out.insert(j + 1, (pos, dataclasses.replace(c, first=False)))
+                    del out[k]
+                    continue
+            k += 1
+        return out
 
     def covered(self, expr: sp.Expr) -> set:
         out: set = set()
@@ -431,10 +502,16 @@ class Lowerer:
             r = sp.Mul(*rest)
             idx = self.storage_order(r, frame)
             tmp = self.namer.temp()
-            text = self.full(self.elementwise(r, idx, scope), r, idx, scope)
-            self.emit(f"{tmp} = {text}")
+            text = self.elementwise(r, idx, scope, into=tmp)
+            if text is not None:
+                self.emit(f"{tmp} = {self.full(text, r, idx, scope)}")
             operands.append((tmp, idx))
+        before = {v for v, _ in operands}
         operands = self.absorb(operands)
+        ints = {self.var[n] for n, t in self.tensors.items() if t.kind != "float"}
+        for v, idx in operands:  # products made by absorb: float arrays of a known shape
+            if v not in before and self.options["fuse"] and not before & ints:
+                self.shapes[v] = tuple(self.spec.index_dims.get((scope, ix)) for ix in idx)
         operands, red = self.pairwise(operands, out, red, scope)
         if self.options["window_matrix"] and self.in_forward:
             operands = self.window_matrix(operands, out, red, scope)
@@ -573,6 +650,16 @@ class Lowerer:
                 operands.append(self.view(f, scope))
             elif isinstance(f, sp.Indexed) and all(is_index(i) for i in f.indices):
                 operands.append((self.v(occurrence_name(f)), tuple(f.indices)))
+            elif (
+                self.options["fuse"]
+                and f.is_Pow
+                and f.exp in (2, 3)
+                and isinstance(f.base, sp.Indexed)
+                and all(is_index(i) for i in f.base.indices)
+                and not self.needs_view(f.base, scope)
+            ):  # Sum(x**2) as a contraction of x with itself: no temporary for the square
+                operand = (self.v(occurrence_name(f.base)), tuple(f.base.indices))
+                operands += [operand] * int(f.exp)
             elif not free_indices(f) and not any(
                 isinstance(o, sp.Indexed) for o in occurrences(f, self.arrays)
             ):
@@ -624,7 +711,10 @@ class Lowerer:
         if a.op == "map" and self.options["inplace"] and self.add_into(a, var, dead, comment):
             return
         if a.op == "map":
-            text = self.full(self.elementwise(a.expr, a.indices, a.scope), a.expr, a.indices, a.scope)
+            text = self.elementwise(a.expr, a.indices, a.scope, into=var, comment=comment)
+            if text is None:  # emitted as a fused statement
+                return
+            text = self.full(text, a.expr, a.indices, a.scope)
         elif a.op == "argmax" and a.target in self.argidx:
             return  # recorded as an index by the running maximum
         elif a.op == "max" and self.offset_max(a):
@@ -703,7 +793,16 @@ class Lowerer:
             if c.reduce:
                 text = self.reduction("sum", c.body, c.lhs, c.reduce, c.scope)
             else:
-                text = self.elementwise(c.body, c.lhs, c.scope)
+                body = c.body
+                fused_sum = not c.first and bool(c.lhs) and self.options["fuse"]
+                if fused_sum:  # the target and the new term in one statement
+                    body = sp.IndexedBase(c.target, real=True)[tuple(c.lhs)] + body
+                text = self.elementwise(body, c.lhs, c.scope, into=var, comment=comment)
+                if text is None or fused_sum:
+                    if text is not None:
+                        self.emit(f"{var} = {text}", comment)
+                    self.alias.pop(var, None)
+                    return
                 if c.first:
                     text = self.full(text, c.body, c.lhs, c.scope)
             if c.first:
@@ -719,9 +818,12 @@ class Lowerer:
             text = self.reduction("sum", c.body, frame, red, c.scope)
         else:  # np.add.at broadcasts the values against the index arrays
             text = self.elementwise(c.body, frame, c.scope)
-        self.flags["dtype"] = True
-        into = var if c.first else self.namer.temp()
-        self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
+        # added in place into an array this function made (see scatters_later), else into zeros
+        own = not c.first and self.options["fuse"] and var in self.owned and var not in self.alias
+        into = var if (c.first or own) else self.namer.temp()
+        if not own:
+            self.flags["dtype"] = True
+            self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
         first = c.lhs[0]
         if (
             not is_index(first)
@@ -732,7 +834,7 @@ class Lowerer:
         else:
             where = f"({', '.join(self.gather_index(c.lhs, frame, c.scope))})"
         self.emit(f"np.add.at({into}, {where}, {text})", comment)
-        if not c.first:
+        if not c.first and not own:
             self.emit(f"{var} = {self.v(c.target)} + {into}")
             self.alias.pop(var, None)
 
@@ -1455,11 +1557,14 @@ OPTIMIZATIONS = {
     "same_adjoint": True,  # an adjoint built by the very same contributions as another: reused
     "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
     "common_factor": True,  # a product several contributions of one assignment share, once
+    "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
 }
 
 
-def lower(derivation: Derivation, options: dict | None = None) -> Lowered:
-    """Lower a derivation to NumPy statements (``options``: see OPTIMIZATIONS)."""
+def lower(derivation: Derivation, options: dict | None = None, keep=()) -> Lowered:
+    """Lower a derivation to NumPy statements (``options``: see OPTIMIZATIONS). ``keep``:
+    adjoints whose final arrays the caller reads besides the gradients (Lowered.adjoint_vars),
+    never overwritten by a fused statement."""
     unknown = set(options or {}) - set(OPTIMIZATIONS)
     if unknown:
         raise LowerError(
@@ -1467,12 +1572,12 @@ def lower(derivation: Derivation, options: dict | None = None) -> Lowered:
             f"{', '.join(sorted(unknown))}"
         )
     try:
-        return _lower(derivation, options)
+        return _lower(derivation, options, keep)
     except LowerError as err:
         raise err.with_context(f"layer {derivation.spec.name!r}") from None
 
 
-def _lower(d: Derivation, options: dict | None = None) -> Lowered:
+def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     spec = d.spec
     lw = Lowerer(d, options)
 
@@ -1506,7 +1611,11 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
     for dup, orig in same.items():
         complete.setdefault(last[orig], []).append(dup)
     common = _common_factors(d, same) if lw.options["common_factor"] else {}
-    for k, c in enumerate(d.backward):
+    # (a scatter moves later only where no shared factor or duplicate adjoint is involved)
+    frozen = set(common) | {u for _, _, users in common.values() for u in users}
+    frozen |= {k for k, c in enumerate(d.backward) if c.target in same or c.target in same.values()}
+    order = lw.scatters_later(d.backward, frozen) if lw.options["fuse"] else enumerate(d.backward)
+    for k, c in order:
         if c.target not in same:
             if k in common:  # the factor several contributions share, computed once
                 factor, idx, users = common[k]
@@ -1584,6 +1693,12 @@ def _lower(d: Derivation, options: dict | None = None) -> Lowered:
         cache = [(n, v) for n, v in cache if n not in bases or n in spec.keep or read(v)]
         cache += [(v, v) for v, _ in lw.matrices.values() if read(v)]
     cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
+    if lw.options["fuse"]:  # write into dead buffers: never cached, returned or caller-owned
+        kept = {v for _, v in cache} | {lw.var[o] for o in spec.outputs}
+        finish(fwd.lines, kept, lw.shapes)
+        returned = {w for _, text in grads for w in re.findall(r"[A-Za-z_]\w*", text)}
+        returned |= {lw.var[d.adjoints[o]] for o in spec.outputs} | {lw.v(a) for a in keep}
+        finish(bwd.lines, returned, lw.shapes)
     dims_order = [x for x in spec.dims]
     return Lowered(
         derivation=d,

@@ -687,12 +687,12 @@ def _used(name: str, code: str) -> bool:
 class _Part:
     """One lowered part rendered as a private forward/backward pair of functions."""
 
-    def __init__(self, layer: Layer, derivation, prefix: str, options=None, dropped=()):
+    def __init__(self, layer: Layer, derivation, prefix: str, options=None, dropped=(), keep=()):
         from .lower import lower
 
         self.layer = layer
         self.derivation = derivation
-        self.lowered = lower(self.derivation, options)
+        self.lowered = lower(self.derivation, options, keep=keep)  # keep: adjoints read after
         self.prefix = prefix
         low = self.lowered
         self.arg_vars = [a.var for a in low.args]
@@ -765,7 +765,10 @@ def sequence_source(
     )
     deferred = _defer(seq, parts, step_d) if opts["defer"] else None
     if deferred is not None:
-        sp_ = _Part(parts.step, deferred.loop, "step", lower_opts, dropped=deferred.params)
+        sp_ = _Part(
+            parts.step, deferred.loop, "step", lower_opts, dropped=deferred.params,
+            keep=deferred.adjoints,
+        )
         dp = _Part(deferred.layer, derive(deferred.layer), "step", lower_opts)
     else:
         sp_ = _Part(parts.step, step_d, "step", lower_opts)

@@ -6,7 +6,10 @@ on the catalogue's test inputs, forward and backward, in float64."""
 
 from __future__ import annotations
 
+import ast
+import operator
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,6 +151,220 @@ def test_pairwise_contractions(name, rng):
             np.testing.assert_allclose(u, w, rtol=1e-10, atol=1e-12)
 
 
+# ---- fused elementwise statements (OPTIMIZATIONS["fuse"]) -------------------------------------
+
+FUSED = sorted(n for n in LAYERS if n in R.DOMAINS)
+
+
+def _snapshot(value):
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
+def _assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fuse_switch_agrees(name, rng):
+    """In-place chains compute what the one-expression statements compute (float64), and never
+    write into the caller's arrays or the cache: a second backward gives the same gradients."""
+    d = derive(LAYERS[name])
+    fused = load_module(generate_source(d), name)
+    plain = load_module(generate_source(d, options={"fuse": False}), name)
+    args, kwargs = R.DOMAINS[name](rng)
+    before = _snapshot((args, kwargs))
+    out, cache = fused.forward(*args, **kwargs)
+    outs = out if isinstance(out, tuple) else (out,)
+    douts = tuple(np.random.default_rng(1).standard_normal(np.shape(o)) for o in outs)
+    dout = douts if isinstance(out, tuple) else douts[0]
+    saved = _snapshot((douts, cache))
+    grads = fused.backward(dout, cache)
+    _assert_same(_snapshot((args, kwargs)), before)  # inputs untouched
+    _assert_same(_snapshot((douts, cache)), saved)  # incoming gradients and cache untouched
+    _assert_same(fused.backward(dout, cache), grads)
+    want_outs, want_grads = _run(plain, args, kwargs, rng)
+    for x, y in zip(outs + tuple(grads), tuple(want_outs) + tuple(want_grads)):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "gelu", "layer_norm", "batch_norm", "softmax", "gru_cell"])
+def test_fuse_keeps_float32(name, rng):
+    """The in-place chains keep the arguments' dtype and agree with the plain lowering."""
+    d = derive(LAYERS[name])
+    fused = load_module(generate_source(d), name)
+    plain = load_module(generate_source(d, options={"fuse": False}), name)
+    args, kwargs = R.DOMAINS[name](rng)
+    args = [a.astype(np.float32) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in args]
+    for (a, b) in zip(*(_run(m, args, kwargs, rng) for m in (fused, plain))):
+        for x, y in zip(a, b):
+            assert np.asarray(x).dtype == np.float32
+            np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6)
+
+
+def test_fuse_writes_in_place():
+    text = generate_source(LAYERS["sigmoid"])
+    backward = text.split("def backward")[1].split("\ndef ")[0]
+    assert "dx = 1 - y\n    dx *= dy\n    dx *= y" in backward
+    plain = generate_source(LAYERS["sigmoid"], options={"fuse": False})
+    assert "dx = dy * y * (1 - y)" in plain
+
+
+# ---- array passes -----------------------------------------------------------------------------
+
+
+class _Passes(ast.NodeTransformer):
+    """Routes every operator, augmented assignment and call of a function through a counter."""
+
+    def visit_BinOp(self, node):
+        self.generic_visit(node)
+        return _call("__op", ast.Constant(type(node.op).__name__), node.left, node.right)
+
+    def visit_UnaryOp(self, node):
+        self.generic_visit(node)
+        return _call("__unary", ast.Constant(type(node.op).__name__), node.operand)
+
+    def visit_AugAssign(self, node):
+        self.generic_visit(node)
+        if not isinstance(node.target, ast.Name):
+            return node
+        value = _call("__aug", ast.Constant(type(node.op).__name__), ast.Name(node.target.id, ast.Load()), node.value)
+        return ast.copy_location(ast.Assign([node.target], value), node)
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        return ast.Call(ast.Name("__call", ast.Load()), [node.func] + node.args, node.keywords)
+
+
+def _call(name, *args):
+    return ast.Call(ast.Name(name, ast.Load()), list(args), [])
+
+
+class _Counter:
+    """A pass: an operation that writes a full-size array (a fresh one, or one in place) or
+    reads one into something smaller (a reduction); an allocation: a fresh full-size array.
+    Views and no-op conversions are free."""
+
+    def __init__(self, full):
+        self.full, self.passes, self.allocations = full, 0, 0
+
+    def record(self, operands, result, inplace=None):
+        arrays = [a for a in operands if isinstance(a, np.ndarray)]
+        if isinstance(inplace, np.ndarray) and inplace.size >= self.full:
+            self.passes += 1
+            return
+        if isinstance(result, np.ndarray) and any(np.may_share_memory(result, a) for a in arrays):
+            return  # a view or the argument itself
+        fresh = isinstance(result, np.ndarray) and result.size >= self.full
+        if fresh or any(a.size >= self.full for a in arrays):
+            self.passes += 1
+        self.allocations += fresh
+
+    def op(self, name, a, b):
+        result = getattr(operator, _OPS[name])(a, b)
+        self.record([a, b], result)
+        return result
+
+    def unary(self, name, a):
+        result = {"USub": operator.neg, "UAdd": operator.pos, "Not": operator.not_, "Invert": operator.invert}[name](a)
+        self.record([a], result)
+        return result
+
+    def aug(self, name, a, b):
+        result = getattr(operator, "i" + _OPS[name])(a, b)
+        self.record([a, b], result, inplace=a if result is a else None)
+        return result
+
+    def call(self, fn, *args, **kwargs):
+        result = fn(*args, **kwargs)
+        operands = list(args) + list(kwargs.values()) + [getattr(fn, "__self__", None)]
+        self.record(operands, result, inplace=kwargs.get("out"))
+        return result
+
+
+_OPS = {"Add": "add", "Sub": "sub", "Mult": "mul", "Div": "truediv", "Pow": "pow", "MatMult": "matmul",
+        "FloorDiv": "floordiv", "Mod": "mod", "BitAnd": "and_", "BitOr": "or_"}
+
+
+def _count_passes(source, args, kwargs):
+    """((passes, allocations) of forward, of backward) of a generated module, counting arrays
+    the size of ``args[0]``."""
+    tree = ast.parse(source)
+    namespace = {}
+    exec(compile(source, "<module>", "exec"), namespace)
+    counter = _Counter(np.size(args[0]))
+    namespace.update(__op=counter.op, __unary=counter.unary, __aug=counter.aug, __call=counter.call)
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name in ("forward", "backward"):
+            fn = ast.fix_missing_locations(_Passes().visit(node))
+            exec(compile(ast.Module([fn], []), "<counted>", "exec"), namespace)
+    out, cache = namespace["forward"](*args, **kwargs)
+    forward = (counter.passes, counter.allocations)
+    counter.passes = counter.allocations = 0
+    namespace["backward"](np.ones_like(out), cache)
+    return forward, (counter.passes, counter.allocations)
+
+
+def _normalization_inputs(name, rng):
+    if name == "softmax":
+        return (rng.standard_normal((64, 50)),), {}
+    if name == "layer_norm":
+        return (rng.standard_normal((64, 48)), rng.standard_normal(48), rng.standard_normal(48)), {}
+    return (rng.standard_normal((16, 8, 5, 6)), rng.standard_normal(8), rng.standard_normal(8)), {}
+
+
+#: (passes, allocations) of full-size arrays in the generated forward and backward with the
+#: fused statements (an upper bound: fewer is fine), and without them (exact).
+PASSES = {
+    "layer_norm": {"fused": ((6, 2), (10, 2)), "plain": ((7, 5), (11, 7))},
+    "softmax": {"fused": ((5, 2), (4, 1)), "plain": ((5, 3), (4, 3))},
+    "batch_norm": {"fused": ((5, 2), (7, 2)), "plain": ((6, 4), (8, 5))},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PASSES))
+def test_fused_array_passes(name, rng):
+    d = derive(LAYERS[name])
+    args, kwargs = _normalization_inputs(name, rng)
+    fused = _count_passes(generate_source(d), args, kwargs)
+    plain = _count_passes(generate_source(d, options={"fuse": False}), args, kwargs)
+    print(f"{name}: (passes, allocations) of (forward, backward): fused {fused}, plain {plain}")
+    for got, bound in zip(fused, PASSES[name]["fused"]):
+        assert got[0] <= bound[0] and got[1] <= bound[1], (fused, PASSES[name]["fused"])
+    assert plain == PASSES[name]["plain"]  # the counter itself still counts what it did
+    committed = Path(__file__).resolve().parents[1] / "generated" / f"{name}.py"
+    assert _count_passes(committed.read_text(), args, kwargs) == fused  # the committed code too
+
+
+def test_fuse_never_writes_a_broadcast_view(rng):
+    """dt1 is a read-only broadcast (np.broadcast_to) of a smaller array: the fused sum into
+    ``du`` must not write into it."""
+    from symdl.parse import parse_layer
+
+    layer = parse_layer(
+        "fz", "y[p, r] = (Mean(x[j] + c*u[r, p]*cos(u[r, j]), j))*v", inputs="x, u, v", consts="c"
+    )
+    d = derive(layer)
+    fused = load_module(generate_source(d), "fz")
+    plain = load_module(generate_source(d, options={"fuse": False}), "fz")
+    args = (rng.uniform(0.5, 1.5, 4), rng.uniform(0.5, 1.5, (3, 4)), 1.2)
+    for a, b in zip(*(_run(m, args, {"c": 0.7}, rng) for m in (fused, plain))):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-12)
 @pytest.mark.parametrize("name", ["lstm_cell", "rnn_cell"])
 def test_same_adjoint_switch(name, rng):
     """An adjoint built by the same contributions as another is that array (the LSTM's dgi is
@@ -178,7 +395,8 @@ def test_inplace_switch(name, rng):
     reads the product; switched off it is a new array. Same numbers, and no argument is
     modified."""
     d = derive(LAYERS[name])
-    on, off = generate_source(d), generate_source(d, options={"inplace": False})
+    # (the fused statements add into a dead product's array too: off for the plain side)
+    on, off = generate_source(d), generate_source(d, options={"inplace": False, "fuse": False})
     assert re.search(r"^    t\d+ \+= ", on, re.MULTILINE) and not re.search(
         r"^    t\d+ \+= ", off, re.MULTILINE
     )
@@ -206,7 +424,10 @@ def test_common_factor_switch(rng):
 
     backward = code(on[on.index("def backward") :])
     plain = code(off[off.index("def backward") :])
-    assert backward.count("n**2") == 1 and plain.count("n**2") == 3
+    def squares(text):  # n**2, or np.square(n) in a fused statement
+        return text.count("n**2") + text.count("np.square(n)")
+
+    assert squares(backward) == 1 and squares(plain) == 3
     fast, slow = load_module(on, "gru_cell"), load_module(off, "gru_cell")
     args, kwargs = R.DOMAINS["gru_cell"](rng)
     outs_f, grads_f = _run(fast, args, kwargs, rng)

@@ -634,7 +634,7 @@ def test_shared_gate_gradient_is_one_array():
     step = _function_source(text, "_step_backward")
     assert step.count("np.zeros(") == 1
     code = [line for line in step.splitlines() if not line.strip().startswith("#")]
-    assert sum("+=" in line for line in code) == 4  # the four gate blocks, once
+    assert sum("] += " in line for line in code) == 4  # the four gate blocks, once
     backward = _function_source(text, "backward")
     assert backward.count("np.empty(") == 1
     assert "_step_param_grads(dgi, " in backward and "_hoisted_backward(dgi, " in backward

@@ -142,10 +142,18 @@ def _argmax_mask(values, axes):
     return mask.reshape(values.shape).astype(values.dtype)
 
 
-def _sigmoid(x):
-    """The logistic function 1 / (1 + exp(-x)); exp(-x) overflowing to inf gives exactly 0."""
+def _sigmoid(x, out=None):
+    """The logistic function 1 / (1 + exp(-x)); exp(-x) overflowing to inf gives exactly 0.
+    Computed in one buffer (``out`` when given, which may be ``x`` itself)."""
     with np.errstate(over="ignore"):
-        return 1 / (1 + np.exp(-x))
+        if np.ndim(x) == 0 and out is None:
+            return 1 / (1 + np.exp(-x))
+        if out is None and np.asarray(x).dtype.kind != "f":
+            x = np.asarray(x, dtype=np.float64)
+        out = np.negative(x, out=out)
+        np.exp(out, out=out)
+        out += 1
+        return np.divide(1, out, out=out)
 
 
 def _number(name, value, kind):

@@ -1,0 +1,485 @@
+"""Fused elementwise statements: fewer passes over memory and fewer temporaries.
+
+A full-size elementwise statement such as ``dx = dy * y * (1 - y)`` evaluates, in plain NumPy,
+one operator at a time, each allocating a fresh full-size array. :class:`Chain` emits it instead
+as a chain of ufunc calls into one buffer::
+
+    dx = 1 - y
+    dx *= dy
+    dx *= y
+
+* Operands that do not span the statement's frame (``rstd[:, None]``, ``weight``, scalars) are
+  multiplied (or added) together first, so the big array is touched once per group of them:
+  ``dxc = dy * (rstd * weight)[:, None]`` rather than twice.
+* A product already computed by an earlier statement (a shared contraction operand such as
+  ``t4 = dy * rstd[:, None]``) is started from instead of recomputed.
+* A buffer whose value is dead after the statement (computed earlier in the same function by
+  such a chain, read by no later statement, not cached, not returned, not viewed by another
+  name) is written in place instead of allocating: :func:`finish` decides that once every
+  statement of the function is known. Arrays the caller owns (arguments, incoming gradients)
+  and cached arrays are never written.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import sympy as sp
+
+from .functions import sigmoid
+
+#: Functions with a NumPy ufunc that can write into its argument's buffer.
+UFUNCS = {
+    sp.exp: "np.exp",
+    sp.log: "np.log",
+    sp.tanh: "np.tanh",
+    sp.sin: "np.sin",
+    sp.cos: "np.cos",
+    sp.Abs: "np.abs",
+}
+
+
+class Chain:
+    """Plans elementwise expressions over one index frame as chains of in-place ufunc calls.
+
+    ``names`` maps each operand symbol to its source (aligned to the frame), ``covers`` to the
+    frame indices it varies over; ``known`` maps the source of a product computed earlier
+    (``"dy * rstd[:, None]"``) to the temporary holding it; ``temp`` makes a fresh name."""
+
+    def __init__(self, printer, names, covers, frame, temp, known, integers=frozenset(), shape=None):
+        self.printer = printer
+        self.shape = shape  # the result's shape, as dimension names (buffers of one shape swap)
+        self.integers = set(integers)  # operands that may hold integers: no in-place float ops
+        self.names = names
+        self.covers = dict(covers)
+        self.full = frozenset(frame)
+        self.temp = temp
+        self.known = known
+        self.temps: list[str] = []  # names claimed for intermediate buffers, reused per render
+
+    # ---- classification ----------------------------------------------------------------------
+    def define(self, sym, expr):
+        """Register a CSE symbol standing for ``expr``."""
+        self.covers[sym] = self.cover(expr)
+
+    def cover(self, expr) -> frozenset:
+        out = frozenset()
+        for s in expr.free_symbols:
+            out |= self.covers.get(s, frozenset())
+        return out
+
+    def big(self, expr) -> bool:
+        return bool(self.full) and self.cover(expr) >= self.full
+
+    def leaf(self, expr) -> bool:
+        return isinstance(expr, sp.Symbol) and expr in self.names
+
+    def text(self, expr) -> str:
+        return self.printer.doprint(expr)
+
+    # ---- planning ----------------------------------------------------------------------------
+    def fusable(self, expr) -> bool:
+        """Whether ``expr`` is a full-size computation (not a lone operand)."""
+        return self.big(expr) and not self.leaf(expr)
+
+    def plan(self, expr, dest: str, reusable=frozenset(), spares=()):
+        """Statements computing ``expr`` into ``dest`` (a fresh name, or a reused dead buffer),
+        with ``fresh`` telling whether ``dest`` ends up holding an array of its own; None when
+        the expression is not a full-size computation of several steps. ``reusable``: operands
+        whose buffers are dead after the statement; ``spares``: dead buffers of the result's
+        shape, which allocating operations write into instead (``out=``)."""
+        if not self.fusable(expr):
+            return None
+        counts: dict = {}
+        for s in sp.preorder_traversal(expr):
+            if isinstance(s, sp.Symbol):
+                counts[s] = counts.get(s, 0) + 1
+        # a buffer may be overwritten only where the expression reads it once
+        self.reusable_names = set(reusable)
+        self.reusable = {
+            s for s in expr.free_symbols
+            if self.leaf(s) and self.names[s] in reusable and counts.get(s) == 1
+        }
+        self.lines: list[str] = []
+        self.fresh = True
+        self.ntemp = 0
+        mentioned = any(
+            re.search(rf"\b{re.escape(dest)}\b", self.names[s]) for s in expr.free_symbols if s in self.names
+        )
+        self.spares, self.taken, self.work = list(spares), set(), None
+        buf = self.into(expr, _WORK)  # the result's buffer, named once known
+        work = self.work or (self.new_temp() if mentioned else dest)
+        self.lines = [re.sub(rf"\b{_WORK}\b", work, line) for line in self.lines]
+        buf = work if buf == _WORK else buf
+        if buf != dest:
+            self.lines.append(f"{dest} = {buf}")
+        return self.lines, self.fresh
+
+    def take_spare(self) -> str | None:
+        if not self.spares:
+            return None
+        self.taken.add(self.spares[0])
+        return self.spares.pop(0)
+
+    def new_temp(self) -> str:
+        spare = self.take_spare()
+        if spare is not None:
+            return spare
+        if self.ntemp == len(self.temps):
+            self.temps.append(self.temp())
+        name = self.temps[self.ntemp]
+        self.ntemp += 1
+        return name
+
+    def emit(self, line: str):
+        self.lines.append(line)
+
+    def alloc(self, dest: str, text: str, call: str):
+        """``dest = text``, or ``call`` writing into ``dest`` when that is the spare buffer."""
+        if dest == _WORK and self.work is None and self.spares:
+            self.work = self.take_spare()
+        if dest in self.taken or (dest == _WORK and self.work is not None):
+            self.emit(f"{call[:-1]}, out={dest})")
+        else:
+            self.emit(f"{dest} = {text}")
+
+    def into(self, node, dest: str) -> str:
+        """Compute ``node`` (full-size) into a fresh buffer ``dest`` (or a reusable operand's);
+        return the name of the buffer holding the result."""
+        if self.leaf(node) or not self.big(node):
+            self.emit(f"{dest} = {self.text(node)}")
+            self.fresh = False
+            return dest
+        if self.integer(node):
+            return self.fallback(node, dest)
+        if node.is_Add or node.is_Mul:
+            return self.nary(node, dest)
+        if node.is_Pow and self.big(node.base) and not self.big(node.exp):
+            fn = {2: "np.square", sp.Rational(1, 2): "np.sqrt", -1: None}.get(node.exp, False)
+            if fn is False:
+                return self.fallback(node, dest)
+            if fn is None:  # 1 / base
+                if self.leaf(node.base):
+                    base = self.text(node.base)
+                    self.alloc(dest, f"1 / {base}", f"np.divide(1, {base})")
+                    return dest
+                buf = self.into(node.base, dest)
+                self.emit(f"np.divide(1, {buf}, out={buf})")
+                return buf
+            return self.unary(fn, node.base, dest)
+        if isinstance(node, sp.Function) and len(node.args) == 1 and self.big(node.args[0]):
+            fn = UFUNCS.get(node.func)
+            if node.func == sigmoid:
+                self.printer.helpers.add("_sigmoid")
+                fn = "_sigmoid"
+            if fn is not None:
+                return self.unary(fn, node.args[0], dest)
+        return self.fallback(node, dest)
+
+    def integer(self, node) -> bool:
+        """Whether an operand may be an integer array (in-place float ops would fail)."""
+        return bool(node.free_symbols & self.integers)
+
+    def fallback(self, node, dest: str) -> str:
+        text = self.text(node)
+        self.emit(f"{dest} = {text}")
+        if _maybe_view(text):
+            self.fresh = False
+        return dest
+
+    def unary(self, fn: str, arg, dest: str) -> str:
+        if self.leaf(arg):
+            if arg in self.reusable:
+                self.reusable.discard(arg)
+                name = self.names[arg]
+                self.emit(f"{fn}({name}, out={name})")
+                return name
+            self.alloc(dest, f"{fn}({self.text(arg)})", f"{fn}({self.text(arg)})")
+            return dest
+        buf = self.into(arg, dest)
+        self.emit(f"{fn}({buf}, out={buf})")
+        return buf
+
+    def nary(self, node, dest: str) -> str:
+        add = node.is_Add
+        op, inv = ("+", "-") if add else ("*", "/")
+        smalls, bigs = [], []  # bigs: (negated or inverted, core)
+        for a in node.args:
+            if not self.big(a):
+                smalls.append(a)
+                continue
+            neg = False
+            if add and a.is_Mul and a.args[0].is_Number and a.args[0] < 0:
+                neg, a = True, -a
+            elif not add and a.is_Pow and a.exp.is_Number and a.exp < 0:
+                neg, a = True, sp.Pow(a.base, -a.exp)
+            bigs.append((neg, a))
+        groups = self.groups(smalls, add)
+        # start from a product computed by an earlier statement
+        if not add:
+            for k, (neg, b) in enumerate(bigs):
+                if neg or not self.leaf(b):
+                    continue
+                for g in list(groups):
+                    if len(g) != 1 or g[0].is_Number:
+                        continue
+                    found = self.known.get(f"{self.names[b]} * {self.text(g[0])}")
+                    # (only where something is left to do, or the product's buffer is free)
+                    if found and (len(bigs) + len(groups) > 2 or found in self.reusable_names):
+                        sym = sp.Dummy(found)
+                        self.names[sym] = found
+                        self.covers[sym] = self.full
+                        if found in self.reusable_names:
+                            self.reusable.add(sym)
+                        bigs[k] = (False, sym)
+                        groups.remove(g)
+                        break
+        items = [(neg, b, False) for neg, b in bigs] + [
+            (False, sp.Add(*g) if add else sp.Mul(*g), True) for g in groups
+        ]
+        # the start: a dead operand's buffer, else the result of a compound operand
+        start = next(
+            (k for k, (neg, b, small) in enumerate(items) if not small and not neg and b in self.reusable),
+            None,
+        )
+        if start is None:
+            start = next(
+                (k for k, (neg, b, small) in enumerate(items) if not small and not neg and not self.leaf(b)),
+                None,
+            )
+        if start is None:
+            start = next(
+                (k for k, (neg, b, small) in enumerate(items) if not small and neg and not self.leaf(b)),
+                None,
+            )
+        pending = False  # the buffer holds the negation (reciprocal) of what it should
+        if start is not None:
+            neg, b, _ = items.pop(start)
+            if self.leaf(b):
+                self.reusable.discard(b)
+                buf = self.names[b]
+            else:
+                buf = self.into(b, dest)
+            pending = neg
+        else:  # operands and small groups only: one allocating binary operation first
+            items.sort(key=lambda it: (it[0], it[2]))  # a positive big operand first
+            (na, a, sa), (nb, b, sb) = items[0], items[1]
+            items = items[2:]
+            ta, tb = self.operand_text(a, sa, add), self.operand_text(b, sb, add)
+            if sb and not na:  # a small group applied inverted: x - m, x / s
+                tb, nb = self.small_text(b, add)
+                tb = _wrap(tb)
+            fn, fi = ("np.add", "np.subtract") if add else ("np.multiply", "np.divide")
+            ra, rb = _bare(ta), _bare(tb)  # call arguments need no parentheses
+            if not add and sb and b == -1 and not na:
+                self.alloc(dest, f"-{ta}", f"np.negative({ra})")
+            elif not na and not nb:
+                self.alloc(dest, f"{ta} {op} {tb}", f"{fn}({ra}, {rb})")
+            elif not na:
+                self.alloc(dest, f"{ta} {inv} {tb}", f"{fi}({ra}, {rb})")
+            elif not nb:
+                self.alloc(dest, f"{tb} {inv} {ta}", f"{fi}({rb}, {ra})")
+            else:
+                first = f"np.negative({ta})" if add else f"np.divide(1, {ta})"
+                self.alloc(dest, first, first)
+                self.emit(f"{dest} {inv}= {tb}")
+            buf = dest
+        if pending:
+            first = next((k for k, (neg, b, small) in enumerate(items) if not neg and (small or self.leaf(b))), None)
+            if first is not None:
+                _, b, small = items.pop(first)
+                fn = "np.subtract" if add else "np.divide"
+                self.emit(f"{fn}({self.operand_text(b, small, add, wrap=False)}, {buf}, out={buf})")
+            else:
+                self.emit(f"np.negative({buf}, out={buf})" if add else f"np.divide(1, {buf}, out={buf})")
+        for neg, b, small in items:
+            if small and not add and b == -1:
+                self.emit(f"np.negative({buf}, out={buf})")
+                continue
+            if small:
+                text, neg = self.small_text(b, add)
+            elif self.leaf(b):
+                text = self.names[b]
+            else:
+                text = self.into(b, self.new_temp())
+            self.emit(f"{buf} {inv if neg else op}= {text}")
+        return buf
+
+    def operand_text(self, expr, small: bool, add: bool, wrap: bool = True) -> str:
+        if not small:
+            return self.names[expr] if self.leaf(expr) else _wrap(self.text(expr))
+        text = self.text(expr)
+        return _wrap(text) if wrap else text
+
+    def small_text(self, expr, add: bool):
+        """The source of a small group and whether it is applied inverted (``-=`` / ``/=``)."""
+        if add and expr.could_extract_minus_sign():
+            return self.text(-expr), True
+        if not add:
+            num, den = sp.fraction(expr)
+            if num == 1 and den != 1:
+                return self.text(den), True
+        return self.text(expr), False
+
+    def groups(self, smalls: list, add: bool) -> list[list]:
+        """Small operands grouped so that each group is applied in one pass: those whose indices
+        all belong to another's are combined with it first."""
+        out: list[tuple[frozenset, list]] = []
+        for a in sorted(smalls, key=lambda e: (-len(self.cover(e)), sp.default_sort_key(e))):
+            c = self.cover(a)
+            for cov, members in out:
+                if c <= cov:
+                    members.append(a)
+                    break
+            else:
+                out.append((c, [a]))
+        return [members for _, members in out]
+
+
+def _bare(text: str) -> str:
+    """``text`` without parentheses around the whole of it."""
+    if not (text.startswith("(") and text.endswith(")")):
+        return text
+    depth = 0
+    for k, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0 and k < len(text) - 1:
+            return text  # "(a) * (b)": the first pair closes early
+    return text[1:-1]
+
+
+def _wrap(text: str) -> str:
+    """``text`` in parentheses unless it is an atom (a name, number, call or subscript)."""
+    depth = 0
+    if text.startswith("-"):
+        return f"({text})"
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif depth == 0 and ch in " +-*/@%<>=&|~":
+            return f"({text})"
+    return text
+
+
+_VIEW_METHODS = {"reshape", "transpose", "ravel", "view", "swapaxes", "squeeze", "astype"}
+_VIEW_FUNCS = {
+    "broadcast_to", "as_strided", "asarray", "ascontiguousarray", "expand_dims", "moveaxis",
+    "squeeze", "atleast_1d", "atleast_2d", "ravel", "reshape", "transpose",
+}
+
+
+def _maybe_view(source: str, name: str | None = None) -> bool:
+    """Whether the expression ``source`` may share memory with an array (with ``name``)."""
+    try:
+        node = ast.parse(source, mode="eval").body
+    except SyntaxError:
+        return True
+    return _view_of(node, name)
+
+
+def _view_of(node, name) -> bool:
+    """Whether ``node`` may share memory with array ``name`` (None: with any array)."""
+    if isinstance(node, ast.Name):
+        return name is None or node.id == name
+    if isinstance(node, ast.Subscript):
+        return name is None or _view_of(node.value, name)
+    if isinstance(node, ast.Attribute):
+        return node.attr == "T" and (name is None or _view_of(node.value, name))
+    if isinstance(node, ast.Call):
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in _VIEW_METHODS:
+            return name is None or _view_of(f.value, name)
+        if isinstance(f, ast.Attribute) and f.attr in _VIEW_FUNCS:
+            return name is None or any(_view_of(a, name) for a in node.args)
+    return False
+
+
+class Statement:
+    """One chain statement of generated code, rendered by :func:`finish` once the function's
+    later statements are known."""
+
+    def __init__(self, chain: Chain, expr, dest: str):
+        self.chain, self.expr, self.dest = chain, expr, dest
+        lines, self.fresh = chain.plan(expr, dest)
+        self.default = "\n".join(lines)
+        # a float array of a known shape: its buffer may serve a later statement of that shape
+        self.shape = chain.shape if not expr.free_symbols & chain.integers else None
+        # the operands whose buffer could be written: names, and earlier products started from
+        self.candidates = set(_NAME.findall(self.default))
+
+    def render(self, reusable, spares=()) -> tuple[str, bool]:
+        lines, fresh = self.chain.plan(self.expr, self.dest, reusable, spares)
+        return "\n".join(lines), fresh
+
+
+_WORK = "work_"  # placeholder for the buffer of a chain's result
+_ASSIGN = re.compile(r"^(\w+) = (.*)$", re.S)
+_NAME = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def finish(lines: list, protected: set, shapes: dict | None = None):
+    """Render each chain statement of one function, writing into a dead buffer where one
+    serves. ``protected``: names whose arrays outlive the function (cache, outputs, returns);
+    ``shapes``: the shape of other float temporaries (as dimension names), which may serve as
+    spare buffers too."""
+    known = dict(shapes or {})  # temporaries assigned once
+    shapes = {}  # chain results (a name may be rebound)
+    fresh: set[str] = set()
+    # per statement: the names it mentions, and the name it binds without reading it
+    facts = [[_facts(stmt) for stmt in line.code.split("\n")] for line in lines]
+    for k, line in enumerate(lines):
+        chain = getattr(line, "chain", None)
+        if chain is not None:
+            reusable = {
+                n for n in chain.candidates
+                if n in fresh and n not in protected and (n == chain.dest or _dead(n, facts[k + 1 :]))
+            }
+            mentioned = set().union(*[names for names, _ in facts[k]])
+            spares = []
+            if chain.shape is not None:
+                spares = [
+                    n for n in sorted(fresh - reusable)
+                    if shapes.get(n, known.get(n)) == chain.shape and n not in mentioned
+                    and n not in protected and _dead(n, facts[k + 1 :])
+                ]
+            line.code, is_fresh = chain.render(reusable, spares)
+            shapes[chain.dest] = chain.shape
+        for stmt in line.code.split("\n"):
+            stmt = stmt.strip()
+            m = _ASSIGN.match(stmt)
+            if m:
+                fresh.discard(m.group(1))
+                if chain is None:  # no longer a chain's result
+                    shapes.pop(m.group(1), None)
+                if chain is None and not _maybe_view(m.group(2)):  # a computed array
+                    fresh.add(m.group(1))
+            # an array viewed under another name may not be overwritten
+            if m:
+                for n in list(fresh):
+                    if re.search(rf"\b{n}\b", m.group(2)) and _maybe_view(m.group(2), n):
+                        fresh.discard(n)
+        if chain is not None and is_fresh:
+            fresh.add(chain.dest)
+
+
+def _facts(stmt: str):
+    stmt = stmt.strip()
+    m = _ASSIGN.match(stmt)
+    names = set(_NAME.findall(stmt))
+    rebinds = m.group(1) if m and m.group(1) not in _NAME.findall(m.group(2)) else None
+    return names, rebinds
+
+
+def _dead(name: str, later: list) -> bool:
+    """Whether no later statement reads ``name`` before rebinding it."""
+    for stmts in later:
+        for names, rebinds in stmts:
+            if rebinds == name:
+                return True
+            if name in names:
+                return False
+    return True
