@@ -141,7 +141,7 @@ class _SnippetSource:
             for node in ast.parse("".join(lines)).body:
                 if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                     first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-                    texts[node.name] = "".join(inspect.getblock(lines[first - 1 :]))
+                    texts[node.name] = "".join(lines[first - 1 : node.end_lineno])
             self.__texts = texts
         return self.__texts
 
