@@ -15,6 +15,7 @@ The result is a :class:`Lowered` module description that the code generator rend
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 import string
 
@@ -135,6 +136,14 @@ class Lowerer:
         self.in_forward = True
         self.view_occ: dict = {}  # strided view variable -> (its occurrence, its key)
         self.matrix_base: dict[str, str] = {}  # window matrix -> the tensor it reads
+        # products over adjacent slices of one array, computed as one (see stacked_products):
+        # target -> (group key, position of the slice's axis in the result, start, stop);
+        # group key -> its merged product's variable once emitted
+        self.stacked: dict[str, tuple] = {}
+        self.stacked_groups: dict = {}
+        self.stacked_done: dict = {}
+        self.regions: dict[str, object] = {}  # adjoint -> the stacked group whose buffer holds it
+        self.made: dict[str, tuple] = {}  # variable -> (buffer, member) it is a slice of
 
     def v(self, name: str) -> str:
         """The variable holding tensor (or adjoint) ``name``."""
@@ -170,6 +179,8 @@ class Lowerer:
         target = code.split(" = ", 1)[0].strip() if " = " in code else None
         if chain is not None:
             target = chain.dest
+        if target in self.made and not code.startswith(f"{target} = {self.made[target][0]}["):
+            del self.made[target]  # no longer a slice of the stacked buffer
         if target and target.isidentifier():  # a rebound name invalidates what read it
             pattern = re.compile(rf"\b{re.escape(target)}\b")
             self.memo = {k: v for k, v in self.memo.items() if not pattern.search(k) or v == target}
@@ -708,6 +719,9 @@ class Lowerer:
         """``dead``: tensors no later statement reads (their arrays may be reused)."""
         var = self.var[a.target]
         comment = f"{_lhs_text(a.target, a.indices)} = {equation_text(_rhs_of(a))}"
+        if a.target in self.stacked:
+            self.stacked_slice(a, var, comment)
+            return
         if a.op == "map" and self.options["inplace"] and self.add_into(a, var, dead, comment):
             return
         if a.op == "map":
@@ -737,6 +751,272 @@ class Lowerer:
         self.emit(f"{var} = {text}", comment)
         if a.op in ("sum", "map") and _fresh(text):
             self.fresh.add(a.target)
+
+    def stacked_products(self, assigns: list):
+        """Find sums of products that read adjacent slices of one array along a kept axis, the
+        other operands the same, together covering the whole axis (the q, k and v
+        projections ``Sum(x[n, t, i] * w[k*E + c, i], i)``): each group is computed as one
+        product over the whole array (one GEMM instead of one per slice), each member a slice
+        of it. Fills ``self.stacked`` and ``self.stacked_groups``."""
+        known = set(self.spec.args) | set(self.spec.consts)
+        groups: dict = {}
+        for a in assigns:
+            member = self._stack_member(a, known)
+            if member is not None:
+                key, p, const, extent, operands = member
+                groups.setdefault(key, []).append((const, extent, a, operands, p))
+            known.add(a.target)
+        for key, members in groups.items():
+            if len(members) < 2 or len({m[2].target for m in members}) != len(members):
+                continue
+            ordered_ = sorted(members, key=lambda m: _affine_rank(m[0], members))
+            if ordered_[0][0] != 0:
+                continue
+            ok = all(
+                sp.simplify(b[0] - a[0] - a[1]) == 0 for a, b in itertools.pairwise(ordered_)
+            )
+            base, p = key[0], ordered_[0][4]
+            total = _stacked_size(self.tensors[base].dims[p])
+            last = ordered_[-1]
+            if not ok or sp.simplify(last[0] + last[1] - total) != 0:
+                continue
+            first = min(ordered_, key=lambda m: assigns.index(m[2]))
+            targets = [m[2].target for m in ordered_]
+            self.stacked_groups[key] = {
+                "operands": first[3],
+                "targets": targets,
+                "starts": [m[0] for m in ordered_],
+                "sources": [assigns.index(m[2]) for m in ordered_],
+                "index": key[3],
+                "dim": self.tensors[base].dims[p],
+                "base": base,
+            }
+            for const, extent, a, _, _ in ordered_:
+                axis = a.indices.index(key[3])
+                self.stacked[a.target] = (key, axis, const, const + extent)
+
+    def _stack_member(self, a: Assign, known: set):
+        """(group key, slice position, slice start, slice extent, merged operands) for a sum
+        of plain operands, one of which reads ``w[const + c, ...]`` with ``c`` kept; else
+        None."""
+        if a.op != "sum" or not a.reduce:
+            return None
+        factors = sp.Mul.make_args(a.expr)
+        if len(factors) < 2 or not all(isinstance(f, sp.Indexed) for f in factors):
+            return None
+        if any(occurrence_name(f) not in known for f in factors):
+            return None
+        if any(isinstance(i, sp.Indexed) for f in factors for i in f.indices):
+            return None  # gathers
+        sliced = [f for f in factors if self.needs_view(f, a.scope)]
+        if len(sliced) != 1:
+            return None
+        occ = sliced[0]
+        name = occurrence_name(occ)
+        info = self.tensors[name]
+        if name in self.spec.pads:
+            return None
+        partial = [  # positions read in part: an offset, or an index shorter than the axis
+            p for p, ix in enumerate(occ.indices)
+            if not is_index(ix) or self.spec.index_dims[(a.scope, ix)] != info.dims[p]
+        ]
+        if len(partial) != 1:
+            return None
+        p = partial[0]
+        ix = occ.indices[p]
+        terms, const = ([(sp.S.One, ix)], sp.S.Zero) if is_index(ix) else affine_terms(ix)
+        if len(terms) != 1 or terms[0][0] != 1 or const.free_symbols & set(a.all_indices):
+            return None
+        c = terms[0][1]
+        if c not in a.indices or c in occ.indices[:p] + occ.indices[p + 1 :]:
+            return None
+        whole = occ.base[tuple(c if q == p else ix for q, ix in enumerate(occ.indices))]
+        operands = [
+            (self.v(name), tuple(whole.indices)) if f is occ
+            else (self.v(occurrence_name(f)), tuple(f.indices))
+            for f in factors
+        ]
+        dims = tuple(
+            (ix, info.dims[p] if ix == c else self.spec.index_dims[(a.scope, ix)])
+            for ix in a.all_indices
+        )
+        body = sp.Mul(*[whole if f is occ else f for f in factors])
+        key = (name, p, sp.srepr(body), c, a.indices, a.reduce, dims)
+        extent = dim_symbol(self.spec.index_dims[(a.scope, c)])
+        return key, p, const, extent, operands
+
+    def stacked_adjoints(self, d: Derivation, frozen: set, same: dict) -> dict:
+        """The backward of each stacked product (see stacked_products) as one product too: the
+        members' adjoints are slices of one array (the arrays they alias are made there), and
+        each operand's contributions from the members become one contraction with it, at the
+        place of the last of them. Returns position in d.backward -> the merged contribution
+        (None: folded into another)."""
+        out: dict = {}
+        for key, group in self.stacked_groups.items():
+            plan = self._stacked_backward(d, key, group, frozen, same)
+            if plan is not None:
+                out.update(plan)
+        return out
+
+    def _stacked_backward(self, d: Derivation, key, group: dict, frozen: set, same: dict):
+        sources = group["sources"]
+        c = group["index"]
+        adjoints = [d.adjoints.get(t) for t in group["targets"]]
+        if None in adjoints:
+            return None
+        # each member's adjoint: the incoming adjoint of another tensor under a new name (the
+        # array made in a slice of the stacked buffer), or its own array
+        regions = []
+        for adj in adjoints:
+            cs = [x for x in d.backward if x.target == adj]
+            if len(cs) != 1:
+                return None
+            x = cs[0]
+            body = x.body
+            if (
+                x.first
+                and not x.reduce
+                and isinstance(body, sp.Indexed)
+                and occurrence_name(body) in self.d.adjoints.values()
+                and tuple(body.indices) == tuple(x.lhs)
+            ):
+                regions.append(occurrence_name(body))
+            else:
+                regions.append(adj)
+        shared = set(same) | set(same.values())
+        if shared & (set(adjoints) | set(regions)) or len(set(regions)) != len(regions):
+            return None
+        # the members' contributions to the product's operands, by target
+        factors = sp.Mul.make_args(self.d.forward[sources[0]].expr)
+        operand_tensors = {occurrence_name(f) for f in factors}
+        by_target: dict = {}
+        for pos, x in enumerate(d.backward):
+            if x.source in sources and x.tensor in operand_tensors:
+                by_target.setdefault(x.target, []).append(pos)
+        if not by_target:
+            return None
+        plan: dict = {}
+        scope0 = self.d.forward[sources[0]].scope
+        big = sp.Symbol(c.name.upper() if c.name.upper() != c.name else c.name + "_", integer=True)
+        if any(big.name == s.name for (sc, s) in self.spec.index_dims if sc == scope0):
+            return None
+        for target, positions in by_target.items():
+            if len(positions) != len(sources) or positions[0] in frozen:
+                return None
+            if any(p in frozen for p in positions):
+                return None
+            if {d.backward[p].source for p in positions} != set(sources):
+                return None
+            lo, hi = positions[0], positions[-1]
+            between = [q for q in range(lo, hi + 1) if q not in positions]
+            if any(d.backward[q].target == target for q in between):
+                return None  # another contribution in between: the sum keeps its order
+            first = next(d.backward[p] for p in positions if d.backward[p].source == sources[0])
+            if first.scope != scope0:
+                return None
+            plan[target] = (positions, first)
+        buf = self.namer.temp()
+        self._register(buf)
+        group["buffer"] = buf
+        group["big"] = big
+        group["regions"] = regions
+        group["adjoints"] = adjoints
+        out: dict = {}
+        stacked = sp.IndexedBase(buf, real=True)
+
+        def swap(expr):  # the first member's adjoint -> the stacked array, c -> the whole axis
+            expr = expr.replace(
+                lambda e: isinstance(e, sp.Indexed) and occurrence_name(e) == adjoints[0],
+                lambda e: stacked[tuple(e.indices)],
+            )
+            return expr.xreplace({c: big})
+
+        for target, (positions, x) in plan.items():
+            merged = dataclasses.replace(
+                x,
+                lhs=tuple(swap(i) if isinstance(i, sp.Expr) else i for i in x.lhs),
+                body=swap(x.body),
+                reduce=tuple(big if i == c else i for i in x.reduce),
+                over=tuple(big if i == c else i for i in x.over),
+                occurrence=swap(x.occurrence),
+                first=d.backward[positions[0]].first,
+            )
+            for p in positions[:-1]:
+                out[p] = None
+            out[positions[-1]] = (merged, key)
+        for region in regions:
+            self.regions[region] = key
+        # the merged index ranges over the whole axis (a copy: the derivation stays as it is)
+        index_dims = {**self.spec.index_dims, (scope0, big): group["dim"]}
+        self.spec = dataclasses.replace(self.spec, index_dims=index_dims)
+        return out
+
+    def region(self, target: str) -> str:
+        """A slice of a stacked buffer (allocated here the first time) for adjoint ``target``."""
+        key = self.regions[target]
+        group = self.stacked_groups[key]
+        buf = group["buffer"]
+        k = group["regions"].index(target)
+        axis = self.stacked[group["targets"][k]][1]
+        if not group.get("allocated"):
+            a = self.d.forward[group["sources"][0]]
+            parts = [
+                self.dim_vars[group["dim"]] if ix == group["index"] else self.dimvar(a.scope, ix)
+                for ix in a.indices
+            ]
+            self.phase.dims.add(group["dim"])
+            shape = f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+            self.flags["dtype"] = True
+            names = ", ".join(group["regions"])
+            self.emit(
+                f"{buf} = np.zeros({shape}, dtype=dtype)",
+                f"{names} as slices of one array, for the products below",
+            )
+            group["allocated"] = True
+        _, _, start, stop = self.stacked[group["targets"][k]]
+        lo = self.scalar(start) if start != 0 else ""
+        text = f"{buf}[{', '.join([':'] * axis + [f'{lo}:{self.scalar(stop)}'])}]"
+        return text
+
+    def stacked_contribution(self, merged: Contribution, key, defined: set):
+        """A merged contribution of a stacked product's backward: reads the stacked buffer,
+        which holds the members' adjoints when each was made in its slice (else they are
+        concatenated into it first)."""
+        group = self.stacked_groups[key]
+        buf = group["buffer"]
+        ok = group.get("allocated") and all(
+            self.made.get(self.v(adj)) == (buf, k) for k, adj in enumerate(group["adjoints"])
+        )
+        if not ok and not group.get("joined"):
+            axis = self.stacked[group["targets"][0]][1]
+            parts = ", ".join(self.v(adj) for adj in group["adjoints"])
+            self.emit(f"{buf} = np.concatenate(({parts}), axis={axis})")
+            group["joined"] = True
+        self.lower_contribution(merged, defined)
+
+    def stacked_slice(self, a: Assign, var: str, comment: str):
+        """A member of a stacked product: the product over the whole array is emitted at the
+        group's first member, each member is a slice of it (a view)."""
+        key, axis, start, stop = self.stacked[a.target]
+        merged = self.stacked_done.get(key)
+        if merged is None:
+            group = self.stacked_groups[key]
+            operands, targets = group["operands"], group["targets"]
+            merged = self.namer.temp()
+            text = self.contract(operands, a.indices, a.reduce)
+            product = sp.Mul(*[sp.IndexedBase(v, real=True)[i] for v, i in operands])
+            self.emit(
+                f"{merged} = {text}",
+                f"{', '.join(targets)} as slices of one product: "
+                f"{equation_text(_Sum(product, a.reduce))}",
+            )
+            self._register(merged)
+            self.stacked_done[key] = merged
+        parts = [":"] * axis
+        lo = self.scalar(start) if start != 0 else ""
+        parts.append(f"{lo}:{self.scalar(stop)}")
+        self.emit(f"{var} = {merged}[{', '.join(parts)}]", comment)
+        self.fresh.add(a.target)  # a region of a new array no other name writes
 
     def add_into(self, a: Assign, var: str, dead, comment: str) -> bool:
         """``x = t + rest`` as ``t += rest; x = t`` when ``t`` is a whole array this function
@@ -929,7 +1209,13 @@ class Lowerer:
         self.flags["dtype"] = True
         own = not c.first and var in self.owned and var not in self.alias
         into = var if (c.first or own) else self.namer.temp()
-        if c.first or not own:
+        if c.first and c.target in self.regions:  # a slice of a stacked buffer (zeros)
+            self.emit(f"{into} = {self.region(c.target)}")
+            key = self.regions[c.target]
+            group = self.stacked_groups[key]
+            self.made[into] = (group["buffer"], group["regions"].index(c.target))
+            self.owned.add(into)
+        elif c.first or not own:
             self.emit(f"{into} = {self.zeros_in(c.tensor, positions, loop, layout)}")
             self.owned.add(into)
         if not simple:  # general affine map: one scatter-add with index arrays
@@ -1558,6 +1844,10 @@ OPTIMIZATIONS = {
     "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
     "common_factor": True,  # a product several contributions of one assignment share, once
     "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
+    # sums of products reading adjacent slices w[k*E + c, i] of one array along a kept axis,
+    # the other operands the same (the q, k, v projections): one product over the whole array
+    # (one GEMM), each member a slice of it
+    "stack_products": True,
 }
 
 
@@ -1588,6 +1878,8 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     for a in reversed(d.forward):
         dead_after.append(frozenset(set(d.tensors) - live))
         live |= {occurrence_name(o) for o in occurrences(a.expr, d.tensors)}
+    if lw.options["stack_products"]:
+        lw.stacked_products(d.forward)
     for a, dead in zip(d.forward, reversed(dead_after)):
         lw.lower_assign(a, dead)
     fwd = lw.phase
@@ -1614,8 +1906,14 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     # (a scatter moves later only where no shared factor or duplicate adjoint is involved)
     frozen = set(common) | {u for _, _, users in common.values() for u in users}
     frozen |= {k for k, c in enumerate(d.backward) if c.target in same or c.target in same.values()}
+    stacked = lw.stacked_adjoints(d, frozen, same) if lw.stacked_groups else {}
+    frozen |= set(stacked)
     order = lw.scatters_later(d.backward, frozen) if lw.options["fuse"] else enumerate(d.backward)
     for k, c in order:
+        if k in stacked:  # a stacked product's backward, as one product
+            if stacked[k] is not None:
+                lw.stacked_contribution(*stacked[k], defined)
+            continue
         if c.target not in same:
             if k in common:  # the factor several contributions share, computed once
                 factor, idx, users = common[k]
@@ -1720,6 +2018,20 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
         index_ranges=dict(spec.gathers),
         adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
     )
+
+
+def _stacked_size(dname: str) -> sp.Expr:
+    """The size of dimension ``dname``: ``"3*E"`` is three times E."""
+    factor, _, base = dname.partition("*")
+    if base and factor.isdigit():
+        return int(factor) * dim_symbol(base)
+    return dim_symbol(dname)
+
+
+def _affine_rank(const: sp.Expr, members: list) -> int:
+    """The place of slice start ``const`` among the members' starts (symbolic: by how many
+    starts it exceeds, a positive difference meaning larger)."""
+    return sum(1 for m in members if sp.simplify(const - m[0]).is_positive)
 
 
 def _fresh(text: str) -> bool:

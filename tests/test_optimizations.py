@@ -494,3 +494,129 @@ def test_scatter_gemm_values_in_product_order(rng):
     for x, y in zip(a, b):
         for u, w in zip(x, y):
             np.testing.assert_allclose(u, w, rtol=1e-12, atol=1e-13)
+
+
+# ---- products over adjacent slices of one array (OPTIMIZATIONS["stack_products"]) ---------------
+
+
+def _in_projection_products(text: str, function: str) -> list[str]:
+    """The statements of ``function`` that multiply by ``in_proj_weight``."""
+    body = text.split(f"\ndef {function}(", 1)[1].split("\ndef ", 1)[0]
+    return [
+        line.strip() for line in body.splitlines()
+        if not line.strip().startswith("#") and "in_proj_weight" in line.split(" = ", 1)[-1]
+        and ("np.einsum(" in line or " @ " in line)
+    ]
+
+
+def test_stack_products_in_projection():
+    """The q, k and v projections read adjacent slices of in_proj_weight with x in common: one
+    product over the whole weight (in the committed module too); the backward's dx and
+    din_proj_weight one product each with the stacked gradient; switched off, three each."""
+    d = derive(LAYERS["multi_head_self_attention"])
+    on, off = generate_source(d), generate_source(d, options={"stack_products": False})
+    committed = (Path(__file__).parent.parent / "generated" / "multi_head_self_attention.py").read_text()
+    assert len(_in_projection_products(committed, "forward")) == 1
+    forward = _in_projection_products(on, "forward")
+    assert len(forward) == 1 and "in_proj_weight[" not in forward[0]
+    assert len(_in_projection_products(off, "forward")) == 3
+    backward = _in_projection_products(on, "backward")
+    assert len(backward) == 1 and "in_proj_weight[" not in backward[0]  # dx
+    assert len([ln for ln in on.splitlines() if ln.strip().startswith("din_proj_weight = ")]) == 1
+    assert len(_in_projection_products(off, "backward")) == 3
+    assert "np.concatenate" not in on  # the adjoints were made in the stacked array
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_stack_products_switch(causal, dtype, rng):
+    d = derive(LAYERS["multi_head_self_attention"])
+    on = load_module(generate_source(d), "mha")
+    off = load_module(generate_source(d, options={"stack_products": False}), "mha")
+    N, T, E = 2, 5, 6
+    args = [rng.standard_normal((N, T, E)), rng.standard_normal((3 * E, E)),
+            rng.standard_normal(3 * E), rng.standard_normal((E, E)), rng.standard_normal(E)]
+    args = [a.astype(dtype) for a in args]
+    kwargs = {"num_heads": 3, "causal": causal}
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    res = [_run(m, args, kwargs, rng) for m in (on, off)]
+    for a, b in zip(*res):
+        for x, y in zip(a, b):
+            assert x.dtype == dtype
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol)
+    # against the independent NumPy implementation
+    np.testing.assert_allclose(
+        res[0][0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=rtol, atol=rtol
+    )
+
+
+def _stacked_pair():
+    """Two projections of x through the halves of one weight, combined elementwise: the
+    adjoints of the halves are made elementwise (not in a stacked array), so the backward
+    joins them before the merged products."""
+    import sympy as sp
+
+    from symdl.functions import Sum
+    from symdl.spec import Dim, Layer, indices, tensors
+
+    x, w, g, u, v, y = tensors("x w g u v y")
+    b, i, j = indices("b i j")
+    H = Dim("H")
+    return Layer(
+        "stacked_pair",
+        [
+            (v[b, j], Sum(x[b, i] * w[H + j, i], i)),
+            (u[b, j], Sum(x[b, i] * w[j, i], i)),
+            (y[b, j], u[b, j] * sp.tanh(v[b, j]) * g[j]),
+        ],
+        inputs="x",
+        params="w g",
+        shapes={"x": ("B", "I"), "w": ("2*H", "I"), "g": ("H",)},
+    )
+
+
+def test_stack_products_joins_adjoints(rng):
+    from symdl.testing import gradcheck
+
+    d = derive(_stacked_pair())
+    on_text = generate_source(d)
+    # one product over the whole weight forward, one for dx (and one for dw)
+    assert on_text.count("x @ w.T\n") == 1 and on_text.count(" @ w\n") == 1
+    code = on_text.split("def forward(")[1].split("def _float_arg")[0].splitlines()
+    assert not [ln for ln in code if "w[" in ln and not ln.strip().startswith("#")]
+    assert "np.concatenate((du, dv), axis=1)" in on_text  # ordered by slice, not equation
+    on = load_module(on_text, "stacked_pair")
+    off = load_module(generate_source(d, options={"stack_products": False}), "stacked_pair")
+    args = (rng.standard_normal((3, 4)), rng.standard_normal((10, 4)), rng.standard_normal(5))
+    for a, b in zip(*(_run(m, args, {}, rng) for m in (on, off))):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    x, w, g = args
+    u, v = x @ w[:5].T, x @ w[5:].T
+    np.testing.assert_allclose(on.forward(*args)[0], u * np.tanh(v) * g, rtol=1e-12)
+    result = gradcheck(on, list(args), {}, rng=rng, tol=1e-7)
+    assert result.ok, result
+
+
+def test_stack_products_needs_the_whole_axis():
+    """Slices that leave part of the axis out are not merged (the product would be larger)."""
+    from symdl.functions import Sum
+    from symdl.spec import Dim, Layer, indices, tensors
+
+    x, w, u, v, y = tensors("x w u v y")
+    b, i, j = indices("b i j")
+    H = Dim("H")
+    layer = Layer(
+        "partial_pair",
+        [
+            (u[b, j], Sum(x[b, i] * w[j, i], i)),
+            (v[b, j], Sum(x[b, i] * w[H + j, i], i)),
+            (y[b, j], u[b, j] * v[b, j]),
+        ],
+        inputs="x",
+        params="w",
+        shapes={"x": ("B", "I"), "w": ("3*H", "I"), "y": ("B", "H")},
+    )
+    text = generate_source(derive(layer))
+    assert "slices of one product" not in text
+    assert text.count("x @ w[") == 2
