@@ -264,6 +264,22 @@ class Chain:
             pending = neg
         else:  # operands and small groups only: one allocating binary operation first
             items.sort(key=lambda it: (it[0], it[2]))  # a positive big operand first
+            # the first operation must make a full-size buffer for the in-place ones after it:
+            # a pair of operands that together span the frame (x[n] * w[i] for y[i, n])
+            pair = next(
+                (
+                    (i, j)
+                    for i in range(len(items))
+                    for j in range(i + 1, len(items))
+                    if self.cover(items[i][1]) | self.cover(items[j][1]) >= self.full
+                ),
+                None,
+            )
+            if pair is None:  # no two operands span it: the plain expression
+                return self.fallback(node, dest)
+            items = [items[pair[0]], items[pair[1]]] + [
+                it for k, it in enumerate(items) if k not in pair
+            ]
             (na, a, sa), (nb, b, sb) = items[0], items[1]
             items = items[2:]
             ta, tb = self.operand_text(a, sa, add), self.operand_text(b, sb, add)

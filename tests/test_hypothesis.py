@@ -902,6 +902,14 @@ KNOWN_BAD_LAYERS = {
         inputs="x",
         consts="c, m",
     ),
+    # fused statements: the first in-place operation's buffer did not span the frame,
+    # (0.5 * b[:, None, None]) * w[:, None] then *= x: "non-broadcastable output operand"
+    "fused-product-of-small-operands": _layer(
+        "y[..., i, n] = 0.5 * x[n] * w[i] * b[...]", inputs="x", params="w, b"
+    ),
+    "fused-product-after-a-chain": _layer(
+        "h[i, n] = u[i] * x[i, n]; y[i, j, k, n] = x[i, j] * x[i, k] * h[j, n]", inputs="x, u"
+    ),
     # float32 in, float64 out: the value of an index, np.arange(J) * 0.5
     "float32-index-value": _layer("y[n, j] = x[n] * (j * 0.5 + 1) * c[j]", inputs="x", consts="c"),
 }
