@@ -710,6 +710,13 @@ def _build_spec(layer: Layer) -> Spec:
         by_dim.setdefault(index_dims[(scope, sym)], []).append((scope, t, p, coeff, others, const))
     derived: dict[str, sp.Expr] = {d: f for d, f in layer.dims.items()}
     bounds: list[tuple[str, sp.Expr]] = []
+    # a stacked dimension ("2*H") given by an argument whose base (H) no argument gives: the
+    # base is its quotient
+    for d in sorted(provided):
+        factor, _, base = d.partition("*")
+        if base and factor.isdigit() and base not in provided and base not in derived:
+            derived[base] = sp.floor(Dim(d) / int(factor))
+            provided = provided | {base}  # (_bind_shapes checks the multiple at run time)
     pending = [d for d in by_dim if d not in provided]
     known = set(provided)
     while pending:

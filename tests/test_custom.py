@@ -154,3 +154,28 @@ def test_long_product_derivative_grows_linearly():
 
     small, large = backward_size(64), backward_size(256)
     assert large < 6 * small, (small, large)  # quadratic growth would be 16x
+
+
+def test_stacked_dimension_alone_gives_its_base(rng):
+    """A weight of shape ("2*H", I) read as two halves w[j, i] and w[H + j, i], and no argument
+    with H itself: H is the stacked size over 2, and an odd stacked size is a named error."""
+    from symdl.functions import Sum
+    from symdl.spec import Dim, Layer, indices, tensors
+
+    x_, w_, y_ = tensors("x w y")
+    n, i, j = indices("n i j")
+    layer = Layer(
+        "halves",
+        [(y_[n, j], Sum(x_[n, i] * w_[j, i], i) * Sum(x_[n, i] * w_[Dim("H") + j, i], i))],
+        inputs="x",
+        params="w",
+        shapes={"x": ("N", "I"), "w": ("2*H", "I"), "y": ("N", "H")},
+    )
+    module = load_module(generate_source(derive(layer)), "halves")
+    x, w = rng.standard_normal((2, 3)), rng.standard_normal((6, 3))
+    out, _ = module.forward(x, w)
+    np.testing.assert_allclose(out, (x @ w[:3].T) * (x @ w[3:].T), rtol=1e-12)
+    result = gradcheck(module, [x, w], {}, rng=rng, tol=1e-6)
+    assert result.ok, str(result)
+    with pytest.raises(ValueError, match=r"'w'.*'2\*H' requires a multiple of 2, got 5"):
+        module.forward(x, rng.standard_normal((5, 3)))

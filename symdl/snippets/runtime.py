@@ -99,11 +99,16 @@ def _bind_shapes(arrays, shapes, sizes=None):
                 if base not in sizes and size % k == 0:
                     sizes[base] = size // k
                     source[base] = name
-                if sizes.get(base, -1) * k != size:
+                if base not in sizes:
+                    raise ValueError(
+                        f"{NAME}: argument {name!r} expected shape ({', '.join(dims)}), got "
+                        f"{shape}: dimension {dim!r} requires a multiple of {k}, got {size}"
+                    )
+                if sizes[base] * k != size:
                     raise ValueError(
                         f"{NAME}: argument {name!r} expected shape ({', '.join(dims)}), got "
                         f"{shape}: dimension {dim!r} requires {k} * {base} = "
-                        f"{k * sizes[base] if base in sizes else '?'}, got {size}"
+                        f"{k * sizes[base]}, got {size}"
                     )
     return sizes
 
