@@ -81,3 +81,32 @@ def save_curves(out: Path, name: str, curves: dict, xlabel: str, ylabel: str, ti
     ax.grid(alpha=0.3)
     ax.legend()
     return save_figure(fig, out, name)
+
+
+def train(
+    model, opt, data, *, epochs: int, batch: int, rng, augment=None
+) -> tuple[dict, Progress]:
+    """Minibatch training of a loss-returning ``model`` (``model(x, y)`` -> loss, then
+    ``model.backward()``) with optimizer ``opt`` over ``data = (x_train, y_train, x_test,
+    y_test)``; ``augment(x, rng)`` transforms each training batch. Returns the loss curves
+    (``label -> (xs, ys)``, for :func:`save_curves`) and the progress bar (for its time)."""
+    x_train, y_train, x_test, y_test = data
+    steps = (len(x_train) + batch - 1) // batch
+    bar = Progress(epochs * steps)
+    history = {"train loss": ([], []), "test loss": ([], [])}
+    for epoch in range(epochs):
+        order = rng.permutation(len(x_train))
+        for k in range(steps):
+            rows = order[k * batch : (k + 1) * batch]
+            xb = x_train[rows] if augment is None else augment(x_train[rows], rng)
+            loss = model(xb, y_train[rows])
+            opt.zero_grad()
+            model.backward()
+            opt.step()
+            step = epoch * steps + k + 1
+            history["train loss"][0].append(step / steps)
+            history["train loss"][1].append(float(loss))
+            bar.update(step, f"epoch {epoch + 1} loss {float(loss):.4f}")
+        history["test loss"][0].append(epoch + 1)
+        history["test loss"][1].append(float(model(x_test, y_test)))
+    return history, bar

@@ -65,23 +65,15 @@ def main():
         f"adam lr {args.lr}, batch {args.batch}, {args.epochs} epochs"
     )
 
-    steps = (len(x_train) + args.batch - 1) // args.batch
-    bar = _common.Progress(args.epochs * steps)
-    history = {"train loss": ([], []), "test loss": ([], [])}
-    for epoch in range(args.epochs):
-        order = rng.permutation(len(x_train))
-        for k in range(steps):
-            batch = order[k * args.batch : (k + 1) * args.batch]
-            loss = model(shift(x_train[batch], rng, background), y_train[batch])
-            opt.zero_grad()
-            model.backward()
-            opt.step()
-            step = epoch * steps + k + 1
-            history["train loss"][0].append(step / steps)
-            history["train loss"][1].append(float(loss))
-            bar.update(step, f"epoch {epoch + 1} loss {float(loss):.4f}")
-        history["test loss"][0].append(epoch + 1)
-        history["test loss"][1].append(float(model(x_test, y_test)))
+    history, bar = _common.train(
+        model,
+        opt,
+        (x_train, y_train, x_test, y_test),
+        epochs=args.epochs,
+        batch=args.batch,
+        rng=rng,
+        augment=lambda x, r: shift(x, r, background),
+    )
 
     test_acc = accuracy(model.logits(x_test), y_test)
     train_acc = accuracy(model.logits(x_train), y_train)

@@ -13,7 +13,7 @@ import types
 from pathlib import Path
 
 from . import __version__
-from .errors import SymdlError, UsageError
+from .errors import SymdlError, UsageError, unknown_name
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -55,10 +55,7 @@ def _select(names, optimizers=False):
         return list(layers.values())
     unknown = [n for n in names if n not in layers]
     if unknown:
-        raise SymdlError(
-            f"layer {unknown[0]!r} requires a catalogue name, got an unknown one; known: "
-            f"{', '.join(layers)}"
-        )
+        raise unknown_name("layer", unknown[0], layers, SymdlError)
     return [layers[n] for n in names]
 
 

@@ -21,6 +21,18 @@ class SymdlError(Exception):
         return err
 
 
+def unknown_name(kind: str, name: str, known, error=None) -> "SymdlError":
+    """The error for a catalogue lookup of ``name`` (a ``kind``: layer, sequence, optimizer)
+    that is not among ``known``, listing the known names."""
+    known = list(known)
+    return (error or SpecError)(
+        f"{kind} {name!r} requires a catalogue name, got an unknown one; known: "
+        f"{', '.join(known)}",
+        name=name,
+        known=known,
+    )
+
+
 class ParseError(SymdlError):
     """Equation text that is not a valid equation (with its position in the text)."""
 

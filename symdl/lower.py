@@ -125,6 +125,7 @@ class Lowerer:
         self.phase = _Phase()
         self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
         self.memo: dict[str, str] = {}  # contraction source -> the temporary holding it
+        self.dry = False  # building candidate texts only (pairwise): no statements emitted
         self.shapes: dict[str, tuple] = {}  # temporaries of a known shape (see symdl.fusion)
         self.fixed: dict = {}  # index -> its value inside a loop over kernel offsets
         self.argidx: dict[str, tuple] = {}  # arg-max mask -> (window indices): held as an index
@@ -495,12 +496,7 @@ class Lowerer:
             for v, idx in operands:
                 self._register(v)
             inner = self.reduction("sum", inner_body, inner_out, red, scope)
-            tmp = inner if inner.isidentifier() else self.memo.get(inner) if self.options["share"] else None
-            if tmp is None:
-                tmp = self.namer.temp()
-                self.emit(f"{tmp} = {inner}")
-                self.memo[inner] = tmp
-            self._register(tmp)
+            tmp = self.held(inner)
             outer = coeff * sp.Mul(*outer_rest) * sp.Mul(
                 *[sp.IndexedBase(v, real=True)[idx] for v, idx in outer_ops]
             )
@@ -576,13 +572,7 @@ class Lowerer:
             if pair is None:
                 break
             (va, ia), (vb, ib) = operands[pair[0]], operands[pair[1]]
-            text = f"{vb} * {self.align(va, ia, ib)}"
-            tmp = self.memo.get(text) if self.options["share"] else None
-            if tmp is None:
-                tmp = self.namer.temp()
-                self.emit(f"{tmp} = {text}")
-                self.memo[text] = tmp
-            self._register(tmp)
+            tmp = self.held(f"{vb} * {self.align(va, ia, ib)}")
             operands = [o for k, o in enumerate(operands) if k not in pair] + [(tmp, ib)]
         return operands
 
@@ -606,22 +596,32 @@ class Lowerer:
                         continue
                     kept = ordered(set(ia) | set(ib), frame)
                     kept = tuple(i for i in kept if i not in summed)
-                    text = self.contract([operands[a], operands[b]], kept, summed, scope)
+                    self.dry = True  # only a candidate: nothing may be emitted for it
+                    try:
+                        text = self.contract([operands[a], operands[b]], kept, summed, scope)
+                    finally:
+                        self.dry = False
                     key = (len(kept), text not in self.memo, a, b)
                     if best is None or key < best[0]:
                         best = (key, a, b, kept, text)
             if best is None:
                 break
             _, a, b, kept, text = best
-            tmp = self.memo.get(text) if self.options["share"] else None
-            if tmp is None:
-                tmp = self.namer.temp()
-                self.emit(f"{tmp} = {text}")
-                self.memo[text] = tmp
-            self._register(tmp)
+            tmp = self.held(text)
             operands = [o for k, o in enumerate(operands) if k not in (a, b)] + [(tmp, kept)]
             red = tuple(i for i in red if i in kept or any(i in ik for _, ik in operands))
         return operands, red
+
+    def held(self, text: str) -> str:
+        """A variable holding the value of ``text``: itself when it is a name, the temporary of
+        an identical computation made earlier (switch 'share'), or a new temporary."""
+        tmp = text if text.isidentifier() else self.memo.get(text) if self.options["share"] else None
+        if tmp is None:
+            tmp = self.namer.temp()
+            self.emit(f"{tmp} = {text}")
+            self.memo[text] = tmp
+        self._register(tmp)
+        return tmp
 
     def _register(self, var: str):
         """Let a lowering temporary stand as an operand in expressions."""
@@ -1571,7 +1571,8 @@ class Lowerer:
                 return f"{var}.reshape({cols}, {rows}).T"
             if idx[-1] in first:  # copied so that the stored last axis stays innermost
                 swap = [idx.index(i) for i in second + first]
-                return f"{var}.transpose({', '.join(map(str, swap))}).reshape({cols}, {rows}).T"
+                copy = f"{var}.transpose({', '.join(map(str, swap))}).reshape({cols}, {rows})"
+                return f"{self._copied(copy)}.T"
         text = var
         if perm != list(range(len(idx))):
             text = f"{var}.T" if len(idx) == 2 else f"{var}.transpose({', '.join(map(str, perm))})"
@@ -1583,7 +1584,16 @@ class Lowerer:
             text = f"{_paren(text, '.')}.reshape({', '.join(shape)})"
         if var in views:  # a window view: BLAS needs it copied into rows (im2col)
             text = f"np.ascontiguousarray({text})"
+        elif perm != list(range(len(idx))) and ".reshape(" in text:
+            return self._copied(text)
         return text
+
+    def _copied(self, text: str) -> str:
+        """A transposed copy of an operand (``a.transpose(...).reshape(...)``): made once and
+        shared by every product of the function that reads it (switch 'share')."""
+        if self.dry or not self.options["share"]:
+            return text
+        return self.held(text)
 
 
 class _TempSymbols:

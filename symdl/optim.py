@@ -29,7 +29,7 @@ from sympy.printing.precedence import PRECEDENCE
 
 from . import __version__
 from .cache import write_atomic
-from .errors import CodegenError, SpecError
+from .errors import CodegenError, SpecError, unknown_name
 from .printing import Namer, NumpyPrinter, equation_text
 
 #: Initial value of an array state (``np.zeros_like(param)``).
@@ -664,12 +664,7 @@ def get(name: str) -> Optimizer:
     """The catalogue optimizer ``name``; an unknown name is an error listing the known ones."""
     opts = catalogue()
     if name not in opts:
-        raise SpecError(
-            f"optimizer {name!r} requires a catalogue name, got an unknown one; known: "
-            f"{', '.join(opts)}",
-            name=name,
-            known=list(opts),
-        )
+        raise unknown_name("optimizer", name, opts)
     return opts[name]
 
 

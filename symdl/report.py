@@ -25,7 +25,7 @@ from markupsafe import Markup
 
 from . import __version__
 from .derive import Derivation, derive
-from .errors import SymdlError
+from .errors import SymdlError, unknown_name
 from .spec import Layer
 from .steps import (
     Printers,
@@ -63,10 +63,7 @@ def _derivations(names_or_layers) -> list[Derivation]:
         if isinstance(item, str):
             known = known if known is not None else catalogue()
             if item not in known:
-                raise SymdlError(
-                    f"layer {item!r} requires a catalogue name, got an unknown one; known: "
-                    f"{', '.join(known)}"
-                )
+                raise unknown_name("layer", item, known, SymdlError)
             item = known[item]
         out.append(item if isinstance(item, Derivation) else derive(item))
     return out

@@ -620,3 +620,19 @@ def test_stack_products_needs_the_whole_axis():
     text = generate_source(derive(layer))
     assert "slices of one product" not in text
     assert text.count("x @ w[") == 2
+
+
+@pytest.mark.parametrize("name", ["conv1d", "conv2d"])
+def test_transposed_copy_made_once(name, rng):
+    """The weight and input gradients both read dy as an (F, N*OH*OW) matrix: that transposed
+    copy is made once and shared (switch 'share'); without sharing each product makes its own."""
+    d = derive(LAYERS[name])
+    on, off = generate_source(d), generate_source(d, options={"share": False})
+    backward = lambda text: text.split("def backward")[1].split("\ndef _")[0]  # noqa: E731
+    assert backward(on).count("dy.transpose(") == 1
+    assert backward(off).count("dy.transpose(") == 2
+    args, kwargs = R.DOMAINS[name](rng)
+    a, b = (_run(load_module(t, name), args, kwargs, rng) for t in (on, off))
+    for x, y in zip(a, b):
+        for u, w in zip(x, y):
+            np.testing.assert_allclose(u, w, rtol=1e-10, atol=1e-12)

@@ -296,21 +296,7 @@ def test_custom_cell_scan_matches_torch(rng):
 def test_scan_general_roles():
     """Per-step inputs read both before and inside the loop, a parameter-only intermediate
     (computed once), several stacked outputs and a state that is not stacked."""
-    cell = parse_layer(
-        "mix_cell",
-        """
-        q[j] = exp(p[j])
-        n[b,j] = tanh(Sum(x[b,i]*w[j,i], i) + Sum(h[b,k]*u[j,k], k) + sigmoid(g[b,j]))
-        h1[b,j] = n[b,j] + g[b,j]*h[b,j]*q[j]
-        m1[b,j] = m[b,j]*n[b,j] + Sum(x[b,i]*v[j,i], i)
-        """,
-        inputs="x, g, h, m",
-        params="w, u, p, v",
-        outputs="h1, m1",
-    )
-    seq = scan_layer(
-        cell, "mix", per_step="x, g", state={"h": "h1", "m": "m1"}, outputs={"y": "h1", "z": "n"}
-    )
+    seq = _mix_seq()
     parts = seq.parts()
     assert parts.invariant == ("q",)
     assert "g" in parts.step.inputs and "g" in parts.hoisted.inputs

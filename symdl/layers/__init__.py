@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import SpecError
+from ..errors import SpecError, unknown_name
 from ..spec import Layer
 from . import activations, attention, convolution, dense, losses, normalization, recurrent
 
@@ -23,8 +23,5 @@ def catalogue() -> dict[str, Layer]:
 def get(name: str) -> Layer:
     layers = catalogue()
     if name not in layers:
-        raise SpecError(
-            f"layer {name!r} requires a catalogue name, got an unknown one; known: "
-            f"{', '.join(layers)}"
-        )
+        raise unknown_name("layer", name, layers)
     return layers[name]

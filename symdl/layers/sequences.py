@@ -9,7 +9,7 @@ over time. Everything else, gradients included, comes from :mod:`symdl.scan`.
 
 from __future__ import annotations
 
-from ..errors import SpecError
+from ..errors import unknown_name
 from ..scan import Sequence, scan_layer, sequence_source
 from .recurrent import LAYERS as _CELLS
 
@@ -53,10 +53,7 @@ def catalogue() -> dict[str, Sequence]:
 def get(name: str) -> Sequence:
     seqs = catalogue()
     if name not in seqs:
-        raise SpecError(
-            f"sequence {name!r} requires a catalogue name, got an unknown one; known: "
-            f"{', '.join(seqs)}"
-        )
+        raise unknown_name("sequence", name, seqs)
     return seqs[name]
 
 
