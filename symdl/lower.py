@@ -702,6 +702,8 @@ class Lowerer:
             and (self.options["grouped_matmul"] or any(v in matrices for v, _ in operands))
         ):
             mm = self.grouped_matmul(operands, out_kept, scope)
+        if mm is None and self.options["window_matvec"]:
+            mm = self.window_matvec(operands, out_kept)
         if mm is not None:
             return mm
         subs = ",".join("".join(letters[i] for i in idx) for _, idx in operands)
@@ -713,6 +715,35 @@ class Lowerer:
         blas = len(operands) == 2 and bool(shared - set(out_kept)) and not (shared & set(out_kept))
         opt = ", optimize=True" if len(operands) > 2 or blas else ""
         return f'np.einsum("{subs}", {ops}{opt})'
+
+    def window_matvec(self, operands: list, out: tuple) -> str | None:
+        """A stack of matrix-vector products whose matrices are a strided window (local
+        attention's band of keys ``k[n, i + w, d]`` times ``q[n, i, d]``): ``window @ x[...,
+        None]`` on the view itself, no copy (before: an einsum over the view, its loop two to
+        four times slower there). The other operand carries only the batch and the contracted
+        index."""
+        if len(operands) != 2:
+            return None
+        views = {v for v, _ in self.views.values()}
+        for (va, ia), (vb, ib) in (operands, operands[::-1]):
+            if va not in views or vb in views or len(set(ia)) != len(ia) or len(set(ib)) != len(ib):
+                continue
+            contracted = [i for i in ia if i in ib and i not in out]
+            rows = [i for i in ia if i not in ib]
+            batch = [i for i in out if i in ia and i in ib]
+            if len(contracted) != 1 or len(rows) != 1 or not batch or ELL in ia + ib:
+                continue
+            if set(ib) != set(batch + contracted) or set(out) != set(batch + rows):
+                continue
+            perm = [ia.index(i) for i in batch + rows + contracted]
+            left = va if perm == sorted(perm) else f"{va}.transpose({', '.join(map(str, perm))})"
+            right = self.align(vb, ib, tuple(batch + contracted))
+            text = f"({left} @ {_paren(right, '.')}[..., None])[..., 0]"
+            result = batch + rows
+            if result != list(out):
+                text += f".transpose({', '.join(str(result.index(i)) for i in out)})"
+            return text
+        return None
 
     # ---- programs ----------------------------------------------------------------------------
     def lower_assign(self, a: Assign, dead: frozenset = frozenset()):
@@ -1057,7 +1088,8 @@ class Lowerer:
         op = "=" if c.first else "+="
         comment = f"{_lhs_text(c.target, c.lhs)} {op} {equation_text(rhs)}"
         if self.needs_view(c.occurrence, c.scope):
-            self.scatter_affine(c, var, comment)
+            if not (self.options["gather_adjoint"] and self.gather_affine(c, var, comment)):
+                self.scatter_affine(c, var, comment)
             return
         if not c.is_gather:
             body_name = occurrence_name(c.body) if isinstance(c.body, (sp.Indexed, sp.Symbol)) else None
@@ -1257,6 +1289,164 @@ class Lowerer:
             self.emit(f"{var} = {self.v(c.target)} + {into}")
             self.alias.pop(var, None)
             self.owned.add(var)
+
+    def gather_affine(self, c: Contribution, var: str, comment: str) -> bool:
+        """The adjoint of a sliding read ``x[n, i + w + k, d]`` (one position the sum of two
+        indices with unit coefficients, every other a plain index) as a gather: with ``s`` the
+        position, ``dx[n, s, d] = Sum(A[n, s - w - k, w] * B[n, s - w - k, d], w)``, where A
+        is the product of the factors that read ``w`` (and of those over A's indices only),
+        B that of the rest, which reads ``i`` but not ``w``. A is computed once and copied
+        skewed (the band seen from ``s``: ``A[n, s - w - k, w]``, a small array), B is
+        zero-padded along ``i`` and read through a strided window, and one contraction over
+        the offsets gives the adjoint (before: one slice-add over the whole adjoint per
+        offset). Out-of-range positions read the zero padding. Returns False (nothing
+        emitted) when the contribution does not have that form."""
+        occ, scope = c.occurrence, c.scope
+        if not isinstance(occ, sp.Indexed) or c.target in self.regions or ELL in c.over:
+            return False
+        info = self.tensors[c.tensor]
+        pads = self.spec.pads.get(c.tensor, {})
+        slot, seen = None, set()
+        for p, ix in enumerate(occ.indices):
+            if is_index(ix):
+                if p in pads or self.spec.index_dims.get((scope, ix)) != info.dims[p] or ix in seen:
+                    return False
+                seen.add(ix)
+            elif isinstance(ix, sp.Indexed) or slot is not None:
+                return False
+            else:
+                slot = p
+        if slot is None:
+            return False
+        terms, const = affine_terms(occ.indices[slot])
+        syms = [sym for _, sym in terms]
+        if (
+            len(terms) != 2
+            or any(coeff != 1 for coeff, _ in terms)
+            or set(syms) & seen
+            or any(is_index(s) for s in const.free_symbols)
+        ):
+            return False
+        if any(occurrence_name(o) in self.argidx for o in occurrences(c.body, self.arrays)):
+            return False
+        factors = sp.Mul.make_args(c.body)
+        # the offset: an index the forward assignment sums over (a kernel offset) first
+        for w, i in sorted([syms, syms[::-1]], key=lambda pair: pair[0] in c.outs):
+            a_factors = [f for f in factors if w in free_indices(f)]
+            a_idx = set().union(*(free_indices(f) for f in a_factors))
+            b_factors = [f for f in factors if not free_indices(f) <= a_idx]
+            b_idx = set().union(*(free_indices(f) for f in b_factors))
+            if a_factors and i in b_idx and w not in b_idx:
+                break
+        else:
+            return False
+        a_factors = [f for f in factors if f not in b_factors]
+        # one stack of matrix-vector products: nothing summed besides the offsets (a
+        # convolution's dx, summed over channels too, keeps the scatter of one matrix
+        # product's values: faster there), every index of the adjoint in the window, the band
+        # over the window's indices only, and one index (the rows) the band does not carry
+        lhs_plain = [ix for ix in occ.indices if is_index(ix)]
+        rows = [ix for ix in lhs_plain if ix not in a_idx]
+        if c.reduce or not set(lhs_plain) <= b_idx or not a_idx <= set(lhs_plain) | {i, w}:
+            return False
+        if i not in a_idx:
+            rows.append(None)  # the adjoint's own position: the band does not vary along it
+        if not rows:
+            return False
+        # sizes: the offsets (W), the read's index (T) and the adjoint's axis (S, padded)
+        W = dim_symbol(self.spec.index_dims[(scope, w)])
+        T = dim_symbol(self.spec.index_dims[(scope, i)])
+        S = dim_symbol(info.dims[slot]) + 2 * pads.get(slot, 0)
+        lo, hi = sp.expand(W - 1 + const), sp.expand(S - T - const)
+        s_sym, j_sym = sp.Symbol("s", integer=True), sp.Symbol("j", integer=True)
+        while {s_sym, j_sym} & (set(c.over) | set(c.reduce)) or s_sym == j_sym:
+            s_sym = sp.Symbol(s_sym.name + "_", integer=True)
+            j_sym = sp.Symbol(j_sym.name + "_", integer=True)
+        names = {w: self.index_text(W, {}), i: self.index_text(T, {})}
+        size = {s_sym: self.index_text(sp.expand(S), {}), j_sym: names[w]}
+        first, last = self.index_text(lo, {}), self.index_text(hi, {})
+        band = sp.Mul(*a_factors).xreplace({i: s_sym - w - const})
+        shown = sp.Mul(*b_factors).xreplace({i: s_sym - w - const})
+        lhs = tuple(s_sym if p == slot else ix for p, ix in enumerate(occ.indices))
+        if comment:
+            self.emit(f"# {comment}")
+        self.emit(f"# as a gather over {w.name} (zero outside the band):")
+        self.emit(
+            f"#     {_lhs_text(c.target, lhs)} = "
+            f"{equation_text(_Sum(band * shown, (w,) + tuple(c.reduce)))}"
+        )
+
+        def made(factors):  # the product of ``factors`` as one array, axes in storage order
+            body = sp.Mul(*factors)
+            idx = self.storage_order(body, c.over)
+            text = self.full(self.elementwise(body, idx, scope), body, idx, scope)
+            return (text if text.isidentifier() else self.held(text)), idx
+
+        def padded(src, idx):  # zero-padded along i, lo before and hi after
+            widths = ", ".join(f"({first}, {last})" if ix == i else "(0, 0)" for ix in idx)
+            widths = f"({widths},)" if len(idx) == 1 else f"({widths})"
+            return self.held(f"np.pad({src}, {widths})")
+
+        def shape(idx):
+            parts = [size.get(ix) or self.dimvar(scope, ix) for ix in idx]
+            return f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+
+        # A[.., s, j] = A[.., s - W + 1 - k + j, W - 1 - j]: j = W - 1 - w runs the band the
+        # way the window below does
+        a_var, a_order = made(a_factors)
+        if i in a_order:
+            ap = padded(a_var, a_order)
+            base = [f"{names[w]} - 1 :" if ix == w else ":" for ix in a_order]
+            while base[-1] == ":":
+                base.pop()
+            strides = [
+                f"{ap}.strides[{a_order.index(i)}]" if ix == i
+                else f"{ap}.strides[{a_order.index(i)}] - {ap}.strides[{p}]" if ix == w
+                else f"{ap}.strides[{p}]"
+                for p, ix in enumerate(a_order)
+            ]
+            a_idx_new = tuple(s_sym if ix == i else j_sym if ix == w else ix for ix in a_order)
+            a_text = self.held(
+                f"np.ascontiguousarray(np.lib.stride_tricks.as_strided({ap}[{', '.join(base)}], "
+                f"shape={shape(a_idx_new)}, strides=({', '.join(strides)}), writeable=False))"
+            )
+        else:
+            flip = ", ".join("::-1" if ix == w else ":" for ix in a_order[: a_order.index(w) + 1])
+            a_idx_new = tuple(j_sym if ix == w else ix for ix in a_order)
+            a_text = self.held(f"{a_var}[{flip}]")
+        # B[.., s, .., j] = B[.., s - W + 1 - k + j, ..]: a window of the padded B
+        b_var, b_order = made(b_factors)
+        bp = padded(b_var, b_order)
+        b_idx_new = tuple(s_sym if ix == i else ix for ix in b_order) + (j_sym,)
+        strides = [f"{bp}.strides[{p}]" for p in range(len(b_order))]
+        strides.append(f"{bp}.strides[{b_order.index(i)}]")
+        b_text = self.namer.temp()
+        self.emit(
+            f"{b_text} = np.lib.stride_tricks.as_strided({bp}, shape={shape(b_idx_new)}, "
+            f"strides=({', '.join(strides)}), writeable=False)"
+        )
+        self._register(b_text)
+        # the rows: the last index of the adjoint the band lacks; the others a batch
+        row = s_sym if rows[-1] is None else rows[-1]
+        result = [ix for ix in lhs if ix != row] + [row]
+        perm = [b_idx_new.index(ix) for ix in result + [j_sym]]
+        left = b_text if perm == sorted(perm) else f"{b_text}.transpose({', '.join(map(str, perm))})"
+        right = self.align(a_text, a_idx_new, tuple(result[:-1]) + (j_sym,))
+        text = f"({left} @ {_paren(right, '.')}[..., None])[..., 0]"
+        if result != list(lhs):
+            text += f".transpose({', '.join(str(result.index(ix)) for ix in lhs)})"
+        self.flags["dtype"] = True
+        own = not c.first and var in self.owned and var not in self.alias
+        if c.first:
+            self.emit(f"{var} = {text}")
+            self.owned.add(var)
+        elif own:
+            self.emit(f"{var} += {text}")
+        else:
+            self.emit(f"{var} = {self.v(c.target)} + {_paren(text, '+')}")
+            self.alias.pop(var, None)
+            self.owned.add(var)
+        return True
 
     def zeros_in(self, tensor: str, positions: list, loop: list, layout: tuple | None) -> str:
         """A zero array for ``tensor``'s adjoint; with ``layout`` (the order of the values it
@@ -1849,6 +2039,11 @@ OPTIMIZATIONS = {
     "scatter_gemm": True,
     "running_max": True,  # a Max over kernel offsets as a running maximum, arg-max as an index
     "offset_scatter": True,  # adjoints of window reads: offsets outermost, values per offset
+    # the adjoint of a sliding read x[n, i + w, d] as a gather over the offsets: a skewed copy
+    # of the band's factor and a window of the zero-padded other factor, one contraction
+    "gather_adjoint": True,
+    # a stack of matrix-vector products whose matrices are a strided window: matmul on the view
+    "window_matvec": True,
     "pairwise": True,  # sums over 3+ operands as a chain of shared two-operand contractions
     "same_adjoint": True,  # an adjoint built by the very same contributions as another: reused
     "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else

@@ -89,9 +89,15 @@ WINDOW_SWITCHES = {
     "grouped_matmul": ["conv1d", "conv2d", "additive_attention", "multi_head_self_attention"],
     "window_matrix": ["conv1d", "conv2d"],
     "scatter_gemm": ["conv1d", "conv2d", "multi_head_self_attention"],
+    "gather_adjoint": ["local_attention"],
+    "window_matvec": ["local_attention"],
 }
-# switches whose products would otherwise already be grouped ones: off while testing these
-UNDER = {"grouped_matmul": {"window_matrix": False, "scatter_gemm": False}}
+# switches whose products would otherwise already be grouped ones (or whose scatters would be
+# gathers): off while testing these
+UNDER = {
+    "grouped_matmul": {"window_matrix": False, "scatter_gemm": False},
+    "offset_scatter": {"gather_adjoint": False},
+}
 
 
 @pytest.mark.parametrize(
@@ -636,3 +642,75 @@ def test_transposed_copy_made_once(name, rng):
     for x, y in zip(a, b):
         for u, w in zip(x, y):
             np.testing.assert_allclose(u, w, rtol=1e-10, atol=1e-12)
+
+
+# ---- adjoints of sliding reads as gathers (OPTIMIZATIONS["gather_adjoint"]) ------------------
+
+
+@pytest.mark.parametrize("window, T", [(0, 5), (1, 6), (3, 5), (6, 4)])
+def test_gather_adjoint_switch(window, T):
+    """local_attention's dk and dv (adjoints of the band reads k[n, i + w, d], v[n, i + w, f])
+    as one contraction over the offsets of a skewed copy of the band and a window of the
+    zero-padded other factor; off, a slice-add per offset. Same numbers (float64, windows
+    wider than the sequence included, non-contiguous inputs)."""
+    d = derive(LAYERS["local_attention"])
+    on, off = generate_source(d), generate_source(d, options={"gather_adjoint": False})
+    back_on = on[on.index("def backward(") :].split("\ndef _float_arg")[0]
+    back_off = off[off.index("def backward(") :].split("\ndef _float_arg")[0]
+    assert "for w in range(W)" not in back_on and back_on.count("np.ascontiguousarray(") == 2
+    assert back_off.count("for w in range(W)") == 2
+    rng = np.random.default_rng(11)
+    q, k, v = (rng.standard_normal((2, T, 6))[:, :, ::2] for _ in range(3))
+    dy = rng.standard_normal((2, T, 3))
+    fast, plain = load_module(on, "local_attention"), load_module(off, "local_attention")
+    (y1, c1), (y2, c2) = (m.forward(q, k, v, window=window) for m in (fast, plain))
+    np.testing.assert_allclose(y1, y2, rtol=1e-12, atol=1e-14)
+    for g1, g2 in zip(fast.backward(dy, c1), plain.backward(dy, c2)):
+        np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-14)
+    # against an independent dense computation: position i attends to |i - j| <= window
+    dense = _dense_local_attention(q, k, v, window)
+    np.testing.assert_allclose(y1, dense, rtol=1e-12, atol=1e-14)
+
+
+def _dense_local_attention(q, k, v, window):
+    """Dense masked softmax attention in plain NumPy (O(T^2))."""
+    T = q.shape[1]
+    s = np.einsum("nid,njd->nij", q, k) / np.sqrt(q.shape[2])
+    allowed = np.abs(np.arange(T)[:, None] - np.arange(T)[None, :]) <= window
+    s = np.where(allowed, s, -np.inf)
+    p = np.exp(s - s.max(axis=2, keepdims=True))
+    p /= p.sum(axis=2, keepdims=True)
+    return np.einsum("nij,njf->nif", p, v)
+
+
+def test_gather_adjoint_in_a_depthwise_correlation(rng):
+    """The band factor need not read the position: y[n, c, i] = Sum(w[c, p] * x[n, c, i + p], p)
+    gives dx[n, c, s] = Sum(w[c, p] * dy[n, c, s - p], p) (the kernel reversed, a window of
+    the padded dy); a correlation summed over channels too keeps the scatter. Gradients
+    checked in float64 and against the plain scatter."""
+    from symdl.functions import Sum
+    from symdl.spec import Layer, indices, tensors
+    from symdl.testing import gradcheck
+
+    x, w, y = tensors("x w y")
+    n, c, f, i, p = indices("n c f i p")
+    shapes = {"x": ("N", "C", "L"), "w": ("C", "K")}
+    depthwise = Layer("dw", [(y[n, c, i], Sum(w[c, p] * x[n, c, i + p], p))], inputs="x",
+                      params="w", shapes=shapes)
+    full = Layer("cw", [(y[n, f, i], Sum(w[f, c, p] * x[n, c, i + p], (c, p)))], inputs="x",
+                 params="w", shapes={"x": ("N", "C", "L"), "w": ("F", "C", "K")})
+    d = derive(depthwise)
+    on, off = generate_source(d), generate_source(d, options={"gather_adjoint": False})
+    assert "as a gather over p" in on and "for p in range(K)" not in on
+    assert "for p in range(K)" in off
+    assert generate_source(derive(full)) == generate_source(
+        derive(full), options={"gather_adjoint": False}
+    )
+    fast, plain = load_module(on, "dw"), load_module(off, "dw")
+    xs, ws = rng.standard_normal((2, 3, 9)), rng.standard_normal((3, 4))
+    assert gradcheck(fast, (xs, ws), {}, rng=rng).ok
+    (y1, c1), (y2, c2) = fast.forward(xs, ws), plain.forward(xs, ws)
+    np.testing.assert_array_equal(y1, y2)
+    dy = rng.standard_normal(y1.shape)
+    for g1, g2 in zip(fast.backward(dy, c1), plain.backward(dy, c2)):
+        np.testing.assert_allclose(g1, g2, rtol=1e-12, atol=1e-14)
