@@ -426,6 +426,8 @@ class Lowerer:
         terms read is final)."""
         grads = {a for a in d.grads.values() if a}
         bw = list(d.backward)
+        if len(bw) > _MERGE_LIMIT:  # (a long chain of layers' worth of statements: as they are)
+            return bw
 
         def dims(c, ixs):
             return [self.spec.index_dims.get((c.scope, ix)) for ix in ixs]
@@ -445,7 +447,9 @@ class Lowerer:
             changed = False
             for k, c1 in enumerate(bw):
                 name = c1.target
-                if name in grads or name in keep or not simple(c1):
+                if name in grads or name in keep or not c1.first or _ops(c1.body) > _MERGE_LIMIT:
+                    continue
+                if not simple(c1):
                     continue
                 if sum(c.target == name for c in bw) != 1:
                     continue
@@ -468,12 +472,14 @@ class Lowerer:
         out = []
         for k, c in enumerate(bw):
             group = [b for b in bw if b.target == c.target]
-            if len(group) < 2 or not all(
+            if len(group) < 2 or sum(_ops(b.body) for b in group) > 4 * _MERGE_LIMIT or not all(
                 simple(b) and b.lhs == c.lhs and dims(b, b.lhs) == dims(c, c.lhs) for b in group
             ):
                 out.append(c)
             elif c is group[-1]:
-                out.append(dataclasses.replace(c, body=_factored([b.body for b in group], c.lhs), first=True))
+                # (an output's adjoint holds the incoming gradient before its first contribution)
+                body = _factored([b.body for b in group], c.lhs)
+                out.append(dataclasses.replace(c, body=body, first=group[0].first))
         return out
 
     def emit_chain(self, statement: Statement, comment: str | None = None):
@@ -1893,6 +1899,15 @@ def _matmul(operands, out):
     if tuple(fa + fb) == tuple(out):
         return f"{left(va, ia, fa)} @ {right(vb, ib, fb)}"
     return f"{left(vb, ib, fb)} @ {right(va, ia, fa)}"
+
+
+#: merge_terms leaves backward programs of more contributions than this as they are, and
+#: substitutes adjoints of at most this many operations (sums of up to 4x that)
+_MERGE_LIMIT = 32
+
+
+def _ops(expr) -> int:
+    return sp.count_ops(expr)
 
 
 def _factored(terms: list, frame: tuple) -> sp.Expr:
