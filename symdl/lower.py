@@ -457,6 +457,8 @@ class Lowerer:
                 if len(users) != 1 or users[0] <= k or not simple(bw[users[0]]):
                     continue
                 c2 = bw[users[0]]
+                if _ops(c2.body) > _MERGE_LIMIT:
+                    continue
                 occs = [o for o in sp.preorder_traversal(c2.body) if o in set(reads(c2, name))]
                 if len(occs) != 1 or not all(is_index(ix) for ix in occurrence_indices(occs[0])):
                     continue
@@ -1902,12 +1904,19 @@ def _matmul(operands, out):
 
 
 #: merge_terms leaves backward programs of more contributions than this as they are, and
-#: substitutes adjoints of at most this many operations (sums of up to 4x that)
+#: substitutes adjoints of at most this many operations into bodies of at most this many
+#: (sums of up to 4x that)
 _MERGE_LIMIT = 32
 
 
 def _ops(expr) -> int:
-    return sp.count_ops(expr)
+    """The number of operations in ``expr``, counted up to the limit at most."""
+    n = 0
+    for node in sp.preorder_traversal(expr):
+        n += bool(node.args)
+        if n > 4 * _MERGE_LIMIT:
+            break
+    return n
 
 
 def _factored(terms: list, frame: tuple) -> sp.Expr:
