@@ -122,6 +122,7 @@ class Lowerer:
         self.helpers: set[str] = set()
         self.flags = {"dtype": False}
         self.options = {**OPTIMIZATIONS, **(options or {})}
+        self.flags["erf_scale"] = self.options["erf_scale"]
         self.phase = _Phase()
         self.alias: dict[str, str] = {}  # an adjoint that is another array under a new name
         self.memo: dict[str, str] = {}  # contraction source -> the temporary holding it
@@ -415,6 +416,73 @@ class Lowerer:
                 integers.add(s)
         shape = tuple(self.spec.index_dims.get((scope, ix)) for ix in frame)
         return Chain(printer, names, covers, frame, self.namer.temp, self.memo, integers, shape)
+
+    def merged_terms(self, d: Derivation, keep=()) -> list:
+        """The backward contributions with the elementwise ones combined: an adjoint made by one
+        elementwise contribution and read by one later elementwise contribution, once, is
+        substituted there (no array of its own); then the elementwise contributions to one
+        adjoint over one frame are one sum, its common factors taken out (``dy*a + dy*b`` as
+        ``dy*(a + b)``, numbers included), placed at the last of them (where every array the
+        terms read is final)."""
+        grads = {a for a in d.grads.values() if a}
+        bw = list(d.backward)
+        if len(bw) > _MERGE_LIMIT:  # (a long chain of layers' worth of statements: as they are)
+            return bw
+
+        def dims(c, ixs):
+            return [self.spec.index_dims.get((c.scope, ix)) for ix in ixs]
+
+        def simple(c) -> bool:
+            if c.is_gather or c.reduce or self.needs_view(c.occurrence, c.scope):
+                return False
+            if not set(free_indices(c.body)) <= set(c.lhs):
+                return False
+            return not any(self.needs_view(o, c.scope) for o in occurrences(c.body, self.arrays))
+
+        def reads(c, name):
+            return [o for o in occurrences(c.body, self.arrays) if occurrence_name(o) == name]
+
+        changed = True
+        while changed:  # substitute single-use elementwise adjoints
+            changed = False
+            for k, c1 in enumerate(bw):
+                name = c1.target
+                if name in grads or name in keep or not c1.first or _ops(c1.body) > _MERGE_LIMIT:
+                    continue
+                if not simple(c1):
+                    continue
+                if sum(c.target == name for c in bw) != 1:
+                    continue
+                users = [j for j, c in enumerate(bw) if reads(c, name)]
+                if len(users) != 1 or users[0] <= k or not simple(bw[users[0]]):
+                    continue
+                c2 = bw[users[0]]
+                if _ops(c2.body) > _MERGE_LIMIT:
+                    continue
+                occs = [o for o in sp.preorder_traversal(c2.body) if o in set(reads(c2, name))]
+                if len(occs) != 1 or not all(is_index(ix) for ix in occurrence_indices(occs[0])):
+                    continue
+                rename = dict(zip(c1.lhs, occurrence_indices(occs[0])))
+                if dims(c1, list(rename)) != dims(c2, list(rename.values())):
+                    continue
+                body = c1.body.xreplace(rename)
+                bw[users[0]] = dataclasses.replace(c2, body=c2.body.xreplace({occs[0]: body}))
+                del bw[k]
+                changed = True
+                break
+        # one sum per adjoint of its elementwise contributions over one frame
+        out = []
+        for k, c in enumerate(bw):
+            group = [b for b in bw if b.target == c.target]
+            if len(group) < 2 or sum(_ops(b.body) for b in group) > 4 * _MERGE_LIMIT or not all(
+                simple(b) and b.lhs == c.lhs and dims(b, b.lhs) == dims(c, c.lhs) for b in group
+            ):
+                out.append(c)
+            elif c is group[-1]:
+                # (an output's adjoint holds the incoming gradient before its first contribution)
+                body = _factored([b.body for b in group], c.lhs)
+                out.append(dataclasses.replace(c, body=body, first=group[0].first))
+        return out
 
     def emit_chain(self, statement: Statement, comment: str | None = None):
         self.emit(statement.default, comment, statement)
@@ -1145,7 +1213,13 @@ class Lowerer:
             where = self.var[occurrence_name(first)]
         else:
             where = f"({', '.join(self.gather_index(c.lhs, frame, c.scope))})"
-        self.emit(f"np.add.at({into}, {where}, {text})", comment)
+        if self.options["injective_scatter"] and set(frame) <= {i for i in c.lhs if is_index(i)}:
+            # every point of the frame has an index of its own in the target (a row's class,
+            # target[n] of row n): no two values meet, so a plain indexed add serves
+            op, text = ("-=", text[1:]) if text.startswith("-") and text[1:].isidentifier() else ("+=", text)
+            self.emit(f"{into}[{where[1:-1] if where.startswith('(') else where}] {op} {text}", comment)
+        else:
+            self.emit(f"np.add.at({into}, {where}, {text})", comment)
         if not c.first and not own:
             self.emit(f"{var} = {self.v(c.target)} + {into}")
             self.alias.pop(var, None)
@@ -2019,6 +2093,43 @@ def _matmul(operands, out):
     return f"{left(vb, ib, fb)} @ {right(va, ia, fa)}"
 
 
+#: merge_terms leaves backward programs of more contributions than this as they are, and
+#: substitutes adjoints of at most this many operations into bodies of at most this many
+#: (sums of up to 4x that)
+_MERGE_LIMIT = 32
+
+
+def _ops(expr) -> int:
+    """The number of operations in ``expr``, counted up to the limit at most."""
+    n = 0
+    for node in sp.preorder_traversal(expr):
+        n += bool(node.args)
+        if n > 4 * _MERGE_LIMIT:
+            break
+    return n
+
+
+def _factored(terms: list, frame: tuple) -> sp.Expr:
+    """The sum of ``terms`` with the factors every term shares that span the whole ``frame``
+    (full-size arrays) and the terms' common rational factor taken out: ``dy*a/2 + dy*b/2`` as
+    ``dy*(a + b)/2``. (Smaller shared factors stay: a fused statement applies them with the
+    other small operands at no extra pass.)"""
+    full = set(frame)
+    args = [sp.Mul.make_args(t) for t in terms]
+    common = []
+    for f in args[0]:
+        if full and set(free_indices(f)) >= full and all(f in a for a in args[1:]):
+            common.append(f)
+    rest = []
+    for a in args:
+        a = list(a)
+        for f in common:
+            a.remove(f)
+        rest.append(sp.Mul(*a))
+    content, rest = sp.Add(*rest).primitive()
+    return sp.Mul(content, *common, rest)
+
+
 #: Each lowering optimization (on by default unless marked off); ``lower(d, {"matmul": False, ...})`` switches one
 #: off, so the tests can compare the fast path with the plain one.
 OPTIMIZATIONS = {
@@ -2049,6 +2160,13 @@ OPTIMIZATIONS = {
     "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
     "common_factor": True,  # a product several contributions of one assignment share, once
     "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
+    "erf_scale": True,  # erf(c*x) as _erf(x, c): the helper scales block by block
+    # elementwise contributions to one adjoint as one sum with its common factors taken out,
+    # an adjoint read once by another elementwise contribution substituted there
+    "merge_terms": True,
+    # a scatter-add whose every value has a target element of its own (the frame's indices all
+    # index the target: logits[n, target[n]]) as a fancy-indexed ``a[i, j] += v``, not np.add.at
+    "injective_scatter": True,
     # sums of products reading adjacent slices w[k*E + c, i] of one array along a kept axis,
     # the other operands the same (the q, k, v projections): one product over the whole array
     # (one GEMM), each member a slice of it
@@ -2100,6 +2218,9 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     lw.memo = {}
     lw.owned = set()
     lw.flags["dtype"] = False
+    if lw.options["merge_terms"] and lw.options["fuse"]:  # (sums that fused statements apply)
+        d = dataclasses.replace(d, backward=lw.merged_terms(d, keep))
+        lw.d = d
     defined: set[str] = set()
     same = _same_adjoints(d) if lw.options["same_adjoint"] else {}
     shared_body: dict[int, sp.Expr] = {}

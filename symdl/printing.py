@@ -147,7 +147,12 @@ class NumpyPrinter(_SympyNumPyPrinter):
 
     def _print_erf(self, expr):
         self.helpers.add("_erf")
-        return f"_erf({self._print(expr.args[0])})"
+        arg = expr.args[0]
+        coeff, rest = arg.as_coeff_Mul()
+        if self.flags.get("erf_scale") and coeff.is_Number and coeff != 1 and not rest.is_Number:
+            # erf(c*x): the helper scales block by block (no full-size c*x array)
+            return f"_erf({self._print(rest)}, {self._print(sp.Float(coeff))})"
+        return f"_erf({self._print(arg)})"
 
     def _print_Abs(self, expr):
         return f"np.abs({self._print(expr.args[0])})"

@@ -1,8 +1,9 @@
 import numpy as np
 
 
-def _erf(x):
-    """Vectorized error function erf(x), NumPy only.
+def _erf(x, scale=1.0):
+    """Vectorized error function erf(scale * x), NumPy only (``scale`` applied block by
+    block: no full-size temporary for the scaled argument).
 
     Port of the rational approximations of the FreeBSD / Sun fdlibm
     ``s_erf.c`` (accurate to < 1 ulp in double precision), evaluated
@@ -213,5 +214,8 @@ def _erf(x):
     y = np.empty(xf.shape, dtype=out_dtype)
     step = 1 << 16
     for k in range(0, xf.size, step):
-        y[k : k + step] = erf_block(xf[k : k + step].astype(work, copy=False))
+        block = xf[k : k + step].astype(work, copy=False)
+        if scale != 1.0:
+            block = scale * block
+        y[k : k + step] = erf_block(block)
     return y.reshape(x.shape)
