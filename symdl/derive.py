@@ -425,19 +425,23 @@ def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
         or any(occurrence_name(o) == e and o != occ for o in occurrences(a.expr, d.tensors))
     ):
         return None
-    # the inverse: e as a product/quotient of y and the other operands (no function)
-    E, Y = sp.Dummy("e"), sp.Dummy("y")
-    try:
-        sols = sp.solve(sp.Eq(Y, a.expr.xreplace({occ: E})), E, dict=False)
-    except (NotImplementedError, TypeError, ValueError):
+    # the inverse of y = A * e + B (A, B free of e and e inside no function): (y - B) / A
+    E = sp.Dummy("e")
+    body = a.expr.xreplace({occ: E})
+    inside = body.atoms(sp.Function, sp.Piecewise) | {
+        p for p in body.atoms(sp.Pow) if not p.exp.is_integer
+    }
+    if any(node.has(E) for node in inside):
         return None
-    if len(sols) != 1 or sols[0].atoms(sp.Function, sp.Piecewise) or sols[0].has(E):
-        return None
-    # no new division (y = o * t gives t = y / o, not finite where o underflows to 0)
-    if any(p.exp.is_negative and occurrences(p.base, d.tensors) for p in sols[0].atoms(sp.Pow)):
+    slope = sp.diff(body, E)
+    rest = sp.expand(body - slope * E)
+    if slope.has(E) or slope == 0 or rest.has(E):
         return None
     y = _indexed(a.target, a.indices)
-    inverse = sols[0].xreplace({Y: y})
+    inverse = (y - rest) / slope
+    # no new division (y = o * t gives t = y / o, not finite where o underflows to 0)
+    if any(p.exp.is_negative and occurrences(p.base, d.tensors) for p in inverse.atoms(sp.Pow)):
+        return None
     if not inverse.has(y) or not free_indices(inverse) <= set(a.indices):
         return None
     others = {occurrence_name(o) for o in occurrences(inverse, d.tensors)} - {a.target}
@@ -543,7 +547,7 @@ def _scale_adjoints(d: Derivation, backward: list, tensors: set, keep) -> tuple[
                 trial = _scaled(backward, name, idx, q, taken)
                 if best is None or ops(trial) < best[0]:
                     best = (ops(trial), name, idx, q, trial)
-        if best is None or best[0] >= ops(backward):
+        if best is None or best[0] > ops(backward):  # (a tie may open a later gain)
             return backward, scaled
         _, name, idx, q, trial = best
         new = _scaled_name(name, q, backward, taken)
