@@ -136,15 +136,28 @@ def _einsum_operand_counts(text):
     ]
 
 
-@pytest.mark.parametrize("name", ["local_attention", "scaled_dot_product_attention", "bilinear"])
+# attention with the normalization inside the contraction: o = Sum(e / z * v, t)
+FUSED_ATTENTION = (
+    "s[n, l, t] = Sum(q[n, l, d]*k[n, t, d], d)\ne[n, l, t] = exp(s[n, l, t])\n"
+    "z[n, l] = Sum(e[n, l, t], t)\no[n, l, f] = Sum(e[n, l, t]/z[n, l]*v[n, t, f], t)"
+)
+
+
+@pytest.mark.parametrize("name", ["fused_attention", "bilinear"])
 def test_pairwise_contractions(name, rng):
     """Sums over three operands become two-operand contractions (sharing one computed earlier
     where there is one); with the switch off, a three-operand einsum is left."""
-    d = derive(LAYERS[name])
+    from symdl.parse import parse_layer
+
+    if name == "bilinear":
+        d = derive(LAYERS[name])
+        args, kwargs = R.DOMAINS[name](rng)
+    else:
+        d = derive(parse_layer(name, FUSED_ATTENTION, inputs="q k v"))
+        args, kwargs = tuple(rng.standard_normal((2, 5, 3)) for _ in range(3)), {}
     on, off = generate_source(d), generate_source(d, options={"pairwise": False})
     three = [_einsum_operand_counts(t).count(3) for t in (on, off)]
     assert three[0] < three[1], three  # (bilinear's dweight keeps one: n is in every operand)
-    args, kwargs = R.DOMAINS[name](rng)
     a, b = (_run(load_module(t, name), args, kwargs, rng) for t in (on, off))
     for x, y in zip(a, b):
         for u, w in zip(x, y):
