@@ -655,6 +655,7 @@ def test_transposed_copy_made_once(name, rng):
     "name, text, cached",
     [
         ("softmax", None, ("y",)),
+        ("scaled_dot_product_attention", None, ("q", "k", "v", "keep", "z", "p")),
         # a weighted normalization: e = y * w * s, no function in the inverse
         (
             "wnorm",
@@ -665,8 +666,9 @@ def test_transposed_copy_made_once(name, rng):
 )
 def test_output_reuse_switch(name, text, cached, rng):
     """With the switch on, the backward of y = e / s reads y alone (e through y * s, the
-    adjoints of e and s held scaled by s); off, it reads e and s. The same numbers, and no
-    argument or incoming gradient is modified."""
+    adjoints of e and s held scaled by s); off, it reads e and s (attention: p = e / zs, and
+    z for the mask of empty rows). The same numbers, and no argument or incoming gradient is
+    modified."""
     from symdl.parse import parse_layer
 
     layer = LAYERS[name] if text is None else parse_layer(name, text, inputs="x", params="w")
