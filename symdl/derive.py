@@ -79,6 +79,9 @@ class Derivation:
     grads: dict[str, str | None]  # argument -> adjoint name (None: gradient is zero)
     cached: tuple[str, ...]  # forward tensors the backward reads
     needs_grad: frozenset[str]
+    # adjoints held scaled (see reuse_outputs): name -> (adjoint, factor, the factor's indices
+    # as those of the adjoint's left side); name[I] stands for factor[I] * adjoint[I]
+    scaled: dict = dataclasses.field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -390,6 +393,195 @@ def _derive(spec: Spec) -> Derivation:
         cached=cached,
         needs_grad=frozenset(needs),
     )
+
+
+def reuse_outputs(d: Derivation, keep=()) -> Derivation:
+    """The backward through a later forward value ``y = f(e, ...)`` instead of ``e``, where
+    ``f`` is invertible in ``e`` without a function (``y = e / s`` gives ``e = y * s``).
+
+    Every read of ``e`` in the backward becomes that inverse; where the inverse's other
+    factors then multiply an adjoint at each of its uses, the adjoint is held scaled by them
+    (``de_s = s * de``), so they cancel. The result is kept only if the backward no longer
+    reads ``e``, reads no more (or larger) forward tensors than before, and takes no more
+    operations: for a softmax, ``dx = y * (dy - Sum(dy * y))`` from ``y`` alone instead of
+    from ``e`` and ``s``. ``keep``: adjoints the caller reads, never held scaled."""
+    for a in d.forward:
+        for occ in occurrences(a.expr, d.tensors):
+            found = _output_reuse(d, a, occ, keep)
+            if found is not None:
+                d = found
+    return d
+
+
+def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
+    spec = d.spec
+    e = occurrence_name(occ)
+    if (
+        a.op != "map"
+        or not isinstance(occ, sp.Indexed)
+        or tuple(occ.indices) != tuple(a.indices)
+        or e not in d.cached
+        or e in set(spec.outputs) | set(spec.keep) | set(spec.args) | set(spec.consts)
+        or any(occurrence_name(o) == e and o != occ for o in occurrences(a.expr, d.tensors))
+    ):
+        return None
+    # the inverse of y = A * e + B (A, B free of e and e inside no function): (y - B) / A
+    E = sp.Dummy("e")
+    body = a.expr.xreplace({occ: E})
+    inside = body.atoms(sp.Function, sp.Piecewise) | {
+        p for p in body.atoms(sp.Pow) if not p.exp.is_integer
+    }
+    if any(node.has(E) for node in inside):
+        return None
+    slope = sp.diff(body, E)
+    rest = sp.expand(body - slope * E)
+    if slope.has(E) or slope == 0 or rest.has(E):
+        return None
+    y = _indexed(a.target, a.indices)
+    inverse = (y - rest) / slope
+    # no new division (y = o * t gives t = y / o, not finite where o underflows to 0)
+    if any(p.exp.is_negative and occurrences(p.base, d.tensors) for p in inverse.atoms(sp.Pow)):
+        return None
+    if not inverse.has(y) or not free_indices(inverse) <= set(a.indices):
+        return None
+    others = {occurrence_name(o) for o in occurrences(inverse, d.tensors)} - {a.target}
+
+    # every read of e (at plain indices) through the inverse
+    def substitute(expr):
+        reads = [o for o in occurrences(expr, d.tensors) if occurrence_name(o) == e]
+        for o in reads:
+            if not isinstance(o, sp.Indexed) or len(plain_indices(o)) != len(o.indices):
+                raise _NoReuse
+        return expr.xreplace({o: inverse.xreplace(dict(zip(a.indices, o.indices))) for o in reads})
+
+    try:
+        backward = [
+            dataclasses.replace(c, body=substitute(c.body), partial=substitute(c.partial))
+            for c in d.backward
+        ]
+    except _NoReuse:
+        return None
+    backward, scaled = _scale_adjoints(d, backward, others, keep)
+    new = dataclasses.replace(d, backward=backward, scaled={**d.scaled, **scaled})
+    new = dataclasses.replace(new, cached=_cached(new))
+
+    def size(der):
+        return sorted((d.tensors[t].rank for t in der.cached), reverse=True)
+
+    def ops(cs):
+        return sum(sp.count_ops(c.body) for c in cs)
+
+    if e in new.cached or size(new) > size(d) or ops(backward) > ops(d.backward):
+        return None
+    return new
+
+
+class _NoReuse(Exception):
+    pass
+
+
+def _cached(d: Derivation) -> tuple[str, ...]:
+    """The forward tensors the backward of ``d`` reads (with those the layer keeps)."""
+    referenced = set(d.spec.keep)
+    for c in d.backward:
+        referenced |= {occurrence_name(o) for o in occurrences(c.body, d.tensors)}
+        referenced |= {occurrence_name(ix) for ix in c.lhs if isinstance(ix, sp.Indexed)}
+    spec = d.spec
+    order = list(spec.args) + list(spec.consts) + [a.target for a in d.forward]
+    return tuple(t for t in order if t in referenced)
+
+
+def _scale_adjoints(d: Derivation, backward: list, tensors: set, keep) -> tuple[list, dict]:
+    """Adjoints held scaled by a factor (of the forward ``tensors``) that multiplies each of
+    their uses: the factor moves into their contributions, while that lowers the count of
+    operations. Returns the new contributions and the scaled names."""
+    fixed = set(d.grads.values()) | {d.adjoints[o] for o in d.spec.outputs} | set(keep)
+    scaled: dict = {}
+    names = set(d.adjoints.values())
+    taken = set(d.tensors) | names | set(d.spec.hyper) | set(d.spec.dims) | set(d.scaled)
+
+    def ops(cs):
+        return sum(sp.count_ops(c.body) for c in cs)
+
+    def uses(cs, name):
+        return [(k, o) for k, c in enumerate(cs) for o in occurrences(c.body, {name})]
+
+    while True:
+        best = None
+        for name in sorted({c.target for c in backward} - fixed):
+            made = [c for c in backward if c.target == name]
+            idx = made[0].lhs
+            if any(c.lhs != idx or c.is_gather for c in made) or not all(map(is_index, idx)):
+                continue
+            used = uses(backward, name)
+            if not used or len({k for k, _ in used}) != len(used):
+                continue
+            candidates = None
+            for k, o in used:
+                body = backward[k].body
+                if not isinstance(o, sp.Indexed) or len(set(o.indices)) != len(o.indices):
+                    candidates = set()
+                    break
+                if (
+                    not all(map(is_index, o.indices))
+                    or body.count(o) != 1
+                    or o not in sp.Mul.make_args(body)
+                ):
+                    candidates = set()
+                    break
+                back = dict(zip(o.indices, idx))
+                here = set()
+                for f in sp.Mul.make_args(body):
+                    reads = occurrences(f, d.tensors)
+                    if (
+                        f == o
+                        or not reads
+                        or occurrences(f, names | set(scaled))
+                        or any(occurrence_name(r) not in tensors for r in reads)
+                        or not free_indices(f) <= set(o.indices)
+                    ):
+                        continue
+                    here.add(f.xreplace(back))
+                candidates = here if candidates is None else candidates & here
+            for q in sorted(candidates or (), key=sp.default_sort_key):
+                trial = _scaled(backward, name, idx, q, taken)
+                if best is None or ops(trial) < best[0]:
+                    best = (ops(trial), name, idx, q, trial)
+        if best is None or best[0] > ops(backward):  # (a tie may open a later gain)
+            return backward, scaled
+        _, name, idx, q, trial = best
+        new = _scaled_name(name, q, backward, taken)
+        scaled[new] = (name, q, idx)
+        backward = trial
+        names.add(new)
+        fixed.add(new)
+
+
+def _scaled_name(name: str, q, backward, taken) -> str:
+    """``de_s`` for the adjoint ``de`` scaled by ``s[n]`` (or ``s[n]**2``)."""
+    reads = occurrences(q, {str(b.label) for b in q.atoms(sp.IndexedBase)})
+    base = f"{name}_{occurrence_name(reads[0])}" if len(reads) == 1 else f"{name}_scaled"
+    taken = {c.target for c in backward} | taken
+    while base in taken:
+        base = "_" + base
+    return base
+
+
+def _scaled(backward: list, name: str, idx: tuple, q, taken) -> list:
+    """``backward`` with adjoint ``name`` held as ``q * name`` under a new name: ``q`` times
+    each contribution to it, and each use (a product with the factor ``q``) without it."""
+    new = _scaled_name(name, q, backward, taken)
+    out = []
+    for c in backward:
+        body = c.body
+        for o in occurrences(body, {name}):
+            back = dict(zip(idx, o.indices))
+            body = body.xreplace({o: _indexed(new, tuple(o.indices))}) / q.xreplace(back)
+        if c.target == name:
+            body = body * q.xreplace(dict(zip(idx, c.lhs)))
+            c = dataclasses.replace(c, target=new)
+        out.append(dataclasses.replace(c, body=body))
+    return out
 
 
 def backward_reads(d: Derivation) -> set[tuple[str, int]]:

@@ -24,10 +24,17 @@ _SHORT_GREEK = {"eps": r"\epsilon", "lam": r"\lambda"}
 class SymdlLatexPrinter(LatexPrinter):
     """LaTeX with readable tensor names: ``\\mathrm{weight}_{o,i}``, Greek hyperparameters."""
 
-    def __init__(self, adjoints: dict | None = None, style: str = "partial", **settings):
+    def __init__(
+        self,
+        adjoints: dict | None = None,
+        style: str = "partial",
+        scaled: dict | None = None,
+        **settings,
+    ):
         super().__init__(settings)
         self.adjoint_of = {v: k for k, v in (adjoints or {}).items()}
         self.style = style
+        self.scaled = scaled or {}  # an adjoint held scaled: written as factor times adjoint
 
     def _name(self, name: str) -> str:
         if name in _SHORT_GREEK:
@@ -60,8 +67,17 @@ class SymdlLatexPrinter(LatexPrinter):
         return f"{head}_{{{idx}}}"
 
     def _print_Indexed(self, expr):
+        if str(expr.base.label) in self.scaled:
+            return rf"\left({self.scaled_text(expr)}\right)"
         idx = ",".join(self._print(i) for i in expr.indices)
         return self._tensor(str(expr.base.label), idx)
+
+    def scaled_text(self, expr):
+        """The scaled adjoint ``de_s[n, c]`` as its factor times the adjoint:
+        ``s_{n} \\frac{\\partial L}{\\partial e_{n,c}}``."""
+        adj, factor, idx = self.scaled[str(expr.base.label)]
+        f = factor.xreplace(dict(zip(idx, expr.indices)))
+        return f"{self._print(f)} {self._print(sp.IndexedBase(adj)[expr.indices])}"
 
     def _print_Symbol(self, expr, style="plain"):
         if expr.name == "...":
@@ -78,11 +94,14 @@ class SymdlLatexPrinter(LatexPrinter):
 
 def latex(expr, derivation: Derivation | None = None, style: str = "partial") -> str:
     adj = derivation.adjoints if derivation is not None else None
-    return SymdlLatexPrinter(adj, style).doprint(expr)
+    scaled = derivation.scaled if derivation is not None else None
+    return SymdlLatexPrinter(adj, style, scaled).doprint(expr)
 
 
 def _lhs(name, idx, derivation, style):
-    p = SymdlLatexPrinter(derivation.adjoints, style)
+    p = SymdlLatexPrinter(derivation.adjoints, style, derivation.scaled)
+    if name in derivation.scaled:
+        return p.scaled_text(sp.IndexedBase(name)[idx])
     if not idx:
         return p._tensor(name, "")
     return p._tensor(name, ",".join(p._print(i) for i in idx))
@@ -168,6 +187,9 @@ def forward_text(derivation: Derivation) -> list[str]:
 
 def backward_text(derivation: Derivation) -> list[str]:
     out = []
+    for name, (adj, factor, idx) in derivation.scaled.items():
+        held = equation_text(factor * sp.IndexedBase(adj, real=True)[idx])
+        out.append(f"({_lhs_text(name, idx)} stands for {held}, an adjoint held scaled)")
     for c in derivation.backward:
         body = equation_text(c.body)
         if c.reduce:

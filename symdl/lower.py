@@ -21,7 +21,7 @@ import string
 
 import sympy as sp
 
-from .derive import Contribution, Derivation, backward_reads
+from .derive import Contribution, Derivation, backward_reads, reuse_outputs
 from .errors import LowerError
 from .fusion import Chain, Statement, finish
 from .printing import Namer, NumpyPrinter, equation_text
@@ -110,6 +110,10 @@ class Lowerer:
                 self.var[n] = self.namer.claim(n)
         for n, adj in derivation.adjoints.items():
             self.var[adj] = self.namer.claim(adj)
+        for name, (adj, _, _) in derivation.scaled.items():  # an adjoint held scaled
+            self.var[name] = self.namer.claim(name)
+            self.arrays.add(name)
+            self.adjoint_of[name] = self.adjoint_of[adj]
         self.dim_vars: dict[str, str] = {}
         for dname in self.spec.dims:
             if dname in self.spec.hyper_dims:  # a range given by a hyperparameter: its variable
@@ -2171,6 +2175,10 @@ OPTIMIZATIONS = {
     # the other operands the same (the q, k, v projections): one product over the whole array
     # (one GEMM), each member a slice of it
     "stack_products": True,
+    # the backward through a later forward value y = f(e, ...) invertible in e without a
+    # function (softmax: e = y * s), adjoints held scaled so the other factors cancel
+    # (symdl.derive.reuse_outputs): dx = y * (dy - Sum(dy * y)) caches y alone
+    "output_reuse": True,
 }
 
 
@@ -2192,6 +2200,8 @@ def lower(derivation: Derivation, options: dict | None = None, keep=()) -> Lower
 
 def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     spec = d.spec
+    if {**OPTIMIZATIONS, **(options or {})}["output_reuse"]:
+        d = reuse_outputs(d, keep)
     lw = Lowerer(d, options)
 
     # forward

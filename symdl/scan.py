@@ -693,6 +693,7 @@ class _Part:
         self.layer = layer
         self.derivation = derivation
         self.lowered = lower(self.derivation, options, keep=keep)  # keep: adjoints read after
+        self.derivation = self.lowered.derivation  # (as lowered: see symdl.derive.reuse_outputs)
         self.prefix = prefix
         low = self.lowered
         self.arg_vars = [a.var for a in low.args]

@@ -12,7 +12,7 @@ import sympy as sp
 from ..functions import Max, Sum, stop_gradient
 from ..spec import Dim, Layer, indices, scalar, tensors
 
-q, k, v, mask, s, keep, sm, m, e, z, zs, o = tensors("q k v mask s keep sm m e z zs o")
+q, k, v, mask, s, keep, sm, m, e, z, zs, p, o = tensors("q k v mask s keep sm m e z zs p o")
 x, wi, bi, wo, bo, qp, kp, vp, a, y = tensors(
     "x in_proj_weight in_proj_bias out_proj_weight out_proj_bias qp kp vp a y"
 )
@@ -31,8 +31,8 @@ NEG = sp.Float(-1e30)
 
 
 def masked_softmax_weights(scores, allowed, rows, col):
-    """Equations for e (unnormalised weights) and zs (their safe row sums) of a masked softmax
-    over the index ``col``; ``scores`` and ``allowed`` are indexed tensors."""
+    """Equations for e (unnormalised weights), zs (their safe row sums) and p (the weights) of
+    a masked softmax over the index ``col``; ``scores`` and ``allowed`` are indexed tensors."""
     sm_, m_, e_, z_, zs_ = (tsr[rows + (col,)] for tsr in (sm, m, e, z, zs))
     del m_, z_, zs_
     return [
@@ -41,6 +41,7 @@ def masked_softmax_weights(scores, allowed, rows, col):
         (e[rows + (col,)], sp.Piecewise((sp.exp(sm_ - m[rows]), allowed > 0), (0, True))),
         (z[rows], Sum(e_, col)),
         (zs[rows], sp.Piecewise((z[rows], z[rows] > 0), (1, True))),
+        (p[rows + (col,)], e_ / zs[rows]),
     ]
 
 
@@ -50,7 +51,7 @@ SDPA = Layer(
         (s[n, l, t], Sum(q[n, l, d] * k[n, t, d], d) * scale),
         (keep[l, t], sp.Piecewise((0, sp.And(causal > 0, t > l)), (mask[l, t], True))),
         *masked_softmax_weights(s[n, l, t], keep[l, t], (n, l), t),
-        (o[n, l, f], Sum(e[n, l, t] / zs[n, l] * v[n, t, f], t)),
+        (o[n, l, f], Sum(p[n, l, t] * v[n, t, f], t)),
     ],
     inputs="q k v",
     consts="mask",
@@ -71,7 +72,7 @@ MHA = Layer(
         (s[n, h, l, t], Sum(qp[n, l, h * D + d] * kp[n, t, h * D + d], d) / sp.sqrt(D)),
         (keep[l, t], sp.Piecewise((0, sp.And(causal > 0, t > l)), (1, True))),
         *masked_softmax_weights(s[n, h, l, t], keep[l, t], (n, h, l), t),
-        (a[n, l, h, f], Sum(e[n, h, l, t] / zs[n, h, l] * vp[n, t, h * D + f], t)),
+        (a[n, l, h, f], Sum(p[n, h, l, t] * vp[n, t, h * D + f], t)),
         (y[n, l, c], Sum(a[n, l, h, f] * wo[c, h * D + f], (h, f)) + bo[c]),
     ],
     inputs="x",
@@ -99,7 +100,7 @@ LOCAL = Layer(
         (s[n, i, w], Sum(q[n, i, d] * k[n, i + w, d], d) * scale),
         (keep[i, w], sp.Piecewise((1, sp.And(i + w >= window, i + w < T + window)), (0, True))),
         *masked_softmax_weights(s[n, i, w], keep[i, w], (n, i), w),
-        (o[n, i, f], Sum(e[n, i, w] / zs[n, i] * v[n, i + w, f], w)),
+        (o[n, i, f], Sum(p[n, i, w] * v[n, i + w, f], w)),
     ],
     inputs="q k v",
     hyper={"window": int, "scale": 1 / sp.sqrt(Dim("E"))},
@@ -121,7 +122,8 @@ ADDITIVE = Layer(
         (m[n], stop_gradient(Max(sc[n, t], t))),
         (e[n, t], sp.exp(sc[n, t] - m[n])),
         (z[n], Sum(e[n, t], t)),
-        (ctx[n, d], Sum(e[n, t] / z[n] * keys[n, t, d], t)),
+        (p[n, t], e[n, t] / z[n]),
+        (ctx[n, d], Sum(p[n, t] * keys[n, t, d], t)),
     ],
     inputs="query keys",
     params="w_query w_keys v",
