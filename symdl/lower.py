@@ -136,6 +136,7 @@ class Lowerer:
         self.reads_back: set = set()  # (occurrence, scope) the backward reads
         self.in_forward = True
         self.view_occ: dict = {}  # strided view variable -> (its occurrence, its key)
+        self.splits: set[str] = set()  # views that split an axis into blocks (split_view)
         self.matrix_base: dict[str, str] = {}  # window matrix -> the tensor it reads
         # products over adjacent slices of one array, computed as one (see stacked_products):
         # target -> (group key, position of the slice's axis in the result, start, stop);
@@ -235,6 +236,15 @@ class Lowerer:
         name = occurrence_name(occ)
         var = self.v(name)
         syms = plain_indices(occ)
+        split = self.split_view(occ, scope, var) if self.options["split_reshape"] else None
+        if split is not None:
+            text, syms = split
+            tmp = self.namer.temp()
+            self.emit(f"{tmp} = {text}", f"{equation_text(occ)} with its blocks as an axis, no copy")
+            self._register(tmp)
+            self.splits.add(tmp)
+            self.views[key] = (tmp, syms)
+            return tmp, syms
         basic = self.basic_slice(occ, scope, var) if self.options["views"] else None
         if basic is not None:
             self.views[key] = (basic, syms)
@@ -268,6 +278,62 @@ class Lowerer:
         self.views[key] = (tmp, syms)
         self.view_occ[tmp] = (occ, key)
         return tmp, syms
+
+    def split_terms(self, ix, scope: int):
+        """The symbols of a position ``h*D + f`` that numbers blocks (``h``) of a range
+        (``f`` over D) one after another, outermost first, and the extent they cover; None
+        for any other position (a constant offset, strides other than the inner extents)."""
+        if not is_affine(ix) or isinstance(ix, sp.Indexed):
+            return None
+        terms, const = affine_terms(ix)
+        if len(terms) < 2 or const != 0:
+            return None
+        remaining, order, stride = list(terms), [], sp.S.One
+        while remaining:
+            nxt = next((t for t in remaining if sp.expand(t[0] - stride) == 0), None)
+            if nxt is None:
+                return None
+            remaining.remove(nxt)
+            order.append(nxt[1])
+            stride = stride * dim_symbol(self.spec.index_dims[(scope, nxt[1])])
+        return tuple(reversed(order)), stride
+
+    def split_view(self, occ, scope: int, var: str):
+        """``w[c, h*D + f]`` as ``w.reshape(E, num_heads, D)`` (axes c, h, f): a position that
+        numbers blocks one after another is the split of its axis, a view in the blocks' own
+        order (before: a strided view with the block axis last, which products copy). Every
+        other position must be a plain index over the whole axis; else None."""
+        info = self.tensors.get(occurrence_name(occ))
+        if info is None or self.spec.pads.get(info.name):
+            return None
+        slices, shape, syms = [], [], []
+        split = False
+        for p, ix in enumerate(occ.indices):
+            if is_index(ix):
+                if self.spec.index_dims.get((scope, ix)) != info.dims[p] or ix in syms:
+                    return None
+                slices.append(":")
+                shape.append(self.dimvar(scope, ix))
+                syms.append(ix)
+                continue
+            found = self.split_terms(ix, scope)
+            if found is None:
+                return None
+            order, extent = found
+            if any(s in syms for s in order):
+                return None
+            whole = sp.expand(extent - _stacked_size(info.dims[p])) == 0
+            stop = " * ".join(self.dimvar(scope, s) for s in order)
+            slices.append(":" if whole else f":{stop}")
+            shape += [self.dimvar(scope, s) for s in order]
+            syms += order
+            split = True
+        if not split:
+            return None
+        while slices and slices[-1] == ":":
+            slices.pop()
+        base = f"{var}[{', '.join(slices)}]" if slices else var
+        return f"{_paren(base, '.')}.reshape({', '.join(shape)})", tuple(syms)
 
     def basic_slice(self, occ, scope: int, var: str) -> str | None:
         """``gi[:, H:2 * H]`` for a window that is a plain slice: each position holds at most
@@ -693,13 +759,16 @@ class Lowerer:
         out_kept = tuple(i for i in out if any(i in idx for _, idx in operands))
         mm = _matmul(operands, out_kept) if self.options["matmul"] else None
         if mm is None and self.options["batched_matmul"]:
-            views = {v for v, _ in self.views.values()}
+            views = {v for v, _ in self.views.values()} - self.splits
             mm = _batched_matmul(operands, out_kept, views)
         matrices = {v for v, _ in self.matrices.values()}
         if (
             mm is None
             and scope is not None
-            and (self.options["grouped_matmul"] or any(v in matrices for v, _ in operands))
+            and (
+                self.options["grouped_matmul"]
+                or any(v in matrices or v in self.splits for v, _ in operands)
+            )
         ):
             mm = self.grouped_matmul(operands, out_kept, scope)
         if mm is not None:
@@ -1136,6 +1205,8 @@ class Lowerer:
         """The adjoint of a strided read: values over the occurrence's symbols, added into the
         (padded) array through strided slices, looping over kernel offsets only."""
         occ = c.occurrence
+        if self.options["split_reshape"] and self.scatter_split(c, var, comment):
+            return
         frame = plain_indices(occ)
         red = tuple(i for i in c.over if i not in frame)
         positions = list(occ.indices)
@@ -1257,6 +1328,45 @@ class Lowerer:
             self.emit(f"{var} = {self.v(c.target)} + {into}")
             self.alias.pop(var, None)
             self.owned.add(var)
+
+    def scatter_split(self, c: Contribution, var: str, comment: str) -> bool:
+        """The adjoint of a read ``w[c, h*D + f]`` (see split_view): the values over
+        ``(c, h, f)`` added at once into the split of the adjoint's axis (before: one slice-add
+        per block). False when the read is no such split."""
+        occ = c.occurrence
+        probe = self.split_view(occ, c.scope, "_")
+        if probe is None:
+            return False
+        _, frame = probe
+        red = tuple(i for i in c.over if i not in frame)
+        if red:
+            text = self.reduction("sum", c.body, frame, red, c.scope)
+        else:
+            text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
+        if text in self.memo and self.options["share"]:
+            text = self.memo[text]
+        own = not c.first and var in self.owned and var not in self.alias
+        into = var if (c.first or own) else self.namer.temp()
+        self.flags["dtype"] = True
+        if c.first and c.target in self.regions:  # a slice of a stacked buffer (zeros)
+            self.emit(f"{into} = {self.region(c.target)}")
+            key = self.regions[c.target]
+            group = self.stacked_groups[key]
+            self.made[into] = (group["buffer"], group["regions"].index(c.target))
+        elif c.first or not own:
+            self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
+        self.owned.add(into)
+        target, _ = self.split_view(occ, c.scope, into)
+        # a split is a view of any array (copy=False: never a silent copy)
+        target = target[:-1] + ", copy=False)"
+        blocks = self.namer.temp()
+        self.emit(f"{blocks} = {target}", comment)
+        self.emit(f"{blocks} += {text}")
+        if not c.first and into != var:
+            self.emit(f"{var} = {self.v(c.target)} + {into}")
+            self.alias.pop(var, None)
+            self.owned.add(var)
+        return True
 
     def zeros_in(self, tensor: str, positions: list, loop: list, layout: tuple | None) -> str:
         """A zero array for ``tensor``'s adjoint; with ``layout`` (the order of the values it
@@ -1523,7 +1633,7 @@ class Lowerer:
         if not contracted or any(i not in out and not (i in ia and i in ib) for i in ia + ib):
             return None
         batch = [i for i in out if i in ia and i in ib]
-        views = {v for v, _ in self.views.values()}
+        views = {v for v, _ in self.views.values()} - self.splits
         matrices = {v for v, _ in self.matrices.values()}
         # a window copied into a matrix keeps its stored order: its groups follow it
         stored = next((idx for v, idx in operands if v in matrices), None)
@@ -1858,6 +1968,9 @@ OPTIMIZATIONS = {
     # the other operands the same (the q, k, v projections): one product over the whole array
     # (one GEMM), each member a slice of it
     "stack_products": True,
+    # a position h*D + f numbering blocks one after another as a reshape of its axis (heads):
+    # products over (h, f) are one GEMM, the adjoint one add with no loop over the blocks
+    "split_reshape": True,
 }
 
 
@@ -1902,6 +2015,7 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     lw.in_forward = False
     lw.views = {}
     lw.view_occ = {}
+    lw.splits = set()
     lw.memo = {}
     lw.owned = set()
     lw.flags["dtype"] = False
