@@ -445,7 +445,7 @@ class Lowerer:
             stride = stride * dim_symbol(self.spec.index_dims[(scope, nxt[1])])
         return tuple(reversed(order)), stride
 
-    def split_view(self, occ, scope: int, var: str):
+    def split_view(self, occ, scope: int, var: str, write: bool = False):
         """``w[c, h*D + f]`` as ``w.reshape(E, num_heads, D)`` (axes c, h, f): a position that
         numbers blocks one after another is the split of its axis, a view in the blocks' own
         order (before: a strided view with the block axis last, which products copy). Every
@@ -480,6 +480,9 @@ class Lowerer:
         while slices and slices[-1] == ":":
             slices.pop()
         base = f"{var}[{', '.join(slices)}]" if slices else var
+        if write:  # a view to write through, never a copy (see symdl/snippets/runtime.py)
+            self.helpers.add("_blocks")
+            return f"_blocks({base}, {', '.join(shape)})", tuple(syms)
         return f"{_paren(base, '.')}.reshape({', '.join(shape)})", tuple(syms)
 
     def basic_slice(self, occ, scope: int, var: str) -> str | None:
@@ -1538,9 +1541,7 @@ class Lowerer:
         elif c.first or not own:
             self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
         self.owned.add(into)
-        target, _ = self.split_view(occ, c.scope, into)
-        # a split is a view of any array (copy=False: never a silent copy)
-        target = target[:-1] + ", copy=False)"
+        target, _ = self.split_view(occ, c.scope, into, write=True)
         blocks = self.namer.temp()
         self.emit(f"{blocks} = {target}", comment)
         written = _written_into(text, blocks) if c.first and into == var else None
