@@ -293,6 +293,8 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
             extra = "" if value == 0 else f", constant_values={value_text}"
             pre.append(f"{a.var} = np.pad({a.var}, ({', '.join(pairs)}){extra})")
     for c in optional_bound:
+        if c.name in lowered.deferred:
+            continue  # filled by the statement that reads it, when it runs
         fill = repr(float(spec.optional[c.name]))
         shape = _shape_expr(c.dims, dv)
         pre.append(f"if {c.var} is None:\n    {c.var} = np.full({shape}, {fill}, dtype=dtype)")

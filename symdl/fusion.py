@@ -441,18 +441,46 @@ def finish(lines: list, protected: set, shapes: dict | None = None):
     """Render each chain statement of one function, writing into a dead buffer where one
     serves. ``protected``: names whose arrays outlive the function (cache, outputs, returns);
     ``shapes``: the shape of other float temporaries (as dimension names), which may serve as
-    spare buffers too."""
-    known = dict(shapes or {})  # temporaries assigned once
-    shapes = {}  # chain results (a name may be rebound)
-    fresh: set[str] = set()
-    # per statement: the names it mentions, and the name it binds without reading it
-    facts = [[_facts(stmt) for stmt in line.code.split("\n")] for line in lines]
+    spare buffers too. A line with ``branches`` (an if/else block) runs one of them: each is
+    rendered with the statements after the block as its future, and what both leave fresh
+    stays fresh."""
+    state = {"fresh": set(), "shapes": {}}  # chain results' shapes (a name may be rebound)
+    _finish(lines, [], protected, dict(shapes or {}), state)
+
+
+def _line_facts(line) -> list:
+    """Per statement: the names it mentions, and the name it binds without reading it (a
+    block's bindings are no certain rebinding: the other branch may not make them)."""
+    branches = getattr(line, "branches", None)
+    if branches:
+        return [(names, None) for lines in branches for ln in lines for names, _ in _line_facts(ln)]
+    return [_facts(stmt) for stmt in line.code.split("\n")]
+
+
+def _finish(lines: list, after: list, protected: set, known: dict, state: dict):
+    fresh, shapes = state["fresh"], state["shapes"]
+    facts = [_line_facts(line) for line in lines]
     for k, line in enumerate(lines):
+        later = facts[k + 1 :] + after
+        branches = getattr(line, "branches", None)
+        if branches:
+            outcomes = []
+            for branch in branches:
+                inner = {"fresh": set(fresh), "shapes": dict(shapes)}
+                _finish(branch, later, protected, known, inner)
+                outcomes.append(inner)
+            a, b = outcomes
+            fresh.clear()
+            fresh |= a["fresh"] & b["fresh"]
+            shapes.clear()
+            shapes.update({n: v for n, v in a["shapes"].items() if b["shapes"].get(n) == v})
+            line.render_block()
+            continue
         chain = getattr(line, "chain", None)
         if chain is not None:
             reusable = {
                 n for n in chain.candidates
-                if n in fresh and n not in protected and (n == chain.dest or _dead(n, facts[k + 1 :]))
+                if n in fresh and n not in protected and (n == chain.dest or _dead(n, later))
             }
             mentioned = set().union(*[names for names, _ in facts[k]])
             spares = []
@@ -460,24 +488,36 @@ def finish(lines: list, protected: set, shapes: dict | None = None):
                 spares = [
                     n for n in sorted(fresh - reusable)
                     if shapes.get(n, known.get(n)) == chain.shape and n not in mentioned
-                    and n not in protected and _dead(n, facts[k + 1 :])
+                    and n not in protected and _dead(n, later)
                 ]
             line.code, is_fresh = chain.render(reusable, spares)
             shapes[chain.dest] = chain.shape
-        for stmt in line.code.split("\n"):
-            stmt = stmt.strip()
+        stmts = [stmt.strip() for stmt in line.code.split("\n")]
+        for j, stmt in enumerate(stmts):
             m = _ASSIGN.match(stmt)
-            if m:
-                fresh.discard(m.group(1))
-                if chain is None:  # no longer a chain's result
-                    shapes.pop(m.group(1), None)
-                if chain is None and not _maybe_view(m.group(2)):  # a computed array
-                    fresh.add(m.group(1))
+            if not m:
+                continue
+            dest, src = m.group(1), m.group(2).strip()
+            # a new name for a fresh array no later statement reads under its old name: the
+            # array stays fresh under the new one (s = t3; sm = s)
+            moved = (
+                chain is None and src != dest and _NAME.fullmatch(src) is not None
+                and src in fresh and src not in protected
+                and _dead(src, [[_facts(s) for s in stmts[j + 1 :]]] + later)
+            )
+            fresh.discard(dest)
+            if chain is None:  # no longer a chain's result
+                shapes.pop(dest, None)
+            if chain is None and not _maybe_view(m.group(2)):  # a computed array
+                fresh.add(dest)
             # an array viewed under another name may not be overwritten
-            if m:
-                for n in list(fresh):
-                    if re.search(rf"\b{n}\b", m.group(2)) and _maybe_view(m.group(2), n):
-                        fresh.discard(n)
+            for n in list(fresh):
+                if re.search(rf"\b{n}\b", m.group(2)) and _maybe_view(m.group(2), n):
+                    fresh.discard(n)
+            if moved:
+                fresh.add(dest)
+                if src in shapes:
+                    shapes[dest] = shapes[src]
         if chain is not None and is_fresh:
             fresh.add(chain.dest)
 

@@ -14,6 +14,7 @@ The result is a :class:`Lowered` module description that the code generator rend
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
 import re
@@ -50,6 +51,23 @@ class Line:
     code: str
     comment: str | None = None
     chain: object = None  # a fused statement, rendered once the whole function is known
+    branches: tuple | None = None  # an if/else block's statements, as lists of Lines (branch)
+    test: str = ""  # a block's condition
+    note: str = ""  # what holds in a block's else branch
+
+    def render_block(self):
+        """A block's code from its branches' statements (their comments inside)."""
+        parts = []
+        for lines in self.branches:
+            text = []
+            for line in lines:
+                if line.comment and line.comment != self.comment:
+                    text.append(f"# {line.comment}")
+                text.append(line.code)
+            if all(t.lstrip().startswith("#") for t in text):
+                text.append("pass")
+            parts.append("\n".join("    " + ln for t in text for ln in t.split("\n")))
+        self.code = f"if {self.test}:\n{parts[0]}\nelse:  # {self.note}\n{parts[1]}"
 
 
 @dataclasses.dataclass
@@ -82,6 +100,7 @@ class Lowered:
     needs_dtype: bool
     has_ell: bool
     index_ranges: dict[str, str] = dataclasses.field(default_factory=dict)
+    deferred: set[str] = dataclasses.field(default_factory=set)  # optional consts filled lazily
     adjoint_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # adjoint -> its variable
 
 
@@ -141,6 +160,13 @@ class Lowerer:
         self.reads_back: set = set()  # (occurrence, scope) the backward reads
         self.in_forward = True
         self.view_occ: dict = {}  # strided view variable -> (its occurrence, its key)
+        self.splits: set[str] = set()  # views that split an axis into blocks (split_view)
+        # tensors that are one constant when the optional inputs are absent (a mask when no
+        # mask is given and causal is off): name -> (value, the switches' tests, consts filled
+        # in their general branch); see find_special and branch
+        self.special: dict[str, tuple] = {}
+        self.branching = False
+        self.deferred: set[str] = set()
         self.matrix_base: dict[str, str] = {}  # window matrix -> the tensor it reads
         # products over adjacent slices of one array, computed as one (see stacked_products):
         # target -> (group key, position of the slice's axis in the result, start, stop);
@@ -240,6 +266,15 @@ class Lowerer:
         name = occurrence_name(occ)
         var = self.v(name)
         syms = plain_indices(occ)
+        split = self.split_view(occ, scope, var) if self.options["split_reshape"] else None
+        if split is not None:
+            text, syms = split
+            tmp = self.namer.temp()
+            self.emit(f"{tmp} = {text}", f"{equation_text(occ)} with its blocks as an axis, no copy")
+            self._register(tmp)
+            self.splits.add(tmp)
+            self.views[key] = (tmp, syms)
+            return tmp, syms
         basic = self.basic_slice(occ, scope, var) if self.options["views"] else None
         if basic is not None:
             self.views[key] = (basic, syms)
@@ -273,6 +308,187 @@ class Lowerer:
         self.views[key] = (tmp, syms)
         self.view_occ[tmp] = (occ, key)
         return tmp, syms
+
+    # ---- paths specialized to absent optional inputs (switch 'specialize') -------------------
+    def find_special(self):
+        """Tensors that are one constant when every optional input they depend on is absent:
+        a hyperparameter that defaults to False is 0, an optional constant its fill value
+        (``keep = Piecewise((0, causal & (t > l)), (mask[l, t], True))`` is 1 with causal off
+        and no mask). Each is computed only when an input is present (else None), and every
+        statement reading it branches on that: the general statement, or the statement with
+        the constant in place (``sm = s``, no masking pass)."""
+        spec = self.spec
+        switches = {}
+        for name, default in spec.hyper.items():
+            if default is False:
+                switches[sp.Symbol(name, real=True)] = (sp.S.Zero, self.var[name])
+        reads: dict[str, list] = {}  # optional const -> the tensors whose definitions read it
+        for a in self.d.forward:
+            for occ in occurrences(a.expr, self.tensors):
+                reads.setdefault(occurrence_name(occ), []).append(a.target)
+        for c in self.d.backward:
+            for occ in occurrences(c.body, self.tensors):
+                reads.setdefault(occurrence_name(occ), []).append(None)
+        for a in self.d.forward:
+            if a.op != "map" or a.target in spec.outputs or a.target in self.stacked:
+                continue
+            reps, tests, fills = {}, [], []
+            for sym in a.expr.free_symbols:
+                if sym in switches:
+                    reps[sym] = switches[sym][0]
+                    tests.append(switches[sym][1])
+            for occ in occurrences(a.expr, self.tensors):
+                name = occurrence_name(occ)
+                if name in spec.optional:
+                    fill = float(spec.optional[name])
+                    reps[occ] = sp.Integer(int(fill)) if fill.is_integer() else sp.Float(fill)
+                    tests.append(f"{self.var[name]} is not None")
+                    if all(t == a.target for t in reads.get(name, ())) and name not in self.d.cached:
+                        fills.append(name)
+                elif name in self.special:
+                    reps[occ] = self.special[name][0]
+                    tests.append(f"{self.v(name)} is not None")
+            if not tests:
+                continue
+            value = a.expr.xreplace(reps)
+            if occurrences(value, self.tensors) or value.free_symbols or not value.is_number:
+                continue
+            if float(value).is_integer():  # 1, not 1.0: x * 1 is x
+                value = sp.Integer(int(value))
+            self.special[a.target] = (value, tuple(sorted(set(tests))), tuple(fills))
+            self.deferred |= set(fills)
+
+    def fill(self, name: str):
+        """The default of an optional constant, filled where it is first needed."""
+        self.flags["dtype"] = True
+        var = self.var[name]
+        value = repr(float(self.spec.optional[name]))
+        self.emit(f"if {var} is None:\n    {var} = np.full({self.shape_of(name)}, {value}, dtype=dtype)")
+
+    def special_reads(self, expr: sp.Expr) -> list[str]:
+        return sorted({occurrence_name(o) for o in occurrences(expr, self.arrays)} & set(self.special))
+
+    def specialize(self, expr: sp.Expr):
+        """``expr`` with each specialized tensor it reads replaced by its constant (None when
+        it reads none)."""
+        names = self.special_reads(expr)
+        if not names:
+            return None
+        reps = {o: self.special[occurrence_name(o)][0] for o in occurrences(expr, self.arrays)
+                if occurrence_name(o) in names}
+        return expr.xreplace(reps)
+
+    def present(self, expr: sp.Expr) -> str:
+        return " or ".join(f"{self.v(n)} is not None" for n in self.special_reads(expr))
+
+    def absent_note(self, expr: sp.Expr) -> str:
+        return ", ".join(f"{n} is {_number_text(self.special[n][0])} everywhere" for n in self.special_reads(expr))
+
+    def branch(self, test: str, general, plain, comment: str, note: str):
+        """``if test: <general statements> else: <plain statements>`` as one block line. The
+        lowering state each branch leaves is joined: what both branches agree on is kept (an
+        alias one branch made becomes an assignment there), views and memoized temporaries made
+        inside a branch are dropped."""
+        names = ("memo", "alias", "owned", "fresh", "made", "views", "view_occ", "splits", "shapes")
+        fixed = ("matrices", "stacked_done", "regions", "argidx")
+        saved = {n: _copy(getattr(self, n)) for n in names}
+        before = {n: _copy(getattr(self, n)) for n in fixed}
+        start = len(self.phase.lines)
+        outcomes = []
+        self.branching = True
+        try:
+            for build in (general, plain):
+                for n in names:
+                    setattr(self, n, _copy(saved[n]))
+                build()
+                lines = self.phase.lines[start:]
+                del self.phase.lines[start:]
+                outcomes.append((lines, {n: getattr(self, n) for n in names}))
+        finally:
+            self.branching = False
+        if any(getattr(self, n) != before[n] for n in fixed):
+            raise _Unspecialized(comment)
+        (lines_a, a), (lines_b, b) = outcomes
+        for lines, state, other in ((lines_a, a, b), (lines_b, b, a)):
+            for var in sorted(set(state["alias"]) | set(other["alias"])):
+                mine, theirs = state["alias"].get(var), other["alias"].get(var)
+                if mine is not None and mine != theirs:
+                    lines.append(Line(f"{var} = {mine}"))
+        alias = {v: t for v, t in a["alias"].items() if b["alias"].get(v) == t}
+        for n in names:
+            setattr(self, n, _copy(saved[n]))
+        self.alias = alias
+        self.memo = {k: v for k, v in saved["memo"].items() if a["memo"].get(k) == v == b["memo"].get(k)}
+        self.owned = a["owned"] & b["owned"]
+        self.fresh = a["fresh"] & b["fresh"]
+        self.made = {k: v for k, v in a["made"].items() if b["made"].get(k) == v}
+        line = Line("", comment, branches=(lines_a, lines_b), test=test, note=note)
+        line.render_block()
+        self.phase.lines.append(line)
+        bound = {ln.code.split(" = ", 1)[0] for ln in lines_a + lines_b if " = " in ln.code}
+        bound |= {ln.chain.dest for ln in lines_a + lines_b if ln.chain is not None}
+        for var in sorted(v for v in bound if v.isidentifier()):
+            self.memo = {k: v for k, v in self.memo.items() if not re.search(rf"\b{var}\b", k)}
+            self.made.pop(var, None)
+
+    def split_terms(self, ix, scope: int):
+        """The symbols of a position ``h*D + f`` that numbers blocks (``h``) of a range
+        (``f`` over D) one after another, outermost first, and the extent they cover; None
+        for any other position (a constant offset, strides other than the inner extents)."""
+        if not is_affine(ix) or isinstance(ix, sp.Indexed):
+            return None
+        terms, const = affine_terms(ix)
+        if len(terms) < 2 or const != 0:
+            return None
+        remaining, order, stride = list(terms), [], sp.S.One
+        while remaining:
+            nxt = next((t for t in remaining if sp.expand(t[0] - stride) == 0), None)
+            if nxt is None:
+                return None
+            remaining.remove(nxt)
+            order.append(nxt[1])
+            stride = stride * dim_symbol(self.spec.index_dims[(scope, nxt[1])])
+        return tuple(reversed(order)), stride
+
+    def split_view(self, occ, scope: int, var: str, write: bool = False):
+        """``w[c, h*D + f]`` as ``w.reshape(E, num_heads, D)`` (axes c, h, f): a position that
+        numbers blocks one after another is the split of its axis, a view in the blocks' own
+        order (before: a strided view with the block axis last, which products copy). Every
+        other position must be a plain index over the whole axis; else None."""
+        info = self.tensors.get(occurrence_name(occ))
+        if info is None or self.spec.pads.get(info.name):
+            return None
+        slices, shape, syms = [], [], []
+        split = False
+        for p, ix in enumerate(occ.indices):
+            if is_index(ix):
+                if self.spec.index_dims.get((scope, ix)) != info.dims[p] or ix in syms:
+                    return None
+                slices.append(":")
+                shape.append(self.dimvar(scope, ix))
+                syms.append(ix)
+                continue
+            found = self.split_terms(ix, scope)
+            if found is None:
+                return None
+            order, extent = found
+            if any(s in syms for s in order):
+                return None
+            whole = sp.expand(extent - _stacked_size(info.dims[p])) == 0
+            stop = " * ".join(self.dimvar(scope, s) for s in order)
+            slices.append(":" if whole else f":{stop}")
+            shape += [self.dimvar(scope, s) for s in order]
+            syms += order
+            split = True
+        if not split:
+            return None
+        while slices and slices[-1] == ":":
+            slices.pop()
+        base = f"{var}[{', '.join(slices)}]" if slices else var
+        if write:  # a view to write through, never a copy (see symdl/snippets/runtime.py)
+            self.helpers.add("_blocks")
+            return f"_blocks({base}, {', '.join(shape)})", tuple(syms)
+        return f"{_paren(base, '.')}.reshape({', '.join(shape)})", tuple(syms)
 
     def basic_slice(self, occ, scope: int, var: str) -> str | None:
         """``gi[:, H:2 * H]`` for a window that is a plain slice: each position holds at most
@@ -765,13 +981,16 @@ class Lowerer:
         out_kept = tuple(i for i in out if any(i in idx for _, idx in operands))
         mm = _matmul(operands, out_kept) if self.options["matmul"] else None
         if mm is None and self.options["batched_matmul"]:
-            views = {v for v, _ in self.views.values()}
+            views = {v for v, _ in self.views.values()} - self.splits
             mm = _batched_matmul(operands, out_kept, views)
         matrices = {v for v, _ in self.matrices.values()}
         if (
             mm is None
             and scope is not None
-            and (self.options["grouped_matmul"] or any(v in matrices for v, _ in operands))
+            and (
+                self.options["grouped_matmul"]
+                or any(v in matrices or v in self.splits for v, _ in operands)
+            )
         ):
             mm = self.grouped_matmul(operands, out_kept, scope)
         if mm is None and self.options["window_matvec"]:
@@ -825,6 +1044,27 @@ class Lowerer:
         if a.target in self.stacked:
             self.stacked_slice(a, var, comment)
             return
+        if self.special and not self.branching:
+            if a.target in self.special:  # computed only when an optional input is present
+                _, tests, fills = self.special[a.target]
+
+                def general():
+                    for name in fills if len(tests) > 1 else ():  # else: given, when this runs
+                        self.fill(name)
+                    self.lower_assign(a, dead)
+
+                note = f"{a.target} is {_number_text(self.special[a.target][0])} everywhere"
+                self.branch(" or ".join(tests), general, lambda: self.emit(f"{var} = None"),
+                            comment, note)
+                return
+            plain = self.specialize(a.expr)
+            if plain is not None:
+                self.branch(
+                    self.present(a.expr), lambda: self.lower_assign(a, dead),
+                    lambda: self.lower_assign(dataclasses.replace(a, expr=plain), dead),
+                    comment, self.absent_note(a.expr),
+                )
+                return
         if a.op == "map" and self.options["inplace"] and self.add_into(a, var, dead, comment):
             return
         if a.op == "map":
@@ -1155,6 +1395,20 @@ class Lowerer:
     def lower_contribution(self, c: Contribution, defined: set, shown: sp.Expr | None = None):
         """``shown``: the body for the comment (``c.body`` may read a shared factor)."""
         var = self.var[c.target]
+        if self.special and not self.branching:
+            plain = self.specialize(c.body)
+            if plain is not None:
+                rhs = c.body if shown is None else shown
+                rhs = rhs if not c.reduce else _Sum(rhs, c.reduce)
+                self.branch(
+                    self.present(c.body), lambda: self.lower_contribution(c, defined, shown),
+                    lambda: self.lower_contribution(
+                        dataclasses.replace(c, body=plain), defined, shown
+                    ),
+                    f"{_lhs_text(c.target, c.lhs)} {'=' if c.first else '+='} {equation_text(rhs)}",
+                    self.absent_note(c.body),
+                )
+                return
         rhs = c.body if shown is None else shown
         rhs = rhs if not c.reduce else _Sum(rhs, c.reduce)
         op = "=" if c.first else "+="
@@ -1246,6 +1500,8 @@ class Lowerer:
         """The adjoint of a strided read: values over the occurrence's symbols, added into the
         (padded) array through strided slices, looping over kernel offsets only."""
         occ = c.occurrence
+        if self.options["split_reshape"] and self.scatter_split(c, var, comment):
+            return
         frame = plain_indices(occ)
         red = tuple(i for i in c.over if i not in frame)
         positions = list(occ.indices)
@@ -1526,6 +1782,44 @@ class Lowerer:
             self.owned.add(var)
         return True
 
+    def scatter_split(self, c: Contribution, var: str, comment: str) -> bool:
+        """The adjoint of a read ``w[c, h*D + f]`` (see split_view): the values over
+        ``(c, h, f)`` added at once into the split of the adjoint's axis (before: one slice-add
+        per block). False when the read is no such split."""
+        occ = c.occurrence
+        probe = self.split_view(occ, c.scope, "_")
+        if probe is None:
+            return False
+        _, frame = probe
+        red = tuple(i for i in c.over if i not in frame)
+        if red:
+            text = self.reduction("sum", c.body, frame, red, c.scope)
+        else:
+            text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
+        if text in self.memo and self.options["share"]:
+            text = self.memo[text]
+        own = not c.first and var in self.owned and var not in self.alias
+        into = var if (c.first or own) else self.namer.temp()
+        self.flags["dtype"] = True
+        if c.first and c.target in self.regions:  # a slice of a stacked buffer (zeros)
+            self.emit(f"{into} = {self.region(c.target)}")
+            key = self.regions[c.target]
+            group = self.stacked_groups[key]
+            self.made[into] = (group["buffer"], group["regions"].index(c.target))
+        elif c.first or not own:
+            self.emit(f"{into} = np.zeros({self.shape_of(c.tensor)}, dtype=dtype)")
+        self.owned.add(into)
+        target, _ = self.split_view(occ, c.scope, into, write=True)
+        blocks = self.namer.temp()
+        self.emit(f"{blocks} = {target}", comment)
+        written = _written_into(text, blocks) if c.first and into == var else None
+        self.emit(written or f"{blocks} += {text}")  # (written: into the zeros, no temporary)
+        if not c.first and into != var:
+            self.emit(f"{var} = {self.v(c.target)} + {into}")
+            self.alias.pop(var, None)
+            self.owned.add(var)
+        return True
+
     def zeros_in(self, tensor: str, positions: list, loop: list, layout: tuple | None) -> str:
         """A zero array for ``tensor``'s adjoint; with ``layout`` (the order of the values it
         receives, one per position), its memory in that order and its axes transposed back, so
@@ -1791,7 +2085,7 @@ class Lowerer:
         if not contracted or any(i not in out and not (i in ia and i in ib) for i in ia + ib):
             return None
         batch = [i for i in out if i in ia and i in ib]
-        views = {v for v, _ in self.views.values()}
+        views = {v for v, _ in self.views.values()} - self.splits
         matrices = {v for v, _ in self.matrices.values()}
         # a window copied into a matrix keeps its stored order: its groups follow it
         stored = next((idx for v, idx in operands if v in matrices), None)
@@ -2179,6 +2473,12 @@ OPTIMIZATIONS = {
     # function (softmax: e = y * s), adjoints held scaled so the other factors cancel
     # (symdl.derive.reuse_outputs): dx = y * (dy - Sum(dy * y)) caches y alone
     "output_reuse": True,
+    # statements reading a tensor that is constant when optional inputs are absent (no mask,
+    # causal off) branch on it: the masking passes run only when a mask is present
+    "specialize": True,
+    # a position h*D + f numbering blocks one after another as a reshape of its axis (heads):
+    # products over (h, f) are one GEMM, the adjoint one add with no loop over the blocks
+    "split_reshape": True,
 }
 
 
@@ -2193,7 +2493,10 @@ def lower(derivation: Derivation, options: dict | None = None, keep=()) -> Lower
             f"{', '.join(sorted(unknown))}"
         )
     try:
-        return _lower(derivation, options, keep)
+        try:
+            return _lower(derivation, options, keep)
+        except _Unspecialized:  # a statement the branches do not cover: the general path only
+            return _lower(derivation, {**(options or {}), "specialize": False}, keep)
     except LowerError as err:
         raise err.with_context(f"layer {derivation.spec.name!r}") from None
 
@@ -2213,6 +2516,8 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
         live |= {occurrence_name(o) for o in occurrences(a.expr, d.tensors)}
     if lw.options["stack_products"]:
         lw.stacked_products(d.forward)
+    if lw.options["specialize"]:
+        lw.find_special()
     for a, dead in zip(d.forward, reversed(dead_after)):
         lw.lower_assign(a, dead)
     fwd = lw.phase
@@ -2225,6 +2530,7 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     lw.in_forward = False
     lw.views = {}
     lw.view_occ = {}
+    lw.splits = set()
     lw.memo = {}
     lw.owned = set()
     lw.flags["dtype"] = False
@@ -2304,6 +2610,10 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
                 text = f"{text}[{', '.join(parts)}]"
             grads.append((n, text))
     bwd = lw.phase
+    for name in lw.special:  # None on the plain path: read only inside the branches
+        pattern = re.compile(rf"\b{re.escape(lw.var[name])}\b")
+        if any(pattern.search(ln.code) and ln.branches is None for ln in fwd.lines + bwd.lines):
+            raise _Unspecialized(name)
     for o in spec.outputs:
         bwd.dims.update(d.tensors[o].dims)
     for n in spec.args:
@@ -2352,8 +2662,53 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
         needs_dtype=forward_needs_dtype or backward_needs_dtype,
         has_ell=has_ell,
         index_ranges=dict(spec.gathers),
+        deferred=set(lw.deferred),
         adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
     )
+
+
+def _written_into(text: str, out: str) -> str | None:
+    """``text`` (a product) as a call that writes its result into ``out``: ``(a @ b)`` as
+    ``np.matmul(a, b, out=out)``, its transpose through the transposed ``out``, an einsum with
+    ``out=``; None for anything else."""
+    try:
+        node = ast.parse(text, mode="eval").body
+    except SyntaxError:
+        return None
+    perm = None
+    if (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "transpose" and not node.keywords
+        and all(isinstance(a, ast.Constant) for a in node.args)
+    ):
+        perm = [a.value for a in node.args]
+        node = node.func.value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
+        target = out
+        if perm is not None:
+            back = sorted(range(len(perm)), key=lambda p: perm[p])
+            target = f"{out}.transpose({', '.join(map(str, back))})"
+        return f"np.matmul({ast.unparse(node.left)}, {ast.unparse(node.right)}, out={target})"
+    if (
+        perm is None and isinstance(node, ast.Call) and ast.unparse(node.func) == "np.einsum"
+        and not any(k.arg == "out" for k in node.keywords)
+    ):
+        return f"{text[:-1]}, out={out})"
+    return None
+
+
+class _Unspecialized(Exception):
+    """A specialized tensor read outside the branches (see Lowerer.find_special)."""
+
+
+def _number_text(value: sp.Expr) -> str:
+    """A constant as written in a comment: 1.0 as 1."""
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _copy(value):
+    """A shallow copy of a piece of lowering state (dict or set)."""
+    return type(value)(value)
 
 
 def _stacked_size(dname: str) -> sp.Expr:

@@ -93,10 +93,11 @@ WINDOW_SWITCHES = {
     "window_matvec": ["local_attention"],
 }
 # switches whose products would otherwise already be grouped ones (or whose scatters would be
-# gathers): off while testing these
+# gathers, or the heads' per-block scatter one add under split_reshape): off while testing these
 UNDER = {
     "grouped_matmul": {"window_matrix": False, "scatter_gemm": False},
     "offset_scatter": {"gather_adjoint": False},
+    "scatter_gemm": {"split_reshape": False},
 }
 
 
@@ -844,3 +845,192 @@ def test_output_reuse_adds_no_division():
     d = derive(LAYERS["lstm_cell"])
     assert reuse_outputs(d) is d
     assert lower(d).derivation.cached == d.cached
+
+
+# ---- a position numbering blocks as a split of its axis (OPTIMIZATIONS["split_reshape"]) -----
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_split_reshape_switch(causal, dtype, rng):
+    """The heads h*D + f as a reshape of the embedding axis: the output projection and its
+    adjoints are single products, the per-head slice-adds are gone; switched off, the strided
+    views and per-head loops come back. Both agree, on non-contiguous arguments too (a
+    transposed weight, a strided x, a strided dout)."""
+    d = derive(LAYERS["multi_head_self_attention"])
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"split_reshape": False})
+    assert "for h in range(" not in on_text and "as_strided" not in on_text
+    assert "for h in range(" in off_text and "as_strided" in off_text
+    assert "reshape(E, num_heads, D" in on_text
+    on, off = load_module(on_text, "mha"), load_module(off_text, "mha")
+    N, T, E = 2, 5, 6
+    x = rng.standard_normal((N, 2 * T, E))[:, ::2]
+    wo = rng.standard_normal((E, E)).T
+    args = [x, rng.standard_normal((3 * E, E)), rng.standard_normal(3 * E), wo,
+            rng.standard_normal(E)]
+    args = [a.astype(dtype) for a in args]
+    kwargs = {"num_heads": 3, "causal": causal}
+    dout = rng.standard_normal((N, T, 2 * E)).astype(dtype)[:, :, ::2]
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    res = []
+    for m in (on, off):
+        y, cache = m.forward(*args, **kwargs)
+        res.append((y, *m.backward(dout, cache)))
+    for a, b in zip(*res):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(
+        res[0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=rtol, atol=rtol
+    )
+
+
+def _blocks():
+    """y[b, h, f] = x[b, h*D + f] * g[h, f] + x[b, h*D + f]**2: blocks of the first H*D
+    entries of a longer axis (K), read twice."""
+    from symdl.spec import Dim, Layer, indices, tensors
+
+    x, g, y = tensors("x g y")
+    b, h, f = indices("b h f")
+    D = Dim("D")
+    return Layer(
+        "blocks",
+        [(y[b, h, f], x[b, h * D + f] * g[h, f] + x[b, h * D + f] ** 2)],
+        inputs="x",
+        params="g",
+        ranges={"h": "H", "f": "D"},
+        shapes={"x": ("B", "K"), "g": ("H", "D"), "y": ("B", "H", "D")},
+    )
+
+
+def test_split_reshape_partial_axis(rng):
+    """A split that covers only the first H*D entries of its axis: a slice, then the reshape;
+    the adjoint adds into that slice and leaves the rest zero. Gradcheck and on/off agree."""
+    from symdl.testing import gradcheck
+
+    d = derive(_blocks())
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"split_reshape": False})
+    assert ".reshape(B, H, D)" in on_text and "_blocks(dx[:, : H * D], B, H, D)" in on_text
+    on, off = load_module(on_text, "blocks"), load_module(off_text, "blocks")
+    x = rng.standard_normal((3, 2 * 11))[:, ::2]  # K = 11 > H*D = 6, not contiguous
+    g = rng.standard_normal((2, 3))
+    res = [_run(m, [x, g], {}, rng) for m in (on, off)]
+    for a, b in zip(*res):
+        for u, w in zip(a, b):
+            np.testing.assert_allclose(u, w, rtol=1e-12, atol=1e-13)
+    dx = res[0][1][0]
+    assert np.all(dx[:, 6:] == 0) and np.all(dx[:, :6] != 0)
+    result = gradcheck(on, [x, g], {}, tol=1e-6)
+    assert result.ok, result
+
+
+# ---- paths specialized to absent optional inputs (OPTIMIZATIONS["specialize"]) ----------------
+
+
+def _sdpa_args(rng, dtype):
+    q, k, v = (rng.standard_normal((2, 5, 4)).astype(dtype) for _ in range(3))
+    return [q, k, v]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_specialize_sdpa(dtype, rng):
+    """No mask and causal off: no masking pass (the mask is never filled); any mask or causal:
+    the general path. Both agree with the switch off, forward and backward, and the arguments
+    and the cached arrays are left as they were."""
+    d = derive(LAYERS["scaled_dot_product_attention"])
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"specialize": False})
+    assert "if keep is not None:" in on_text and "keep is not None" not in off_text
+    forward_on = on_text.split("\ndef forward(", 1)[1].split("\ndef ", 1)[0]
+    assert "if causal or mask is not None:" in forward_on
+    assert forward_on.count("np.full(") == 1  # the fill only where the mask is read
+    on, off = load_module(on_text, "sdpa"), load_module(off_text, "sdpa")
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    masks = [None, rng.random((5, 5)) > 0.3, np.ones((5, 5), bool)]
+    for mask in masks:
+        for causal in (False, True):
+            args = _sdpa_args(rng, dtype)
+            copies = [a.copy() for a in args]
+            kwargs = {"mask": mask, "causal": causal}
+            res = []
+            for m in (on, off):
+                out, cache = m.forward(*args, **kwargs)
+                kept = {k: np.array(v) for k, v in cache.items() if isinstance(v, np.ndarray)}
+                dout = np.random.default_rng(1).standard_normal(out.shape).astype(dtype)
+                grads = m.backward(dout, cache)
+                for k, v in kept.items():
+                    np.testing.assert_array_equal(cache[k], v)
+                res.append((out, *grads))
+            for a, b in zip(*res):
+                assert a.dtype == dtype
+                np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+            for a, b in zip(args, copies):
+                np.testing.assert_array_equal(a, b)
+    # no mask and an all-True mask: one result by either path
+    args = _sdpa_args(rng, dtype)
+    y0, c0 = on.forward(*args)
+    y1, c1 = on.forward(*args, mask=np.ones((5, 5), bool))
+    assert c0["keep"] is None and c1["keep"] is not None
+    np.testing.assert_allclose(y0, y1, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_specialize_mhsa(causal, rng):
+    d = derive(LAYERS["multi_head_self_attention"])
+    on_text = generate_source(d)
+    assert "if causal:" in on_text and on_text.count("if keep is not None:") == 3
+    on = load_module(on_text, "mha")
+    off = load_module(generate_source(d, options={"specialize": False}), "mha")
+    args, _ = R.DOMAINS["multi_head_self_attention"](rng)
+    kwargs = {"num_heads": 2, "causal": causal}
+    copies = [np.array(a) for a in args]
+    res = [_run(m, args, kwargs, rng) for m in (on, off)]
+    for a, b in zip(*res):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+    for a, b in zip(args, copies):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(
+        res[0][0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=1e-10, atol=1e-12
+    )
+
+
+def _optional_scale():
+    """m[i] = 2 * mask[i] (mask optional, 0.5 when absent: m is 1), read by the output and by
+    the backward: y = x * m + x**2."""
+    from symdl.spec import Layer, indices, tensors
+
+    x, mask, m, y = tensors("x mask m y")
+    n, i = indices("n i")
+    return Layer(
+        "optional_scale",
+        [(m[i], 2 * mask[i]), (y[n, i], x[n, i] * m[i] + x[n, i] ** 2)],
+        inputs="x",
+        consts="mask",
+        optional={"mask": 0.5},
+        shapes={"x": ("N", "I"), "mask": ("I",)},
+    )
+
+
+def test_specialize_custom_layer(rng):
+    """Any layer: a tensor made constant by an absent optional constant is computed only when
+    the constant is given, its readers (the output, the gradient) branch; gradcheck on both
+    paths, and the same values as the lowering without the switch."""
+    from symdl.testing import gradcheck
+
+    d = derive(_optional_scale())
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"specialize": False})
+    assert "if m is not None:" in on_text and "m = None" in on_text
+    on, off = load_module(on_text, "opt"), load_module(off_text, "opt")
+    x = rng.standard_normal((3, 4))
+    for kwargs in ({}, {"mask": rng.standard_normal(4)}, {"mask": np.full(4, 0.5)}):
+        res = [_run(mod, [x], kwargs, rng) for mod in (on, off)]
+        for a, b in zip(*res):
+            for u, w in zip(a, b):
+                np.testing.assert_allclose(u, w, rtol=1e-12, atol=1e-13)
+        y, _ = on.forward(x, **kwargs)
+        assert y is not x and not np.shares_memory(y, x)
+        result = gradcheck(on, [x], kwargs, tol=1e-6)
+        assert result.ok, result

@@ -147,6 +147,14 @@ def _argmax_mask(values, axes):
     return mask.reshape(values.shape).astype(values.dtype)
 
 
+def _blocks(array, *shape):
+    """``array`` with an axis split into blocks (``shape``), as a view to write through:
+    setting a view's shape raises where a copy would be needed, never copies."""
+    view = array.view()
+    view.shape = shape
+    return view
+
+
 def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)); exp(-x) overflowing to inf gives exactly 0.
     Computed in one buffer (``out`` when given, which may be ``x`` itself)."""
