@@ -83,6 +83,7 @@ class Lowered:
     has_ell: bool
     index_ranges: dict[str, str] = dataclasses.field(default_factory=dict)
     adjoint_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # adjoint -> its variable
+    tensor_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> its variable
 
 
 class _Phase:
@@ -2027,6 +2028,7 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
         has_ell=has_ell,
         index_ranges=dict(spec.gathers),
         adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
+        tensor_vars={n: lw.var[n] for n in d.tensors},
     )
 
 
