@@ -728,6 +728,8 @@ def _into(stmt, v: str):
         name = ast.unparse(rhs.func)
         if name == "np.zeros":
             return ast.parse(f"{v}[...] = 0").body[0]
+        if name == "np.empty":
+            return []  # the given array is the one
         if _OUT_CALLS.get(name) == len(rhs.args) and not any(
             isinstance(a, ast.Starred) for a in rhs.args
         ):
@@ -813,8 +815,12 @@ def _buffered(lines, params, candidates, escaping) -> Buffers | None:
                 new = ast.AugAssign(stmt.targets[0], stmt.value.op, stmt.value.right)
             if new is None:
                 continue
-            text[stmt.lineno - 1 : stmt.end_lineno] = ast.unparse(new).split("\n")
+            text[stmt.lineno - 1 : stmt.end_lineno] = (
+                [] if new == [] else ast.unparse(new).split("\n")
+            )
             changed = True
+        if changed and not text and not line.comment:
+            continue  # an array the caller gives: nothing to make
         new_lines.append(dataclasses.replace(line, code="\n".join(text)) if changed else line)
     final = {v for v in names if all(id(a) in grown for a in assigns.get(v, ()))}
     return Buffers(new_lines, names, {v for v in names if v in out}, final)

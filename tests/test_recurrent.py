@@ -621,9 +621,10 @@ def test_shared_gate_gradient_is_one_array():
 
     text = render("lstm")
     step = _function_source(text, "_step_backward")
-    assert step.count("np.zeros(") + step.count("[...] = 0") == 1
+    assert step.count("np.zeros(") + step.count("[...] = 0") == 0  # blocks tile it
     code = [line for line in step.splitlines() if not line.strip().startswith("#")]
-    assert sum("] += " in line for line in code) == 4  # the four gate blocks, once
+    writes = [line for line in code if re.search(r"^\s*dgh\[.*\] \+?= |out=dgh\[", line)]
+    assert len(writes) == 4  # the four gate blocks, once
     backward = _function_source(text, "backward")
     assert backward.count("np.empty((T, B, H_x4)") == 1
     assert "_step_param_grads(dgi, " in backward and "_hoisted_backward(dgi, " in backward
@@ -673,8 +674,8 @@ def test_step_buffers_switch(name, defer, rng):
 #: allocations of arrays of at least B*H elements by the steps over one forward and one backward
 #: with T = 6 steps, with the per-step buffers (an upper bound) and without them (exact)
 STEP_ALLOCATIONS = {
-    "lstm": {"buffers": (6, 80), "plain": (54, 128)},
-    "gru": {"buffers": (6, 67), "plain": (36, 103)},
+    "lstm": {"buffers": (6, 56), "plain": (54, 104)},
+    "gru": {"buffers": (6, 49), "plain": (36, 85)},
 }
 
 
