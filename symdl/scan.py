@@ -95,24 +95,28 @@ class Sequence:
     def output_names(self) -> tuple[str, ...]:
         return tuple(self.outputs) + tuple(self.final)
 
-    def parts(self) -> ScanParts:
-        """The hoisted and step layers (built once)."""
+    def parts(self, fold: bool = True) -> ScanParts:
+        """The hoisted and step layers (built once; ``fold``: see OPTIMIZATIONS)."""
         if self._parts is None:
+            self._parts = {}
+        if fold not in self._parts:
             try:
-                self._parts = _split(self)
+                self._parts[fold] = _split(self, fold)
             except SpecError as err:
                 raise err.with_context(f"scan {self.name!r} of cell {self.cell.name!r}") from None
-        return self._parts
+        return self._parts[fold]
 
-    def derivations(self):
+    def derivations(self, fold: bool = True):
         """``(hoisted, step)`` derivations (the hoisted one None when nothing is hoisted)."""
         if self._derived is None:
+            self._derived = {}
+        if fold not in self._derived:
             from .derive import derive
 
-            parts = self.parts()
+            parts = self.parts(fold)
             hoisted = derive(parts.hoisted) if parts.hoisted is not None else None
-            self._derived = (hoisted, derive(parts.step))
-        return self._derived
+            self._derived[fold] = (hoisted, derive(parts.step))
+        return self._derived[fold]
 
     def __repr__(self) -> str:
         return f"Sequence {self.name!r}: scan of {self.cell.name!r}\n" + "\n".join(
@@ -243,7 +247,7 @@ def _is_trivial(expr) -> bool:
     return False
 
 
-def _split(seq: Sequence) -> ScanParts:
+def _split(seq: Sequence, fold: bool = True) -> ScanParts:
     cell = seq.cell
     spec = cell.spec()
     tensors = spec.tensors
@@ -308,6 +312,7 @@ def _split(seq: Sequence) -> ScanParts:
                 bad.add(a.target)
         hoist -= bad
 
+    assigns = _folded(spec, hoist, tensors, plain, needed_out) if fold else list(spec.assigns)
     # ---- the step: recurrent assignments, state-free sub-expressions hoisted out --------------
     taken = set(tensors) | {s.name for a in spec.assigns for s in a.all_indices}
     counter = [0]
@@ -363,7 +368,7 @@ def _split(seq: Sequence) -> ScanParts:
         return e.func(*[extract(x, a) for x in e.args])
 
     step_assigns: list[Assign] = []
-    for a in spec.assigns:
+    for a in assigns:
         if a.target in hoist:
             continue
         step_assigns.append(dataclasses.replace(a, expr=extract(a.expr, a)))
@@ -372,7 +377,7 @@ def _split(seq: Sequence) -> ScanParts:
     step_reads: set[str] = set()
     for a in step_assigns:
         step_reads |= _reads(a.expr, set(tensors) | set(extra_dims))
-    hoisted_all = [a for a in spec.assigns if a.target in hoist] + extra
+    hoisted_all = [a for a in assigns if a.target in hoist] + extra
     hoisted_out = [a.target for a in hoisted_all if a.target in step_reads]
     live: set[str] = set(hoisted_out)
     for a in reversed(hoisted_all):
@@ -438,6 +443,75 @@ def _split(seq: Sequence) -> ScanParts:
     )
     _check_parts(parts, varying)
     return parts
+
+
+def _folded(spec, hoist: set, tensors, plain, needed) -> list[Assign]:
+    """The cell's assignments with the parameter-only terms of a recurrent sum moved into the
+    hoisted tensor it is always added to: with ``gh = h W_hh^T + b_hh`` read only as
+    ``gh[b, r'] + gi[b, r']`` (``gi`` hoisted, read nowhere else), ``gh = h W_hh^T`` and
+    ``gi = x W_ih^T + b_ih + b_hh``: the bias added once over all steps, not once per step."""
+    assigns = list(spec.assigns)
+    params = set(spec.params)
+
+    def dims(a):
+        return [spec.index_dims[(a.scope, i)] for i in a.indices]
+
+    def pairs(name):
+        """(reader, occurrence, the Add it is a term of) of every read of ``name``."""
+        out = []
+        for b in assigns:
+            for o in occurrences(b.expr, {name}):
+                adds = [
+                    node
+                    for node in sp.preorder_traversal(b.expr)
+                    if isinstance(node, sp.Add) and o in node.args
+                ]
+                out.append((b, o, adds[0] if len(adds) == 1 else None))
+        return out
+
+    for k, a in enumerate(assigns):
+        if a.op != "map" or a.target in hoist or a.target in needed or not isinstance(a.expr, sp.Add):
+            continue
+        consts = [
+            term
+            for term in a.expr.args
+            if _reads(term, tensors) and _reads(term, tensors) <= params and plain(a, term)
+        ]
+        if not consts or len(consts) == len(a.expr.args):
+            continue
+        reads = pairs(a.target)
+        partners = set()
+        for b, o, add in reads:
+            mates = [
+                occurrence_name(x)
+                for x in (add.args if add is not None else ())
+                if isinstance(x, sp.Indexed)
+                and x.indices == o.indices
+                and occurrence_name(x) in hoist
+            ]
+            partners.add(mates[0] if len(mates) == 1 else None)
+        if len(partners) != 1 or None in partners or not reads:
+            continue
+        v = partners.pop()
+        j = next(n for n, b in enumerate(assigns) if b.target == v)
+        va = assigns[j]
+        if va.op != "map" or v in needed or dims(va) != dims(a):
+            continue
+        if any(  # every read of v is one of those sums
+            add is None
+            or not any(
+                isinstance(x, sp.Indexed)
+                and occurrence_name(x) == a.target
+                and x.indices == o.indices
+                for x in add.args
+            )
+            for _, o, add in pairs(v)
+        ):
+            continue
+        moved = sp.Add(*consts).xreplace(dict(zip(a.indices, va.indices)))
+        assigns[j] = dataclasses.replace(va, expr=va.expr + moved)
+        assigns[k] = dataclasses.replace(a, expr=sp.Add(*[t for t in a.expr.args if t not in consts]))
+    return assigns
 
 
 def _time_index(spec, taken) -> sp.Symbol:
@@ -530,6 +604,9 @@ OPTIMIZATIONS = {
     # slot of the output itself, a gradient's slot of the (T, ...) gradient), its other
     # temporaries into one array reused by every step
     "buffers": True,
+    # a recurrent sum's parameter-only terms moved into the hoisted tensor always added to it
+    # (the LSTM's b_hh into x W_ih^T + b_ih): added once over all steps, not once per step
+    "fold": True,
 }
 
 
@@ -912,10 +989,10 @@ def sequence_source(
         )
     opts = {**OPTIMIZATIONS, **{k: v for k, v in options.items() if k in OPTIMIZATIONS}}
     lower_opts = {k: v for k, v in options.items() if k in LOWER_OPTIMIZATIONS}
-    parts = seq.parts()
+    parts = seq.parts(opts["fold"])
     cell = seq.cell
     cspec = cell.spec()
-    hoisted_d, step_d = seq.derivations()
+    hoisted_d, step_d = seq.derivations(opts["fold"])
     hp = (
         _Part(parts.hoisted, hoisted_d, "hoisted", lower_opts)
         if parts.hoisted is not None
@@ -1443,7 +1520,7 @@ def sequence_source(
 
     hoisted_fwd = forward_text(hp.derivation) if hp is not None else []
     hoisted_bwd = backward_text(hp.derivation) if hp is not None else []
-    forms = sequence_formulas(seq)
+    forms = sequence_formulas(seq, fold=opts["fold"])
 
     shapes_text = "; ".join(f"{n} ({', '.join(ds)})" if ds else f"{n} scalar" for n, ds in shapes)
     summary = (
@@ -1569,12 +1646,12 @@ def _bptt_text(seq: Sequence, parts: ScanParts) -> list[str]:
     return lines
 
 
-def sequence_formulas(seq: Sequence, style: str = "partial") -> dict[str, str]:
+def sequence_formulas(seq: Sequence, style: str = "partial", fold: bool = True) -> dict[str, str]:
     """LaTeX of the hoisted and step parts' equations and derived gradients (the module's
     FORMULAS); a step key that the hoisted part also has gets the suffix ``@step``."""
     from .latex import formulas
 
-    hoisted, step = seq.derivations()
+    hoisted, step = seq.derivations(fold)
     out = dict(formulas(hoisted, style)) if hoisted is not None else {}
     for k, v in formulas(step, style).items():
         out[k if k not in out else f"{k}@step"] = v

@@ -674,7 +674,7 @@ def test_step_buffers_switch(name, defer, rng):
 #: allocations of arrays of at least B*H elements by the steps over one forward and one backward
 #: with T = 6 steps, with the per-step buffers (an upper bound) and without them (exact)
 STEP_ALLOCATIONS = {
-    "lstm": {"buffers": (6, 56), "plain": (54, 104)},
+    "lstm": {"buffers": (6, 55), "plain": (54, 103)},
     "gru": {"buffers": (6, 49), "plain": (36, 85)},
 }
 
@@ -711,3 +711,28 @@ def test_step_allocations(name, rng):
     bound = STEP_ALLOCATIONS[name]
     assert fast[0] <= bound["buffers"][0] and fast[1] <= bound["buffers"][1], fast
     assert plain == bound["plain"]  # the counter still counts what the plain steps allocate
+
+
+@pytest.mark.parametrize("name", [*SEQS, "mgu", "mix", "two"])
+def test_fold_switch(name, rng):
+    """With the scan's "fold" switch on, a recurrent sum's parameter-only terms go into the
+    hoisted tensor always added to it (the LSTM's b_hh into the input projection): the step
+    no longer reads b_hh. The same numbers with it off, where each step adds b_hh."""
+    seq = _scans()[name]
+    on, off = sequence_source(seq), sequence_source(seq, options={"fold": False})
+    fast, plain = load_module(on, name), load_module(off, name)
+    args = _random_args(fast, rng)
+    out_f, cache_f = fast.forward(*args)
+    out_p, cache_p = plain.forward(*args)
+    douts = tuple(rng.standard_normal(np.shape(o)) for o in out_f)
+    for a, b in zip(out_f, out_p):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    for n, a, b in zip(fast.ARGS, fast.backward(douts, cache_f), plain.backward(douts, cache_p)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=n)
+    step_on = _function_source(on, "_step_forward")
+    step_off = _function_source(off, "_step_forward")
+    if name == "lstm":
+        assert "bias_hh" in step_off and "bias_hh" not in step_on
+        assert "bias_hh" in _function_source(on, "_hoisted_forward")
+    elif name in ("gru", "rnn"):  # b_hn is multiplied by r (GRU); the RNN hoists it already
+        assert on == off
