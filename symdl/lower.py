@@ -1056,7 +1056,7 @@ class Lowerer:
         var = self.var[c.target]
         rhs = c.body if shown is None else shown
         rhs = rhs if not c.reduce else _Sum(rhs, c.reduce)
-        op = "=" if c.first else "+="
+        op = "=" if c.first or c.target in self.tiled else "+="  # a tiled block: assigned
         comment = f"{_lhs_text(c.target, c.lhs)} {op} {equation_text(rhs)}"
         if self.needs_view(c.occurrence, c.scope):
             self.scatter_affine(c, var, comment)
