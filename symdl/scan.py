@@ -16,7 +16,10 @@ both derived and lowered by the ordinary engine:
 
 The generated module runs the hoisted forward once, the step in a Python loop over time, and in
 backward the step's backward in reverse (backpropagation through time) followed by the hoisted
-part's backward once over all steps. No gradient is written by hand: all four functions are
+part's backward once over all steps. The step writes its new arrays into arrays made once
+before the loop (:data:`OPTIMIZATIONS`: ``buffers``), a recurrent sum's parameter-only terms
+join the hoisted part (``fold``) and the parameters' gradients are summed after the loop
+(``defer``). No gradient is written by hand: all four functions are
 the engine's lowered code, rendered by ``templates/scan.py.j2``.
 """
 
