@@ -102,6 +102,7 @@ class Lowered:
     index_ranges: dict[str, str] = dataclasses.field(default_factory=dict)
     deferred: set[str] = dataclasses.field(default_factory=set)  # optional consts filled lazily
     adjoint_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # adjoint -> its variable
+    tensor_vars: dict[str, str] = dataclasses.field(default_factory=dict)  # tensor -> its variable
 
 
 class _Phase:
@@ -175,6 +176,7 @@ class Lowerer:
         self.stacked_groups: dict = {}
         self.stacked_done: dict = {}
         self.regions: dict[str, object] = {}  # adjoint -> the stacked group whose buffer holds it
+        self.tiled: set[str] = set()  # adjoints whose contributions tile them (see tiles())
         self.made: dict[str, tuple] = {}  # variable -> (buffer, member) it is a slice of
 
     def v(self, name: str) -> str:
@@ -1411,7 +1413,7 @@ class Lowerer:
                 return
         rhs = c.body if shown is None else shown
         rhs = rhs if not c.reduce else _Sum(rhs, c.reduce)
-        op = "=" if c.first else "+="
+        op = "=" if c.first or c.target in self.tiled else "+="  # a tiled block: assigned
         comment = f"{_lhs_text(c.target, c.lhs)} {op} {equation_text(rhs)}"
         if self.needs_view(c.occurrence, c.scope):
             if not (self.options["gather_adjoint"] and self.gather_affine(c, var, comment)):
@@ -1503,6 +1505,22 @@ class Lowerer:
         if self.options["split_reshape"] and self.scatter_split(c, var, comment):
             return
         frame = plain_indices(occ)
+        if c.target in self.tiled and var not in self.alias:  # one block, assigned once
+            if c.first:
+                self.flags["dtype"] = True
+                self.emit(f"{var} = np.empty({self.shape_of(c.tensor)}, dtype=dtype)")
+                self.owned.add(var)
+            slices = self.window_slices(c.tensor, list(occ.indices), {}, c.scope)
+            target = f"{var}[{', '.join(slices)}]"
+            text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
+            free = tuple(s for ix in occ.indices for s in position_symbols(ix))
+            held = self.memo.get(text) if self.options["share"] else None
+            if held is not None or text.isidentifier() or tuple(frame) != free:
+                self.emit(f"{target} = {self.align(held or text, tuple(frame), free)}", comment)
+            else:
+                self.emit(_assign_into(target, text), comment)
+                self.memo[text] = target
+            return
         red = tuple(i for i in c.over if i not in frame)
         positions = list(occ.indices)
         loop: list = []
@@ -1819,6 +1837,74 @@ class Lowerer:
             self.alias.pop(var, None)
             self.owned.add(var)
         return True
+
+    def tiles(self, backward: list, skip: set) -> set[str]:
+        """Adjoints whose contributions (none of them at a position in ``skip``) each write one
+        block of the array, with plain positions and no sum, the blocks differing along one
+        axis, where they are contiguous and cover it: ``dg[b, j + k*H]`` for k = 0, ..., 3
+        over an axis of 4*H."""
+        by: dict[str, list] = {}
+        for k, c in enumerate(backward):
+            by.setdefault(c.target, []).append((k, c))
+        out = set()
+        for target, kcs in by.items():
+            cs = [c for _, c in kcs]
+            if (
+                len(cs) < 2
+                or not cs[0].first
+                or any(c.first for c in cs[1:])
+                or any(k in skip for k, _ in kcs)
+                or target in self.regions
+            ):
+                continue
+            info = self.tensors[cs[0].tensor]
+            boxes = []
+            for c in cs:
+                if (
+                    c.reduce
+                    or c.tensor != cs[0].tensor
+                    or self.spec.pads.get(c.tensor)
+                    or not self.needs_view(c.occurrence, c.scope)
+                    or len(c.lhs) != len(info.dims)
+                ):
+                    break
+                box = []
+                for ix in c.lhs:
+                    syms = position_symbols(ix)
+                    if len(syms) != 1 or len(set(syms)) != 1:
+                        break
+                    sym = syms[0]
+                    if not is_index(ix):
+                        terms, _ = affine_terms(ix)
+                        if dict((t, k) for k, t in terms).get(sym) != 1:
+                            break
+                    start = sp.expand(ix.subs(sym, 0))
+                    box.append((start, dim_symbol(self.spec.index_dims[(c.scope, sym)])))
+                else:
+                    boxes.append(box)
+                    continue
+                break
+            if len(boxes) != len(cs):
+                continue
+            whole = [(sp.S.Zero, _stacked_size(dname)) for dname in info.dims]
+            axes = [p for p in range(len(whole)) if any(b[p] != whole[p] for b in boxes)]
+            if len(axes) != 1:
+                continue
+            a = axes[0]
+            spans = [b[a] for b in boxes]
+            at, used = sp.S.Zero, set()
+            while len(used) < len(spans):
+                k = next(
+                    (k for k, (s0, _) in enumerate(spans) if k not in used and sp.expand(s0 - at) == 0),
+                    None,
+                )
+                if k is None:
+                    break
+                used.add(k)
+                at = sp.expand(at + spans[k][1])
+            if len(used) == len(spans) and sp.expand(at - whole[a][1]) == 0:
+                out.add(target)
+        return out
 
     def zeros_in(self, tensor: str, positions: list, loop: list, layout: tuple | None) -> str:
         """A zero array for ``tensor``'s adjoint; with ``layout`` (the order of the values it
@@ -2479,6 +2565,10 @@ OPTIMIZATIONS = {
     # a position h*D + f numbering blocks one after another as a reshape of its axis (heads):
     # products over (h, f) are one GEMM, the adjoint one add with no loop over the blocks
     "split_reshape": True,
+    # an adjoint whose contributions each write one block of it, the blocks tiling the array
+    # (the gates of a stacked projection): each block assigned once (``out=`` its slice), no
+    # array of zeros added into
+    "tile": True,
 }
 
 
@@ -2550,6 +2640,9 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     frozen |= {k for k, c in enumerate(d.backward) if c.target in same or c.target in same.values()}
     stacked = lw.stacked_adjoints(d, frozen, same) if lw.stacked_groups else {}
     frozen |= set(stacked)
+    if lw.options["tile"]:
+        skip = set(stacked) | {k for k, c in enumerate(d.backward) if c.target in same}
+        lw.tiled = lw.tiles(d.backward, skip)
     order = lw.scatters_later(d.backward, frozen) if lw.options["fuse"] else enumerate(d.backward)
     for k, c in order:
         if k in stacked:  # a stacked product's backward, as one product
@@ -2664,6 +2757,7 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
         index_ranges=dict(spec.gathers),
         deferred=set(lw.deferred),
         adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
+        tensor_vars={n: lw.var[n] for n in d.tensors},
     )
 
 
@@ -2709,6 +2803,16 @@ def _number_text(value: sp.Expr) -> str:
 def _copy(value):
     """A shallow copy of a piece of lowering state (dict or set)."""
     return type(value)(value)
+
+
+def _assign_into(target: str, text: str) -> str:
+    """``target = text`` with the last operation of ``text`` writing into ``target``."""
+    ops = {ast.Add: "np.add", ast.Sub: "np.subtract", ast.Mult: "np.multiply", ast.Div: "np.divide"}
+    expr = ast.parse(text, mode="eval").body
+    if isinstance(expr, ast.BinOp) and type(expr.op) in ops:
+        left, right = ast.unparse(expr.left), ast.unparse(expr.right)
+        return f"{ops[type(expr.op)]}({left}, {right}, out={target})"
+    return f"{target} = {text}"
 
 
 def _stacked_size(dname: str) -> sp.Expr:

@@ -16,12 +16,16 @@ both derived and lowered by the ordinary engine:
 
 The generated module runs the hoisted forward once, the step in a Python loop over time, and in
 backward the step's backward in reverse (backpropagation through time) followed by the hoisted
-part's backward once over all steps. No gradient is written by hand: all four functions are
+part's backward once over all steps. The step writes its new arrays into arrays made once
+before the loop (:data:`OPTIMIZATIONS`: ``buffers``), a recurrent sum's parameter-only terms
+join the hoisted part (``fold``) and the parameters' gradients are summed after the loop
+(``defer``). No gradient is written by hand: all four functions are
 the engine's lowered code, rendered by ``templates/scan.py.j2``.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -94,24 +98,28 @@ class Sequence:
     def output_names(self) -> tuple[str, ...]:
         return tuple(self.outputs) + tuple(self.final)
 
-    def parts(self) -> ScanParts:
-        """The hoisted and step layers (built once)."""
+    def parts(self, fold: bool = True) -> ScanParts:
+        """The hoisted and step layers (built once; ``fold``: see OPTIMIZATIONS)."""
         if self._parts is None:
+            self._parts = {}
+        if fold not in self._parts:
             try:
-                self._parts = _split(self)
+                self._parts[fold] = _split(self, fold)
             except SpecError as err:
                 raise err.with_context(f"scan {self.name!r} of cell {self.cell.name!r}") from None
-        return self._parts
+        return self._parts[fold]
 
-    def derivations(self):
+    def derivations(self, fold: bool = True):
         """``(hoisted, step)`` derivations (the hoisted one None when nothing is hoisted)."""
         if self._derived is None:
+            self._derived = {}
+        if fold not in self._derived:
             from .derive import derive
 
-            parts = self.parts()
+            parts = self.parts(fold)
             hoisted = derive(parts.hoisted) if parts.hoisted is not None else None
-            self._derived = (hoisted, derive(parts.step))
-        return self._derived
+            self._derived[fold] = (hoisted, derive(parts.step))
+        return self._derived[fold]
 
     def __repr__(self) -> str:
         return f"Sequence {self.name!r}: scan of {self.cell.name!r}\n" + "\n".join(
@@ -242,7 +250,7 @@ def _is_trivial(expr) -> bool:
     return False
 
 
-def _split(seq: Sequence) -> ScanParts:
+def _split(seq: Sequence, fold: bool = True) -> ScanParts:
     cell = seq.cell
     spec = cell.spec()
     tensors = spec.tensors
@@ -307,6 +315,7 @@ def _split(seq: Sequence) -> ScanParts:
                 bad.add(a.target)
         hoist -= bad
 
+    assigns = _folded(spec, hoist, tensors, plain, needed_out) if fold else list(spec.assigns)
     # ---- the step: recurrent assignments, state-free sub-expressions hoisted out --------------
     taken = set(tensors) | {s.name for a in spec.assigns for s in a.all_indices}
     counter = [0]
@@ -362,7 +371,7 @@ def _split(seq: Sequence) -> ScanParts:
         return e.func(*[extract(x, a) for x in e.args])
 
     step_assigns: list[Assign] = []
-    for a in spec.assigns:
+    for a in assigns:
         if a.target in hoist:
             continue
         step_assigns.append(dataclasses.replace(a, expr=extract(a.expr, a)))
@@ -371,7 +380,7 @@ def _split(seq: Sequence) -> ScanParts:
     step_reads: set[str] = set()
     for a in step_assigns:
         step_reads |= _reads(a.expr, set(tensors) | set(extra_dims))
-    hoisted_all = [a for a in spec.assigns if a.target in hoist] + extra
+    hoisted_all = [a for a in assigns if a.target in hoist] + extra
     hoisted_out = [a.target for a in hoisted_all if a.target in step_reads]
     live: set[str] = set(hoisted_out)
     for a in reversed(hoisted_all):
@@ -437,6 +446,75 @@ def _split(seq: Sequence) -> ScanParts:
     )
     _check_parts(parts, varying)
     return parts
+
+
+def _folded(spec, hoist: set, tensors, plain, needed) -> list[Assign]:
+    """The cell's assignments with the parameter-only terms of a recurrent sum moved into the
+    hoisted tensor it is always added to: with ``gh = h W_hh^T + b_hh`` read only as
+    ``gh[b, r'] + gi[b, r']`` (``gi`` hoisted, read nowhere else), ``gh = h W_hh^T`` and
+    ``gi = x W_ih^T + b_ih + b_hh``: the bias added once over all steps, not once per step."""
+    assigns = list(spec.assigns)
+    params = set(spec.params)
+
+    def dims(a):
+        return [spec.index_dims[(a.scope, i)] for i in a.indices]
+
+    def pairs(name):
+        """(reader, occurrence, the Add it is a term of) of every read of ``name``."""
+        out = []
+        for b in assigns:
+            for o in occurrences(b.expr, {name}):
+                adds = [
+                    node
+                    for node in sp.preorder_traversal(b.expr)
+                    if isinstance(node, sp.Add) and o in node.args
+                ]
+                out.append((b, o, adds[0] if len(adds) == 1 else None))
+        return out
+
+    for k, a in enumerate(assigns):
+        if a.op != "map" or a.target in hoist or a.target in needed or not isinstance(a.expr, sp.Add):
+            continue
+        consts = [
+            term
+            for term in a.expr.args
+            if _reads(term, tensors) and _reads(term, tensors) <= params and plain(a, term)
+        ]
+        if not consts or len(consts) == len(a.expr.args):
+            continue
+        reads = pairs(a.target)
+        partners = set()
+        for b, o, add in reads:
+            mates = [
+                occurrence_name(x)
+                for x in (add.args if add is not None else ())
+                if isinstance(x, sp.Indexed)
+                and x.indices == o.indices
+                and occurrence_name(x) in hoist
+            ]
+            partners.add(mates[0] if len(mates) == 1 else None)
+        if len(partners) != 1 or None in partners or not reads:
+            continue
+        v = partners.pop()
+        j = next(n for n, b in enumerate(assigns) if b.target == v)
+        va = assigns[j]
+        if va.op != "map" or v in needed or dims(va) != dims(a):
+            continue
+        if any(  # every read of v is one of those sums
+            add is None
+            or not any(
+                isinstance(x, sp.Indexed)
+                and occurrence_name(x) == a.target
+                and x.indices == o.indices
+                for x in add.args
+            )
+            for _, o, add in pairs(v)
+        ):
+            continue
+        moved = sp.Add(*consts).xreplace(dict(zip(a.indices, va.indices)))
+        assigns[j] = dataclasses.replace(va, expr=va.expr + moved)
+        assigns[k] = dataclasses.replace(a, expr=sp.Add(*[t for t in a.expr.args if t not in consts]))
+    return assigns
 
 
 def _time_index(spec, taken) -> sp.Symbol:
@@ -524,6 +602,14 @@ OPTIMIZATIONS = {
     # over T * B rows for dW_hh) from per-step gradients kept in (T, ...) arrays, instead of one
     # small product and one accumulation per step inside the loop
     "defer": True,
+    # the step's new arrays written into arrays allocated once before the time loop (``out=``):
+    # what a step returns or caches into one slot of a (T, ...) array (a stacked output's
+    # slot of the output itself, a gradient's slot of the (T, ...) gradient), its other
+    # temporaries into one array reused by every step
+    "buffers": True,
+    # a recurrent sum's parameter-only terms moved into the hoisted tensor always added to it
+    # (the LSTM's b_hh into x W_ih^T + b_ih): added once over all steps, not once per step
+    "fold": True,
 }
 
 
@@ -669,6 +755,158 @@ def _defer(seq: Sequence, parts: ScanParts, d) -> Deferred | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-step arrays allocated once, before the time loop
+# ---------------------------------------------------------------------------------------------
+
+#: NumPy ufuncs (and the runtime's ``_sigmoid``) whose call can take an ``out=`` array.
+_OUT_CALLS = {
+    "np.tanh": 1, "np.exp": 1, "np.log": 1, "np.sqrt": 1, "np.square": 1, "np.negative": 1,
+    "np.abs": 1, "np.sin": 1, "np.cos": 1, "np.add": 2, "np.subtract": 2, "np.multiply": 2,
+    "np.divide": 2, "np.matmul": 2, "np.maximum": 2, "np.minimum": 2, "_sigmoid": 1,
+}
+_OUT_BINOPS = {
+    ast.Add: "np.add", ast.Sub: "np.subtract", ast.Mult: "np.multiply", ast.Div: "np.divide",
+    ast.MatMult: "np.matmul",
+}
+
+
+@dataclasses.dataclass
+class Buffers:
+    """A step function whose new arrays are written into arrays its caller allocated once.
+
+    ``lines`` are the function's statements with each rewritten definition (``i = a + b`` ->
+    ``np.add(a, b, out=i)``); ``names`` are the variables bound to the given arrays, in the
+    order of the function's ``buffers`` argument; ``per_step`` those that outlive the call
+    (returned or cached: one slot of a (T, ...) array each step), the others being one array
+    reused by every step."""
+
+    lines: list
+    names: list[str]
+    per_step: set[str]
+    final: set[str]  # variables still bound to their given array where the function returns
+    dims: dict = dataclasses.field(default_factory=dict)  # variable -> its dimensions
+
+
+def _root(node) -> str | None:
+    """The variable an expression is a view of (``x``, ``x[:, :H]``, ``x.T``), if any."""
+    while isinstance(node, (ast.Subscript, ast.Attribute)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _into(stmt, v: str):
+    """``stmt`` (``v = <new array>``) as a statement writing into the array ``v``, or None."""
+    rhs = stmt.value
+    out = ast.keyword("out", ast.Name(v, ast.Load()))
+    if isinstance(rhs, ast.BinOp) and type(rhs.op) in _OUT_BINOPS:
+        func = ast.parse(_OUT_BINOPS[type(rhs.op)], mode="eval").body
+        return ast.Expr(ast.Call(func, [rhs.left, rhs.right], [out]))
+    if isinstance(rhs, ast.UnaryOp) and isinstance(rhs.op, ast.USub):
+        func = ast.parse("np.negative", mode="eval").body
+        return ast.Expr(ast.Call(func, [rhs.operand], [out]))
+    if isinstance(rhs, ast.Call) and not any(k.arg == "out" for k in rhs.keywords):
+        name = ast.unparse(rhs.func)
+        if name == "np.zeros":
+            return ast.parse(f"{v}[...] = 0").body[0]
+        if name == "np.empty":
+            return []  # the given array is the one
+        if _OUT_CALLS.get(name) == len(rhs.args) and not any(
+            isinstance(a, ast.Starred) for a in rhs.args
+        ):
+            return ast.Expr(ast.Call(rhs.func, rhs.args, [*rhs.keywords, out]))
+    return None
+
+
+def _buffered(lines, params, candidates, escaping) -> Buffers | None:
+    """Rewrite the first definition of each variable in ``candidates`` (variables of a known
+    float shape) to write into a given array. ``params``: the function's arguments;
+    ``escaping``: variables whose arrays outlive the call. A later ``v = v + e`` of such a
+    variable that nothing else views becomes ``v += e``."""
+    from .lower import Line
+
+    parsed = []
+    for line in lines:
+        try:
+            parsed.append(ast.parse(line.code).body)
+        except SyntaxError:
+            return None
+    defined = set(params)
+    alias: dict[str, set[str]] = {}  # variable -> the variables it may view
+    rewritten: dict[int, object] = {}  # id(stmt) -> its replacement
+    names: list[str] = []
+    for body in parsed:
+        for stmt in body:
+            if (
+                isinstance(stmt, ast.Assign)
+                and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)
+            ):
+                v = stmt.targets[0].id
+                new = _into(stmt, v) if v in candidates and v not in defined else None
+                if new is not None:
+                    rewritten[id(stmt)] = new
+                    names.append(v)
+                else:
+                    r = _root(stmt.value)
+                    viewed = {r} if r is not None else set()
+                    if isinstance(stmt.value, ast.Call):
+                        viewed |= {_root(k.value) for k in stmt.value.keywords if k.arg == "out"}
+                    alias.setdefault(v, set()).update(viewed - {None, v})
+            for node in ast.walk(stmt):
+                if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                    defined.add(node.id)
+    if not names:
+        return None
+    out = set(escaping)
+    while True:
+        more = {b for v in out for b in alias.get(v, ())} - out
+        if not more:
+            break
+        out |= more
+    viewed = {b for bs in alias.values() for b in bs}
+    assigns: dict[str, list] = {}  # variable -> its plain assignments after the rewritten one
+    for body in parsed:
+        for stmt in body:
+            if (
+                isinstance(stmt, ast.Assign)
+                and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)
+                and stmt.targets[0].id in names
+                and id(stmt) not in rewritten
+            ):
+                assigns.setdefault(stmt.targets[0].id, []).append(stmt)
+    grown = set()  # v = v + e into v's own array: every later assignment of v is one
+    for v, stmts in assigns.items():
+        if v not in viewed and all(
+            isinstance(a.value, ast.BinOp)
+            and type(a.value.op) in (ast.Add, ast.Sub, ast.Mult)
+            and isinstance(a.value.left, ast.Name)
+            and a.value.left.id == v
+            for a in stmts
+        ):
+            grown |= {id(a) for a in stmts}
+    new_lines = []
+    for line, body in zip(lines, parsed):
+        text = line.code.split("\n")
+        changed = False
+        for stmt in reversed(body):
+            new = rewritten.get(id(stmt))
+            if id(stmt) in grown:
+                new = ast.AugAssign(stmt.targets[0], stmt.value.op, stmt.value.right)
+            if new is None:
+                continue
+            text[stmt.lineno - 1 : stmt.end_lineno] = (
+                [] if new == [] else ast.unparse(new).split("\n")
+            )
+            changed = True
+        if changed and not text and not line.comment:
+            continue  # an array the caller gives: nothing to make
+        new_lines.append(dataclasses.replace(line, code="\n".join(text)) if changed else line)
+    final = {v for v in names if all(id(a) in grown for a in assigns.get(v, ()))}
+    return Buffers(new_lines, names, {v for v in names if v in out}, final)
+
+
+# ---------------------------------------------------------------------------------------------
 # Code generation
 # ---------------------------------------------------------------------------------------------
 
@@ -755,10 +993,10 @@ def sequence_source(
         )
     opts = {**OPTIMIZATIONS, **{k: v for k, v in options.items() if k in OPTIMIZATIONS}}
     lower_opts = {k: v for k, v in options.items() if k in LOWER_OPTIMIZATIONS}
-    parts = seq.parts()
+    parts = seq.parts(opts["fold"])
     cell = seq.cell
     cspec = cell.spec()
-    hoisted_d, step_d = seq.derivations()
+    hoisted_d, step_d = seq.derivations(opts["fold"])
     hp = (
         _Part(parts.hoisted, hoisted_d, "hoisted", lower_opts)
         if parts.hoisted is not None
@@ -831,6 +1069,13 @@ def sequence_source(
     step_cache = namer.claim("step_cache")
     hoisted_cache = namer.claim("hoisted_cache")
     step_out_var: dict[str, str] = {}
+    step_percache_vars = [
+        v for k, v in sp_.cache if k not in step_spec.params and k not in parts.invariant
+    ]
+    fbuf = bbuf = None
+    if opts["buffers"]:
+        fbuf = _step_buffers(sp_, "forward", set(sp_.out_vars) | set(step_percache_vars))
+    fbuf_src: dict[str, str] = {}  # buffer variable -> the array the caller passes
 
     # ---- forward -------------------------------------------------------------------------------
     pre: list[str] = []
@@ -926,7 +1171,11 @@ def sequence_source(
             continue
         v = step_out_var.setdefault(o, namer.claim(o))
         targets.append(v)
+        ov = sp_.out_vars[list(parts.step_outputs).index(o)]
         for y in stacked:
+            if fbuf is not None and ov in fbuf.final and ov not in fbuf_src:
+                fbuf_src[ov] = f"{out_var[y]}[{t}]"  # the step writes it there itself
+                continue
             after.append(f"{out_var[y]}[{t}] = {v}")
         for s in carried:  # the stacked copy feeds the next step: the step's own array is freed
             after.append(
@@ -934,6 +1183,8 @@ def sequence_source(
                 if stacked
                 else f"{state_var[s]} = {v}"
             )
+    if fbuf is not None:
+        step_args.append(_buffer_args(fbuf, fbuf_src, sp_, body, namer, shape, fused, t))
     loop.append(f"{', '.join(targets + [step_cache])} = _step_forward({', '.join(step_args)})")
     loop += after + kept
     loop.append(f"{steps}.append({step_cache})")
@@ -1049,6 +1300,26 @@ def sequence_source(
             dhoisted[n] if n in parts.invariant else dvar_[n] for n in deferred.params
         ]
         dp_call = f"{', '.join(douts_)} = _step_param_grads({', '.join(dargs)})"
+    if opts["buffers"]:
+        returned_ = [g for _, g in sp_.grads] + extra_returns
+        summed = {tmp for _, tmp in accumulate}  # added into an accumulator at once
+        bbuf = _step_buffers(
+            sp_,
+            "backward",
+            {
+                w
+                for g, target in zip(returned_, grads_t)
+                if target not in summed
+                for w in re.findall(r"[A-Za-z_]\w*", g)
+            },
+        )
+    if bbuf is not None:
+        bbuf_src = {}
+        for k, (g, target) in enumerate(zip(returned_, grads_t)):
+            if g in bbuf.final and g not in bbuf_src and target.endswith(f"[{t}]"):
+                bbuf_src[g] = target  # the step writes the gradient there itself
+                grads_t[k] = "_"
+        bargs.append(_buffer_args(bbuf, bbuf_src, sp_, bwd, namer, shape, bused, t))
     bwd.append(f"for {t} in range({dvar[TIME_DIM]} - 1, -1, -1):")
     bwd.append(f"    {', '.join(grads_t)} = _step_backward({', '.join(bargs)})")
     for acc, tmp in accumulate:
@@ -1182,18 +1453,26 @@ def sequence_source(
     params = (
         sp_.arg_vars + [low.dim_vars[d] for d in sp_.fdims] + (["dtype"] if sp_.fdtype else [])
     )
+    fbody = list(low.forward)
+    if fbuf is not None:
+        params.append("buffers")
+        fbody = [_unpack(fbuf.names, "buffers")] + fbuf.lines
     per_t = _tuple(v for _, v in step_percache) if step_percache else "()"
     private.append(
         sp_.function(
             "forward",
             params,
-            low.forward,
+            fbody,
             ", ".join(sp_.out_vars + [per_t]),
             f"One time step: ``({', '.join(step_spec.outputs)}, cache)``; parameters are not cached.",
         )
     )
     bparams = list(low.dout_vars) + ["cache"] + [v for _, v in step_const]
     bparams += [low.dim_vars[d] for d in sp_.bdims] + (["dtype"] if sp_.bdtype else [])
+    bbody = list(low.backward)
+    if bbuf is not None:
+        bparams.append("buffers")
+        bbody = [_unpack(bbuf.names, "buffers")] + bbuf.lines
     unpack = (
         [
             f"{', '.join(v for _, v in step_percache)}{',' if len(step_percache) == 1 else ''} = cache"
@@ -1206,7 +1485,7 @@ def sequence_source(
         sp_.function(
             "backward",
             bparams,
-            unpack + list(low.backward),
+            unpack + bbody,
             grads[0] + "," if len(grads) == 1 else ", ".join(grads),
             "Gradients of one step's arguments (its state gradients feed the step before)"
             + (
@@ -1245,7 +1524,7 @@ def sequence_source(
 
     hoisted_fwd = forward_text(hp.derivation) if hp is not None else []
     hoisted_bwd = backward_text(hp.derivation) if hp is not None else []
-    forms = sequence_formulas(seq)
+    forms = sequence_formulas(seq, fold=opts["fold"])
 
     shapes_text = "; ".join(f"{n} ({', '.join(ds)})" if ds else f"{n} scalar" for n, ds in shapes)
     summary = (
@@ -1292,6 +1571,53 @@ def sequence_source(
     return stamp(format_source(text))
 
 
+def _unpack(names, source) -> str:
+    return f"{', '.join(names)}{',' if len(names) == 1 else ''} = {source}"
+
+
+def _step_buffers(part, kind, escaping) -> Buffers | None:
+    """The step function ``kind`` of ``part`` writing its new float arrays into given ones."""
+    low = part.lowered
+    d = part.derivation
+    dims = {}
+    for n, v in low.tensor_vars.items():
+        if d.tensors[n].kind == "float" and "..." not in d.tensors[n].dims:
+            dims[v] = d.tensors[n].dims
+    if kind == "backward":
+        for n, adj in d.adjoints.items():
+            v = low.adjoint_vars.get(adj)
+            if v is not None and re.fullmatch(r"[A-Za-z_]\w*", v) and "..." not in d.tensors[n].dims:
+                dims.setdefault(v, d.tensors[n].dims)
+        lines = low.backward
+        params = list(low.dout_vars) + [v for _, v in part.cache]
+    else:
+        lines = low.forward
+        params = list(part.arg_vars)
+    params += list(low.dim_vars.values()) + ["dtype"]
+    buf = _buffered(lines, params, dims, escaping)
+    if buf is not None:
+        buf.dims = {v: dims[v] for v in buf.names}
+    return buf
+
+
+def _buffer_args(buf, given, part, lines, namer, shape, used, t) -> str:
+    """Allocate (into ``lines``, before the time loop) the arrays the step writes into; the
+    tuple of them the call passes at step ``t`` (``given``: variable -> its array there)."""
+    items = []
+    for v in buf.names:
+        if v in given:
+            items.append(given[v])
+        elif v in buf.per_step:
+            key = namer.claim(f"{v}_steps")
+            lines.append(f"{key} = np.empty({shape((TIME_DIM,) + buf.dims[v], used)}, dtype=dtype)")
+            items.append(f"{key}[{t}]")
+        else:
+            key = namer.claim(f"{v}_buf")
+            lines.append(f"{key} = np.empty({shape(buf.dims[v], used)}, dtype=dtype)")
+            items.append(key)
+    return _tuple(items)
+
+
 def _cell_text(spec) -> list[str]:
     from .printing import equation_text
 
@@ -1324,12 +1650,12 @@ def _bptt_text(seq: Sequence, parts: ScanParts) -> list[str]:
     return lines
 
 
-def sequence_formulas(seq: Sequence, style: str = "partial") -> dict[str, str]:
+def sequence_formulas(seq: Sequence, style: str = "partial", fold: bool = True) -> dict[str, str]:
     """LaTeX of the hoisted and step parts' equations and derived gradients (the module's
     FORMULAS); a step key that the hoisted part also has gets the suffix ``@step``."""
     from .latex import formulas
 
-    hoisted, step = seq.derivations()
+    hoisted, step = seq.derivations(fold)
     out = dict(formulas(hoisted, style)) if hoisted is not None else {}
     for k, v in formulas(step, style).items():
         out[k if k not in out else f"{k}@step"] = v

@@ -394,7 +394,9 @@ def test_same_adjoint_switch(name, rng):
     dgh; the Elman cell's two bias gradients are one sum, returned as two arrays); switched
     off, both are built and the numbers agree."""
     d = derive(LAYERS[name])
-    on, off = generate_source(d), generate_source(d, options={"same_adjoint": False})
+    # (tiled blocks are assigned, not added into zeros: off for both sides)
+    on = generate_source(d, options={"tile": False})
+    off = generate_source(d, options={"same_adjoint": False, "tile": False})
     fast, plain = load_module(on, name), load_module(off, name)
     args, kwargs = R.DOMAINS[name](rng)
     outs_f, grads_f = _run(fast, args, kwargs, rng)
@@ -410,6 +412,29 @@ def test_same_adjoint_switch(name, rng):
         assert on.count(".sum(") + on.count("np.einsum(") < off.count(".sum(") + off.count(
             "np.einsum("
         )
+
+
+@pytest.mark.parametrize("name", ["lstm_cell", "gru_cell"])
+def test_tile_switch(name, rng):
+    """The gate pre-activations' gradient is built from one contribution per gate block, the
+    blocks tiling the (B, k*H) array: each block is assigned once (the last operation writing
+    into its slice), with no array of zeros added into; switched off, zeros and slice-adds.
+    Same numbers, and every gradient its own array."""
+    d = derive(LAYERS[name])
+    on, off = generate_source(d), generate_source(d, options={"tile": False})
+    fast, plain = load_module(on, name), load_module(off, name)
+    args, kwargs = R.DOMAINS[name](rng)
+    outs_f, grads_f = _run(fast, args, kwargs, rng)
+    outs_p, grads_p = _run(plain, args, kwargs, rng)
+    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    ids = [id(g) for g in grads_f]
+    assert len(set(ids)) == len(ids)
+    back_on = on[on.index("def backward") :]
+    back_off = off[off.index("def backward") :]
+    assert "dgh = np.zeros(" in back_off and "dgh = np.zeros(" not in back_on
+    assert re.search(r"out=dgh\[:, 2 \* H : 3 \* H\]\)", back_on)
+    assert back_on.count("] += ") < back_off.count("] += ")
 
 
 @pytest.mark.parametrize("name", ["linear", "conv2d", "multi_head_self_attention"])

@@ -416,11 +416,14 @@ def _function_source(text, fname):
 
 
 def _contractions(src):
-    """Matrix products in a function: ``@`` operators and einsum calls of two or more operands."""
+    """Matrix products in a function: ``@`` operators, np.matmul calls and einsum calls of two
+    or more operands."""
     tree = ast.parse(src)
     count = 0
     for node in ast.walk(tree):
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
+            count += 1
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "matmul":
             count += 1
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "einsum":
             count += len(node.args) >= 3
@@ -599,7 +602,7 @@ def test_no_parameter_gradient_inside_the_backward_loop(name):
     recurrent = [n for n in seq.cell.params if n in seq.parts().step.spec().params]
     assert recurrent
     for n in recurrent:  # dW is returned by the plain step, computed after the loop otherwise
-        assert re.search(rf"^    d{n} = ", plain_step, re.MULTILINE)
+        assert re.search(rf"^    (d{n} = |np\.\w+\(.*\bout=d{n}\))", plain_step, re.MULTILINE)
         assert not re.search(rf"\bd{n}\b", step)
         assert re.search(rf"^    d{n} = ", params, re.MULTILINE)
     loop = _loop_of(_function_source(text, "backward"))
@@ -618,14 +621,118 @@ def test_shared_gate_gradient_is_one_array():
 
     text = render("lstm")
     step = _function_source(text, "_step_backward")
-    assert step.count("np.zeros(") == 1
+    assert step.count("np.zeros(") + step.count("[...] = 0") == 0  # blocks tile it
     code = [line for line in step.splitlines() if not line.strip().startswith("#")]
-    assert sum("] += " in line for line in code) == 4  # the four gate blocks, once
+    writes = [line for line in code if re.search(r"^\s*dgh\[.*\] \+?= |out=dgh\[", line)]
+    assert len(writes) == 4  # the four gate blocks, once
     backward = _function_source(text, "backward")
-    assert backward.count("np.empty(") == 1
+    assert backward.count("np.empty((T, B, H_x4)") == 1
     assert "_step_param_grads(dgi, " in backward and "_hoisted_backward(dgi, " in backward
 
 
 def test_scan_unknown_option_is_an_error():
     with pytest.raises(SpecError, match="scan options require names"):
         sequence_source(_scans()["rnn"], options={"fast": True})
+
+
+# ---- per-step arrays allocated once (the scan's "buffers" optimization) ------------------------
+
+
+@pytest.mark.parametrize("defer", [True, False])
+@pytest.mark.parametrize("name", [*SEQS, "mgu", "mix", "two"])
+def test_step_buffers_switch(name, defer, rng):
+    """With the scan's "buffers" switch on, the step writes its new arrays into arrays made once
+    before the loop; off, every step allocates its own. The same numbers either way, for
+    non-contiguous arguments too; no argument is written, a second forward does not overwrite
+    the first one's outputs, and backward may run twice on one cache."""
+    seq = _scans()[name]
+    fast_text = sequence_source(seq, options={"defer": defer})
+    plain_text = sequence_source(seq, options={"defer": defer, "buffers": False})
+    assert "buffers" in fast_text and "buffers" not in plain_text
+    fast, plain = load_module(fast_text, name), load_module(plain_text, name)
+    args = _random_args(fast, rng, T=5)
+    args = [np.asfortranarray(a) if a.ndim >= 2 else a for a in args]  # non-contiguous steps
+    kept = [a.copy() for a in args]
+    out_f, cache_f = fast.forward(*args)
+    out_p, cache_p = plain.forward(*args)
+    first = [np.array(o) for o in out_f]
+    fast.forward(*[rng.uniform(-0.8, 0.8, a.shape) for a in args])  # a second, other call
+    douts = tuple(rng.standard_normal(np.shape(o)) for o in out_f)
+    for a, b, c in zip(out_f, out_p, first):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+        np.testing.assert_array_equal(a, c)
+    grads_f = fast.backward(douts, cache_f)
+    again = fast.backward(douts, cache_f)
+    grads_p = plain.backward(douts, cache_p)
+    for n, a, b, c in zip(fast.ARGS, grads_f, grads_p, again):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=n)
+        np.testing.assert_array_equal(a, c, err_msg=n)
+    for n, a, b in zip(fast.ARGS, args, kept):
+        np.testing.assert_array_equal(a, b, err_msg=n)
+
+
+#: allocations of arrays of at least B*H elements by the steps over one forward and one backward
+#: with T = 6 steps, with the per-step buffers (an upper bound) and without them (exact)
+STEP_ALLOCATIONS = {
+    "lstm": {"buffers": (6, 55), "plain": (54, 97)},
+    "gru": {"buffers": (6, 49), "plain": (36, 85)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(STEP_ALLOCATIONS))
+def test_step_allocations(name, rng):
+    """The step functions' new arrays, counted by routing every operation of the generated step
+    functions through the pass counter of test_optimizations."""
+    from test_optimizations import _Counter, _Passes
+
+    seq = _scans()[name]
+
+    def count(text):
+        tree = ast.parse(text)
+        namespace = {}
+        exec(compile(text, "<module>", "exec"), namespace)
+        module = load_module(text, name)
+        args = _random_args(module, rng, T=6, B=4)
+        counter = _Counter(4 * 5)  # B * H
+        namespace.update(__op=counter.op, __unary=counter.unary, __aug=counter.aug, __call=counter.call)
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("_step_"):
+                fn = ast.fix_missing_locations(_Passes().visit(node))
+                exec(compile(ast.Module([fn], []), "<counted>", "exec"), namespace)
+        out, cache = namespace["forward"](*args)
+        forward = counter.allocations
+        counter.allocations = 0
+        namespace["backward"](tuple(np.ones(np.shape(o)) for o in out), cache)
+        return forward, counter.allocations
+
+    fast = count(sequence_source(seq))
+    plain = count(sequence_source(seq, options={"buffers": False}))
+    print(f"{name}: step allocations (forward, backward): buffers {fast}, plain {plain}")
+    bound = STEP_ALLOCATIONS[name]
+    assert fast[0] <= bound["buffers"][0] and fast[1] <= bound["buffers"][1], fast
+    assert plain == bound["plain"]  # the counter still counts what the plain steps allocate
+
+
+@pytest.mark.parametrize("name", [*SEQS, "mgu", "mix", "two"])
+def test_fold_switch(name, rng):
+    """With the scan's "fold" switch on, a recurrent sum's parameter-only terms go into the
+    hoisted tensor always added to it (the LSTM's b_hh into the input projection): the step
+    no longer reads b_hh. The same numbers with it off, where each step adds b_hh."""
+    seq = _scans()[name]
+    on, off = sequence_source(seq), sequence_source(seq, options={"fold": False})
+    fast, plain = load_module(on, name), load_module(off, name)
+    args = _random_args(fast, rng)
+    out_f, cache_f = fast.forward(*args)
+    out_p, cache_p = plain.forward(*args)
+    douts = tuple(rng.standard_normal(np.shape(o)) for o in out_f)
+    for a, b in zip(out_f, out_p):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    for n, a, b in zip(fast.ARGS, fast.backward(douts, cache_f), plain.backward(douts, cache_p)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=n)
+    step_on = _function_source(on, "_step_forward")
+    step_off = _function_source(off, "_step_forward")
+    if name == "lstm":
+        assert "bias_hh" in step_off and "bias_hh" not in step_on
+        assert "bias_hh" in _function_source(on, "_hoisted_forward")
+    elif name in ("gru", "rnn"):  # b_hn is multiplied by r (GRU); the RNN hoists it already
+        assert on == off
