@@ -57,6 +57,9 @@ class Chain:
         self.temp = temp
         self.known = known
         self.temps: list[str] = []  # names claimed for intermediate buffers, reused per render
+        # a two-way Piecewise as its full-size branch's buffer with the other value written
+        # where the condition says (np.copyto(buf, v, where=...)): no np.where allocating
+        self.masked = True
 
     # ---- classification ----------------------------------------------------------------------
     def define(self, sym, expr):
@@ -175,7 +178,44 @@ class Chain:
                 fn = "_sigmoid"
             if fn is not None:
                 return self.unary(fn, node.args[0], dest)
+        if isinstance(node, sp.Piecewise):
+            buf = self.masked_into(node, dest)
+            if buf is not None:
+                return buf
         return self.fallback(node, dest)
+
+    def masked_into(self, node, dest: str) -> str | None:
+        """``Piecewise((a, c), (b, True))`` with ``a`` (or ``b``) full-size and computed into a
+        buffer of its own (or a dead operand's): that buffer, the other value copied into it
+        where the condition says it applies. None (nothing emitted) when it does not serve:
+        more branches, a condition that is no array, or a full-size branch that is a live
+        operand (np.where makes its one copy then)."""
+        if not self.masked or len(node.args) != 2 or node.args[1].cond != sp.true:
+            return None
+        (a, cond), (b, _) = node.args
+        if not any(self.cover(s) for s in cond.free_symbols):  # a scalar test: no array mask
+            return None
+
+        def owned(x):  # a buffer the chain may write: computed here, or a dead operand's
+            return self.big(x) and (not self.leaf(x) or x in self.reusable)
+
+        if owned(a):
+            big, other, test = a, b, f"~{_wrap(self.text(cond))}"
+        elif owned(b):
+            big, other, test = b, a, _bare(self.text(cond))
+        else:
+            return None
+        if self.leaf(big):
+            self.reusable.discard(big)
+            buf = self.names[big]
+        else:
+            buf = self.into(big, dest)
+        if self.big(other) and not self.leaf(other):
+            value = self.into(other, self.new_temp())
+        else:
+            value = _bare(self.text(other))
+        self.emit(f"np.copyto({buf}, {value}, where={test})")
+        return buf
 
     def integer(self, node) -> bool:
         """Whether an operand may be an integer array (in-place float ops would fail)."""

@@ -635,7 +635,9 @@ class Lowerer:
                 covers[s] = frozenset({s})
                 integers.add(s)
         shape = tuple(self.spec.index_dims.get((scope, ix)) for ix in frame)
-        return Chain(printer, names, covers, frame, self.namer.temp, self.memo, integers, shape)
+        chain = Chain(printer, names, covers, frame, self.namer.temp, self.memo, integers, shape)
+        chain.masked = self.options["masked_inplace"]
+        return chain
 
     def merged_terms(self, d: Derivation, keep=()) -> list:
         """The backward contributions with the elementwise ones combined: an adjoint made by one
@@ -2458,6 +2460,10 @@ OPTIMIZATIONS = {
     "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
     "common_factor": True,  # a product several contributions of one assignment share, once
     "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
+    # (with fuse) a two-way Piecewise whose full-size branch has a buffer of its own (computed
+    # there, or a dead operand's): np.copyto of the other value where the condition says,
+    # instead of np.where allocating (attention's masked scores)
+    "masked_inplace": True,
     "erf_scale": True,  # erf(c*x) as _erf(x, c): the helper scales block by block
     # elementwise contributions to one adjoint as one sum with its common factors taken out,
     # an adjoint read once by another elementwise contribution substituted there
