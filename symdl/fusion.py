@@ -437,6 +437,20 @@ def _maybe_view(source: str, name: str | None = None) -> bool:
     return _view_of(node, name)
 
 
+def _temporary_slice(source: str) -> bool:
+    """Whether ``source`` is a basic slice of a value it computes (``(t @ x[..., None])[..., 0]``):
+    a view of memory no name holds."""
+    try:
+        node = ast.parse(source, mode="eval").body
+    except SyntaxError:
+        return False
+    if not isinstance(node, ast.Subscript):
+        return False
+    while isinstance(node, ast.Subscript):
+        node = node.value
+    return isinstance(node, (ast.BinOp, ast.Call)) and not _view_of(node, None)
+
+
 def _view_of(node, name) -> bool:
     """Whether ``node`` may share memory with array ``name`` (None: with any array)."""
     if isinstance(node, ast.Name):
@@ -477,14 +491,17 @@ _ASSIGN = re.compile(r"^(\w+) = (.*)$", re.S)
 _NAME = re.compile(r"\b[A-Za-z_]\w*\b")
 
 
-def finish(lines: list, protected: set, shapes: dict | None = None):
+def finish(lines: list, protected: set, shapes: dict | None = None, slices: bool = True):
     """Render each chain statement of one function, writing into a dead buffer where one
     serves. ``protected``: names whose arrays outlive the function (cache, outputs, returns);
     ``shapes``: the shape of other float temporaries (as dimension names), which may serve as
     spare buffers too. A line with ``branches`` (an if/else block) runs one of them: each is
     rendered with the statements after the block as its future, and what both leave fresh
-    stays fresh."""
-    state = {"fresh": set(), "shapes": {}}  # chain results' shapes (a name may be rebound)
+    stays fresh. ``slices``: a slice of a value computed in the statement itself (the
+    ``(a @ b)[..., 0]`` of a matrix-vector product) counts as an array of its own: no other
+    name reaches its memory."""
+    # chain results' shapes (a name may be rebound)
+    state = {"fresh": set(), "shapes": {}, "slices": slices}
     _finish(lines, [], protected, dict(shapes or {}), state)
 
 
@@ -506,7 +523,7 @@ def _finish(lines: list, after: list, protected: set, known: dict, state: dict):
         if branches:
             outcomes = []
             for branch in branches:
-                inner = {"fresh": set(fresh), "shapes": dict(shapes)}
+                inner = {"fresh": set(fresh), "shapes": dict(shapes), "slices": state["slices"]}
                 _finish(branch, later, protected, known, inner)
                 outcomes.append(inner)
             a, b = outcomes
@@ -548,7 +565,8 @@ def _finish(lines: list, after: list, protected: set, known: dict, state: dict):
             fresh.discard(dest)
             if chain is None:  # no longer a chain's result
                 shapes.pop(dest, None)
-            if chain is None and not _maybe_view(m.group(2)):  # a computed array
+            computed = not _maybe_view(src) or (state["slices"] and _temporary_slice(src))
+            if chain is None and computed:  # a computed array
                 fresh.add(dest)
             # an array viewed under another name may not be overwritten
             for n in list(fresh):

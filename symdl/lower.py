@@ -2464,6 +2464,9 @@ OPTIMIZATIONS = {
     # there, or a dead operand's): np.copyto of the other value where the condition says,
     # instead of np.where allocating (attention's masked scores)
     "masked_inplace": True,
+    # (with fuse) a slice of a value its statement computes ((t @ x[..., None])[..., 0], a stack
+    # of matrix-vector products) is an array of its own: later in-place chains may write it
+    "temporary_slices": True,
     "erf_scale": True,  # erf(c*x) as _erf(x, c): the helper scales block by block
     # elementwise contributions to one adjoint as one sum with its common factors taken out,
     # an adjoint read once by another elementwise contribution substituted there
@@ -2645,10 +2648,10 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
     if lw.options["fuse"]:  # write into dead buffers: never cached, returned or caller-owned
         kept = {v for _, v in cache} | {lw.var[o] for o in spec.outputs}
-        finish(fwd.lines, kept, lw.shapes)
+        finish(fwd.lines, kept, lw.shapes, lw.options["temporary_slices"])
         returned = {w for _, text in grads for w in re.findall(r"[A-Za-z_]\w*", text)}
         returned |= {lw.var[d.adjoints[o]] for o in spec.outputs} | {lw.v(a) for a in keep}
-        finish(bwd.lines, returned, lw.shapes)
+        finish(bwd.lines, returned, lw.shapes, lw.options["temporary_slices"])
     dims_order = [x for x in spec.dims]
     return Lowered(
         derivation=d,

@@ -1086,3 +1086,33 @@ def test_masked_inplace_mhsa(causal, rng):
     np.testing.assert_allclose(
         res[0][0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=1e-10, atol=1e-12
     )
+
+
+# ---- slices of computed values as arrays of their own (OPTIMIZATIONS["temporary_slices"]) -----
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_temporary_slices_switch(dtype, rng):
+    """local_attention's scores and dp are (t @ x[..., None])[..., 0], a slice of a product no
+    other name holds: later chains write them in place (t0 *= scale, dp += ...); off, new
+    arrays. Same numbers, arguments and cache untouched, against the dense computation too."""
+    d = derive(LAYERS["local_attention"])
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"temporary_slices": False})
+    assert "t0 *= scale" in on_text and "dp += " in on_text
+    assert "t0 *= scale" not in off_text and "dp += " not in off_text
+    on, off = load_module(on_text, "la"), load_module(off_text, "la")
+    q, k, v = (rng.standard_normal((2, 7, 6)).astype(dtype)[:, :, ::2] for _ in range(3))
+    before = _snapshot((q, k, v))
+    y, cache = on.forward(q, k, v, window=2)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    saved = _snapshot(cache)
+    grads = on.backward(dy, cache)
+    _assert_same(_snapshot((q, k, v)), before)
+    _assert_same(_snapshot(cache), saved)
+    y2, cache2 = off.forward(q, k, v, window=2)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip((y, *grads), (y2, *off.backward(dy, cache2))):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, **tol)
+    np.testing.assert_allclose(y, _dense_local_attention(q, k, v, 2), **tol)
