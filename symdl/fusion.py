@@ -57,6 +57,9 @@ class Chain:
         self.temp = temp
         self.known = known
         self.temps: list[str] = []  # names claimed for intermediate buffers, reused per render
+        # a two-way Piecewise as its full-size branch's buffer with the other value written
+        # where the condition says (np.copyto(buf, v, where=...)): no np.where allocating
+        self.masked = True
 
     # ---- classification ----------------------------------------------------------------------
     def define(self, sym, expr):
@@ -175,7 +178,44 @@ class Chain:
                 fn = "_sigmoid"
             if fn is not None:
                 return self.unary(fn, node.args[0], dest)
+        if isinstance(node, sp.Piecewise):
+            buf = self.masked_into(node, dest)
+            if buf is not None:
+                return buf
         return self.fallback(node, dest)
+
+    def masked_into(self, node, dest: str) -> str | None:
+        """``Piecewise((a, c), (b, True))`` with ``a`` (or ``b``) full-size and computed into a
+        buffer of its own (or a dead operand's): that buffer, the other value copied into it
+        where the condition says it applies. None (nothing emitted) when it does not serve:
+        more branches, a condition that is no array, or a full-size branch that is a live
+        operand (np.where makes its one copy then)."""
+        if not self.masked or len(node.args) != 2 or node.args[1].cond != sp.true:
+            return None
+        (a, cond), (b, _) = node.args
+        if not any(self.cover(s) for s in cond.free_symbols):  # a scalar test: no array mask
+            return None
+
+        def owned(x):  # a buffer the chain may write: computed here, or a dead operand's
+            return self.big(x) and (not self.leaf(x) or x in self.reusable)
+
+        if owned(a):
+            big, other, test = a, b, f"~{_wrap(self.text(cond))}"
+        elif owned(b):
+            big, other, test = b, a, _bare(self.text(cond))
+        else:
+            return None
+        if self.leaf(big):
+            self.reusable.discard(big)
+            buf = self.names[big]
+        else:
+            buf = self.into(big, dest)
+        if self.big(other) and not self.leaf(other):
+            value = self.into(other, self.new_temp())
+        else:
+            value = _bare(self.text(other))
+        self.emit(f"np.copyto({buf}, {value}, where={test})")
+        return buf
 
     def integer(self, node) -> bool:
         """Whether an operand may be an integer array (in-place float ops would fail)."""
@@ -397,6 +437,20 @@ def _maybe_view(source: str, name: str | None = None) -> bool:
     return _view_of(node, name)
 
 
+def _temporary_slice(source: str) -> bool:
+    """Whether ``source`` is a basic slice of a value it computes (``(t @ x[..., None])[..., 0]``):
+    a view of memory no name holds."""
+    try:
+        node = ast.parse(source, mode="eval").body
+    except SyntaxError:
+        return False
+    if not isinstance(node, ast.Subscript):
+        return False
+    while isinstance(node, ast.Subscript):
+        node = node.value
+    return isinstance(node, (ast.BinOp, ast.Call)) and not _view_of(node, None)
+
+
 def _view_of(node, name) -> bool:
     """Whether ``node`` may share memory with array ``name`` (None: with any array)."""
     if isinstance(node, ast.Name):
@@ -437,14 +491,17 @@ _ASSIGN = re.compile(r"^(\w+) = (.*)$", re.S)
 _NAME = re.compile(r"\b[A-Za-z_]\w*\b")
 
 
-def finish(lines: list, protected: set, shapes: dict | None = None):
+def finish(lines: list, protected: set, shapes: dict | None = None, slices: bool = True):
     """Render each chain statement of one function, writing into a dead buffer where one
     serves. ``protected``: names whose arrays outlive the function (cache, outputs, returns);
     ``shapes``: the shape of other float temporaries (as dimension names), which may serve as
     spare buffers too. A line with ``branches`` (an if/else block) runs one of them: each is
     rendered with the statements after the block as its future, and what both leave fresh
-    stays fresh."""
-    state = {"fresh": set(), "shapes": {}}  # chain results' shapes (a name may be rebound)
+    stays fresh. ``slices``: a slice of a value computed in the statement itself (the
+    ``(a @ b)[..., 0]`` of a matrix-vector product) counts as an array of its own: no other
+    name reaches its memory."""
+    # chain results' shapes (a name may be rebound)
+    state = {"fresh": set(), "shapes": {}, "slices": slices}
     _finish(lines, [], protected, dict(shapes or {}), state)
 
 
@@ -466,7 +523,7 @@ def _finish(lines: list, after: list, protected: set, known: dict, state: dict):
         if branches:
             outcomes = []
             for branch in branches:
-                inner = {"fresh": set(fresh), "shapes": dict(shapes)}
+                inner = {"fresh": set(fresh), "shapes": dict(shapes), "slices": state["slices"]}
                 _finish(branch, later, protected, known, inner)
                 outcomes.append(inner)
             a, b = outcomes
@@ -508,7 +565,8 @@ def _finish(lines: list, after: list, protected: set, known: dict, state: dict):
             fresh.discard(dest)
             if chain is None:  # no longer a chain's result
                 shapes.pop(dest, None)
-            if chain is None and not _maybe_view(m.group(2)):  # a computed array
+            computed = not _maybe_view(src) or (state["slices"] and _temporary_slice(src))
+            if chain is None and computed:  # a computed array
                 fresh.add(dest)
             # an array viewed under another name may not be overwritten
             for n in list(fresh):

@@ -637,7 +637,9 @@ class Lowerer:
                 covers[s] = frozenset({s})
                 integers.add(s)
         shape = tuple(self.spec.index_dims.get((scope, ix)) for ix in frame)
-        return Chain(printer, names, covers, frame, self.namer.temp, self.memo, integers, shape)
+        chain = Chain(printer, names, covers, frame, self.namer.temp, self.memo, integers, shape)
+        chain.masked = self.options["masked_inplace"]
+        return chain
 
     def merged_terms(self, d: Derivation, keep=()) -> list:
         """The backward contributions with the elementwise ones combined: an adjoint made by one
@@ -2544,6 +2546,13 @@ OPTIMIZATIONS = {
     "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
     "common_factor": True,  # a product several contributions of one assignment share, once
     "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
+    # (with fuse) a two-way Piecewise whose full-size branch has a buffer of its own (computed
+    # there, or a dead operand's): np.copyto of the other value where the condition says,
+    # instead of np.where allocating (attention's masked scores)
+    "masked_inplace": True,
+    # (with fuse) a slice of a value its statement computes ((t @ x[..., None])[..., 0], a stack
+    # of matrix-vector products) is an array of its own: later in-place chains may write it
+    "temporary_slices": True,
     "erf_scale": True,  # erf(c*x) as _erf(x, c): the helper scales block by block
     # elementwise contributions to one adjoint as one sum with its common factors taken out,
     # an adjoint read once by another elementwise contribution substituted there
@@ -2732,10 +2741,10 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
     if lw.options["fuse"]:  # write into dead buffers: never cached, returned or caller-owned
         kept = {v for _, v in cache} | {lw.var[o] for o in spec.outputs}
-        finish(fwd.lines, kept, lw.shapes)
+        finish(fwd.lines, kept, lw.shapes, lw.options["temporary_slices"])
         returned = {w for _, text in grads for w in re.findall(r"[A-Za-z_]\w*", text)}
         returned |= {lw.var[d.adjoints[o]] for o in spec.outputs} | {lw.v(a) for a in keep}
-        finish(bwd.lines, returned, lw.shapes)
+        finish(bwd.lines, returned, lw.shapes, lw.options["temporary_slices"])
     dims_order = [x for x in spec.dims]
     return Lowered(
         derivation=d,

@@ -1059,3 +1059,85 @@ def test_specialize_custom_layer(rng):
         assert y is not x and not np.shares_memory(y, x)
         result = gradcheck(on, [x], kwargs, tol=1e-6)
         assert result.ok, result
+
+
+# ---- masked Piecewise statements in place (OPTIMIZATIONS["masked_inplace"]) ---------------------
+
+
+@pytest.mark.parametrize("name", ["local_attention", "elu", "huber_loss", "leaky_relu"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_masked_inplace_switch(name, dtype, rng):
+    """A two-way Piecewise over the full frame writes its other value into the full-size
+    branch's buffer (np.copyto(..., where=...)) instead of np.where; off, np.where. Same
+    numbers as the plain lowering, arguments and cache untouched, in the arguments' dtype."""
+    d = derive(LAYERS[name])
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"masked_inplace": False})
+    assert "np.copyto(" in on_text and "np.copyto(" not in off_text
+    on, off = load_module(on_text, name), load_module(off_text, name)
+    args, kwargs = R.DOMAINS[name](rng)
+    args = [a.astype(dtype) if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a for a in args]
+    before = _snapshot((args, kwargs))
+    out, cache = on.forward(*args, **kwargs)
+    dout = np.random.default_rng(1).standard_normal(np.shape(out)).astype(dtype)
+    saved = _snapshot(cache)
+    grads = on.backward(dout, cache)
+    _assert_same(_snapshot((args, kwargs)), before)
+    _assert_same(_snapshot(cache), saved)
+    out2, cache2 = off.forward(*args, **kwargs)
+    grads2 = off.backward(dout, cache2)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-7)
+    for x, y in zip((out, *grads), (out2, *grads2)):
+        assert np.asarray(x).dtype == dtype
+        np.testing.assert_allclose(x, y, **tol)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_masked_inplace_mhsa(causal, rng):
+    """The causal mask written into the score buffer (np.copyto where the key is in the future),
+    the softmax numerator's masked entries likewise: agrees with the plain lowering and with
+    the independent NumPy reference."""
+    d = derive(LAYERS["multi_head_self_attention"])
+    on_text = generate_source(d)
+    assert on_text.count("np.copyto(") == 2
+    on = load_module(on_text, "mha")
+    off = load_module(generate_source(d, options={"masked_inplace": False}), "mha")
+    args, _ = R.DOMAINS["multi_head_self_attention"](rng)
+    kwargs = {"num_heads": 2, "causal": causal}
+    res = [_run(m, args, kwargs, rng) for m in (on, off)]
+    for a, b in zip(*res):
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        res[0][0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=1e-10, atol=1e-12
+    )
+
+
+# ---- slices of computed values as arrays of their own (OPTIMIZATIONS["temporary_slices"]) -----
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_temporary_slices_switch(dtype, rng):
+    """local_attention's scores and dp are (t @ x[..., None])[..., 0], a slice of a product no
+    other name holds: later chains write them in place (t0 *= scale, dp += ...); off, new
+    arrays. Same numbers, arguments and cache untouched, against the dense computation too."""
+    d = derive(LAYERS["local_attention"])
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"temporary_slices": False})
+    assert "t0 *= scale" in on_text and "dp += " in on_text
+    assert "t0 *= scale" not in off_text and "dp += " not in off_text
+    on, off = load_module(on_text, "la"), load_module(off_text, "la")
+    q, k, v = (rng.standard_normal((2, 7, 6)).astype(dtype)[:, :, ::2] for _ in range(3))
+    before = _snapshot((q, k, v))
+    y, cache = on.forward(q, k, v, window=2)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    saved = _snapshot(cache)
+    grads = on.backward(dy, cache)
+    _assert_same(_snapshot((q, k, v)), before)
+    _assert_same(_snapshot(cache), saved)
+    y2, cache2 = off.forward(q, k, v, window=2)
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip((y, *grads), (y2, *off.backward(dy, cache2))):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, **tol)
+    np.testing.assert_allclose(y, _dense_local_attention(q, k, v, 2), **tol)
