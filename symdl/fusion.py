@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import re
 
+import numpy as np
 import sympy as sp
 
 from .functions import sigmoid
@@ -54,6 +55,7 @@ class Chain:
         self.names = names
         self.covers = dict(covers)
         self.full = frozenset(frame)
+        self.frame = tuple(frame)
         self.temp = temp
         self.known = known
         self.temps: list[str] = []  # names claimed for intermediate buffers, reused per render
@@ -475,6 +477,7 @@ class Statement:
     def __init__(self, chain: Chain, expr, dest: str):
         self.chain, self.expr, self.dest = chain, expr, dest
         lines, self.fresh = chain.plan(expr, dest)
+        self.taken = set(chain.taken)
         self.default = "\n".join(lines)
         # a float array of a known shape: its buffer may serve a later statement of that shape
         self.shape = chain.shape if not expr.free_symbols & chain.integers else None
@@ -483,6 +486,7 @@ class Statement:
 
     def render(self, reusable, spares=()) -> tuple[str, bool]:
         lines, fresh = self.chain.plan(self.expr, self.dest, reusable, spares)
+        self.taken = set(self.chain.taken)  # spare buffers this rendering writes
         return "\n".join(lines), fresh
 
 
@@ -597,3 +601,152 @@ def _dead(name: str, later: list) -> bool:
             if name in names:
                 return False
     return True
+
+
+#: Passes over memory a helper makes (the others: one per call or operator).
+_HELPER_PASSES = {"_sigmoid": 4}
+_UFUNC_OF = {
+    ast.Add: "np.add", ast.Sub: "np.subtract", ast.Mult: "np.multiply", ast.Div: "np.divide",
+    ast.Pow: "np.power",
+}
+_BLOCK_NAMES = {"sl", "block"}
+
+
+def block(lines: list) -> bool:
+    """Each rendered chain of two or more full-size passes run block by block: a loop over
+    cache-sized slices along the frame's first axis (``_cache_blocks``, one slice of the whole
+    for small arrays), the same statements on the slices, so the chain reads and writes memory
+    once instead of once per pass. Operands that do not vary along that axis stay whole.
+    Returns whether any chain was."""
+    done = False
+    for line in lines:
+        if getattr(line, "branches", None):
+            for branch in line.branches:
+                done |= block(branch)
+            line.render_block()
+            continue
+        if getattr(line, "chain", None) is not None:
+            code = _blocked(line.chain, line.code)
+            if code is not None:
+                line.code, done = code, True
+    return done
+
+
+def _blocked(statement: Statement, code: str) -> str | None:
+    """``code`` (the rendering of ``statement``) as a loop over blocks; None where it does
+    not apply: fewer than two passes, integer operands, operands along the first axis that
+    are not plain names or slices of one, spare buffers as temporaries."""
+    chain, expr = statement.chain, statement.expr
+    if not chain.frame or expr.free_symbols & chain.integers or statement.taken - {statement.dest}:
+        return None
+    try:
+        body = ast.parse(code).body
+    except SyntaxError:
+        return None
+    # the buffer holding the result (``dest = buf`` last when it is an operand's)
+    result, tail = statement.dest, []
+    last = body[-1]
+    if (
+        len(body) > 1 and isinstance(last, ast.Assign) and isinstance(last.value, ast.Name)
+        and last.targets[0].id == statement.dest
+    ):
+        result, tail, body = last.value.id, [ast.unparse(last)], body[:-1]
+    # one pass over the frame per statement, more for a helper making several
+    passes = len(body) + sum(
+        _HELPER_PASSES.get(ast.unparse(n.func), 1) - 1
+        for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Call)
+    )
+    if passes < 2:
+        return None
+    # operands: sliced along the first axis (bare names, slices of a name), or whole
+    lead = chain.frame[0]
+    bare, sliced, template = set(), set(), None
+    for sym, text in chain.names.items():
+        if lead not in chain.covers.get(sym, frozenset()):
+            continue
+        if text.isidentifier():
+            bare.add(text)
+            if (
+                chain.covers[sym] >= chain.full and sym not in chain.integers and template is None
+                and re.search(rf"\b{text}\b", code)
+            ):
+                template = text
+        else:
+            m = re.fullmatch(r"(\w+)\[:(, .*)?\]", text)
+            if m is None:
+                continue  # (checked below: a use of it declines)
+            sliced.add(m.group(1))
+    names = {n.id for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name)}
+    if names & _BLOCK_NAMES or bare & sliced:
+        return None
+    assigned = {
+        t.id for stmt in body if isinstance(stmt, ast.Assign) for t in stmt.targets
+        if isinstance(t, ast.Name)
+    }
+    allocate = None
+    first = body[0]
+    if isinstance(first, ast.Assign) and first.targets[0].id == result:
+        allocate, body = first.value, body[1:]
+    elif result not in bare and result not in statement.taken:
+        return None
+    if template is None:
+        return None
+    # every other array along the first axis (a transposed view, a computed operand): as it is
+    for sym, text in chain.names.items():
+        if lead in chain.covers.get(sym, frozenset()) and text in code:
+            if not text.isidentifier() and not re.fullmatch(r"(\w+)\[:(, .*)?\]", text):
+                return None
+    local = assigned - {result}
+
+    class Slicer(ast.NodeTransformer):
+        def visit_Subscript(self, node):
+            if isinstance(node.value, ast.Name) and node.value.id in sliced:
+                index = node.slice
+                elts = list(index.elts) if isinstance(index, ast.Tuple) else [index]
+                if isinstance(elts[0], ast.Slice) and elts[0].lower is None and elts[0].upper is None:
+                    elts[0] = ast.Name("sl")
+                    node.slice = ast.Tuple(elts) if len(elts) > 1 else elts[0]
+                    return node
+            return self.generic_visit(node)
+
+        def visit_Name(self, node):
+            if node.id == result:
+                return ast.Name("block")
+            if node.id in bare and node.id not in local:
+                return ast.Subscript(ast.Name(node.id), ast.Name("sl"))
+            if node.id in sliced:
+                raise _Decline
+            return node
+
+    try:
+        stmts = [ast.unparse(Slicer().visit(stmt)) for stmt in body]
+        if allocate is not None:
+            stmts.insert(0, _into_block(Slicer().visit(allocate)))
+    except _Decline:
+        return None
+    out = []
+    if allocate is not None:
+        out.append(f"{result} = np.empty_like({template})")
+    out.append(f"for sl in _cache_blocks({result}):  # the chain in cache, block by block")
+    out.append(f"    block = {result}[sl]")
+    out += [f"    {s}" for s in stmts]
+    return "\n".join(out + tail)
+
+
+class _Decline(Exception):
+    pass
+
+
+def _into_block(value) -> str:
+    """The statement computing ``value`` into ``block``."""
+    func = ast.unparse(value.func) if isinstance(value, ast.Call) else ""
+    ufunc = func.startswith("np.") and isinstance(getattr(np, func[3:], None), np.ufunc)
+    if isinstance(value, ast.Call) and not value.keywords and (ufunc or func == "_sigmoid"):
+        value.keywords.append(ast.keyword("out", ast.Name("block")))
+        return ast.unparse(value)
+    if isinstance(value, ast.BinOp) and type(value.op) in _UFUNC_OF:
+        fn = _UFUNC_OF[type(value.op)]
+        return f"{fn}({ast.unparse(value.left)}, {ast.unparse(value.right)}, out=block)"
+    if isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub):
+        return f"np.negative({ast.unparse(value.operand)}, out=block)"
+    return f"block[...] = {ast.unparse(value)}"

@@ -24,7 +24,7 @@ import sympy as sp
 
 from .derive import Contribution, Derivation, backward_reads, reuse_outputs
 from .errors import LowerError
-from .fusion import Chain, Statement, finish
+from .fusion import Chain, Statement, block, finish
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import (
     ELL,
@@ -2546,6 +2546,9 @@ OPTIMIZATIONS = {
     "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
     "common_factor": True,  # a product several contributions of one assignment share, once
     "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
+    # (with fuse) a chain of two or more full-size passes over arrays larger than the cache as
+    # a loop over cache-sized blocks along the first axis: one memory round trip, not one per pass
+    "blocked": True,
     # (with fuse) a two-way Piecewise whose full-size branch has a buffer of its own (computed
     # there, or a dead operand's): np.copyto of the other value where the condition says,
     # instead of np.where allocating (attention's masked scores)
@@ -2745,6 +2748,9 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
         returned = {w for _, text in grads for w in re.findall(r"[A-Za-z_]\w*", text)}
         returned |= {lw.var[d.adjoints[o]] for o in spec.outputs} | {lw.v(a) for a in keep}
         finish(bwd.lines, returned, lw.shapes, lw.options["temporary_slices"])
+        # long chains over large arrays: block by block in cache (after the buffers are chosen)
+        if lw.options["blocked"] and (block(fwd.lines) | block(bwd.lines)):
+            lw.helpers.add("_cache_blocks")
     dims_order = [x for x in spec.dims]
     return Lowered(
         derivation=d,

@@ -237,7 +237,7 @@ def test_fuse_keeps_float32(name, rng):
 
 
 def test_fuse_writes_in_place():
-    text = generate_source(LAYERS["sigmoid"])
+    text = generate_source(LAYERS["sigmoid"], options={"blocked": False})
     backward = text.split("def backward")[1].split("\ndef ")[0]
     assert "dx = 1 - y\n    dx *= dy\n    dx *= y" in backward
     plain = generate_source(LAYERS["sigmoid"], options={"fuse": False})
@@ -311,6 +311,11 @@ class _Counter:
 
     def call(self, fn, *args, **kwargs):
         result = fn(*args, **kwargs)
+        if fn in (np.empty, np.empty_like):  # an allocation, its memory untouched: no pass
+            self.allocations += result.size >= self.full
+            return result
+        if getattr(fn, "__name__", "") == "_cache_blocks":  # slices from the shape alone
+            return result
         operands = list(args) + list(kwargs.values()) + [getattr(fn, "__self__", None)]
         self.record(operands, result, inplace=kwargs.get("out"))
         return result
@@ -472,8 +477,8 @@ def test_common_factor_switch(rng):
 
     backward = code(on[on.index("def backward") :])
     plain = code(off[off.index("def backward") :])
-    def squares(text):  # n**2, or np.square(n) in a fused statement
-        return text.count("n**2") + text.count("np.square(n)")
+    def squares(text):  # n**2, or np.square(n) in a fused statement (of a block of n)
+        return text.count("n**2") + text.count("np.square(n)") + text.count("np.square(n[sl]")
 
     assert squares(backward) == 1 and squares(plain) == 3
     fast, slow = load_module(on, "gru_cell"), load_module(off, "gru_cell")
@@ -1141,3 +1146,67 @@ def test_temporary_slices_switch(dtype, rng):
         assert a.dtype == dtype
         np.testing.assert_allclose(a, b, **tol)
     np.testing.assert_allclose(y, _dense_local_attention(q, k, v, 2), **tol)
+
+
+# ---- chains over cache-sized blocks (OPTIMIZATIONS["blocked"]) --------------------------------
+
+
+def _blocked_args(name, dtype, rng):
+    """Arguments larger than the block threshold (1 MiB), the first a non-contiguous view."""
+    rows = 1200 if dtype == np.float32 else 600
+    if name == "batch_norm":
+        x = rng.standard_normal((rows // 10, 6, 30, 60)).astype(dtype)[..., ::2]
+        return x, rng.standard_normal(6).astype(dtype), rng.standard_normal(6).astype(dtype)
+    x = rng.standard_normal((rows, 701)).astype(dtype)[:, ::2]
+    if name == "layer_norm":
+        return x, rng.standard_normal(351).astype(dtype), rng.standard_normal(351).astype(dtype)
+    return (x,)
+
+
+@pytest.mark.parametrize(
+    "name", ["tanh", "sigmoid", "gelu", "silu", "elu", "leaky_relu", "layer_norm", "batch_norm"]
+)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_blocked_switch(name, dtype, rng):
+    """Chains of two or more passes run as a loop over cache-sized blocks of the first axis
+    (several blocks for these > 1 MiB arrays, one for small ones); off, whole-array chains.
+    Same numbers (the same operations per element), arguments and cache untouched, the
+    arguments' dtype kept; the small-array path agrees too."""
+    d = derive(LAYERS[name])
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"blocked": False})
+    assert "for sl in _cache_blocks(" in on_text and "_cache_blocks" not in off_text
+    on, off = load_module(on_text, name), load_module(off_text, name)
+    args = _blocked_args(name, dtype, rng)
+    kwargs = {"negative_slope": 0.2} if name == "leaky_relu" else {}
+    assert len(on._cache_blocks(args[0])) > 1 and len(on._cache_blocks(args[0][:20])) == 1
+    tol = dict(rtol=1e-12, atol=1e-14) if dtype == np.float64 else dict(rtol=1e-5, atol=1e-6)
+    for args in (args, (args[0][:3],) + args[1:]):  # large (blocks), small (one slice)
+        before = _snapshot((args, kwargs))
+        out, cache = on.forward(*args, **kwargs)
+        dout = rng.standard_normal(np.shape(out)).astype(dtype)
+        saved = _snapshot((dout, cache))
+        grads = on.backward(dout, cache)
+        _assert_same(_snapshot((args, kwargs)), before)
+        _assert_same(_snapshot((dout, cache)), saved)
+        out2, cache2 = off.forward(*args, **kwargs)
+        grads2 = off.backward(dout, cache2)
+        for x, y in zip((out, *grads), (out2, *grads2)):
+            assert np.asarray(x).dtype == dtype and np.shape(x) == np.shape(y)
+            np.testing.assert_allclose(x, y, **tol)
+
+
+def test_cache_blocks_slices():
+    """_cache_blocks covers the first axis exactly once, in blocks of about 256 KiB; arrays of
+    at most 1 MiB, a single row, or no elements as one slice of the whole."""
+    blocks = load_module(generate_source(derive(LAYERS["tanh"])), "tanh")._cache_blocks
+    for shape in [((1 << 17) + 1,), (1 << 19,), (1000, 333), (3, 1 << 19), ((1 << 18) + 7,)]:
+        a = np.zeros(shape)
+        hits = np.zeros(shape[0], int)
+        for sl in blocks(a):
+            hits[sl] += 1
+            assert a[sl].nbytes <= max(1 << 18, a[0].nbytes)
+        assert (hits == 1).all()
+        assert len(blocks(a)) > 1  # (all of these larger than 1 MiB)
+    for shape in [(0,), (0, 5), (1, 1 << 20), (100,)]:
+        assert blocks(np.zeros(shape)) == (slice(None),)

@@ -155,6 +155,17 @@ def _blocks(array, *shape):
     return view
 
 
+def _cache_blocks(array):
+    """Slices along the first axis of ``array`` covering it in blocks of about 256 KiB, so that a
+    chain of elementwise passes over them stays in cache; one slice of the whole for an array
+    of at most 1 MiB (or a single row), where the loop would gain nothing."""
+    n = array.shape[0]
+    if array.nbytes <= 1 << 20 or n < 2:
+        return (slice(None),)
+    rows = max(1, (1 << 18) // (array.nbytes // n))
+    return [slice(k, k + rows) for k in range(0, n, rows)]
+
+
 def _sigmoid(x, out=None):
     """The logistic function 1 / (1 + exp(-x)); exp(-x) overflowing to inf gives exactly 0.
     Computed in one buffer (``out`` when given, which may be ``x`` itself)."""
