@@ -724,13 +724,28 @@ def _blocked(statement: Statement, code: str) -> str | None:
             stmts.insert(0, _into_block(Slicer().visit(allocate)))
     except _Decline:
         return None
+    # the logistic function's passes written out (one errstate for the loop, not one per block)
+    steps = [_sigmoid_steps(s) for s in stmts]
+    stmts = [ln for group in steps for ln in group]
     out = []
     if allocate is not None:
         out.append(f"{result} = np.empty_like({template})")
-    out.append(f"for sl in _cache_blocks({result}):  # the chain in cache, block by block")
-    out.append(f"    block = {result}[sl]")
-    out += [f"    {s}" for s in stmts]
-    return "\n".join(out + tail)
+    loop = [f"for sl in _cache_blocks({result}):  # the chain in cache, block by block"]
+    loop.append(f"    block = {result}[sl]")
+    loop += [f"    {s}" for s in stmts]
+    if any(len(group) > 1 for group in steps):
+        out.append('with np.errstate(over="ignore"):  # exp(-x) overflowing to inf: sigmoid 0')
+        loop = [f"    {ln}" for ln in loop]
+    return "\n".join(out + loop + tail)
+
+
+def _sigmoid_steps(stmt: str) -> list:
+    """``_sigmoid(a, out=b)`` as its four in-place passes (1 / (1 + exp(-a)) into ``b``)."""
+    m = re.fullmatch(r"_sigmoid\((.+), out=(\w+(?:\[\w+\])?)\)", stmt)
+    if m is None:
+        return [stmt]
+    a, b = m.groups()
+    return [f"np.negative({a}, out={b})", f"np.exp({b}, out={b})", f"{b} += 1", f"np.divide(1, {b}, out={b})"]
 
 
 class _Decline(Exception):

@@ -2751,6 +2751,9 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
         # long chains over large arrays: block by block in cache (after the buffers are chosen)
         if lw.options["blocked"] and (block(fwd.lines) | block(bwd.lines)):
             lw.helpers.add("_cache_blocks")
+            code = "\n".join(ln.code for ln in fwd.lines + bwd.lines) + str(grads)
+            if "_sigmoid(" not in code:  # (its passes written out in the blocks)
+                lw.helpers.discard("_sigmoid")
     dims_order = [x for x in spec.dims]
     return Lowered(
         derivation=d,
