@@ -25,7 +25,6 @@ from __future__ import annotations
 import ast
 import re
 
-import numpy as np
 import sympy as sp
 
 from .functions import sigmoid
@@ -610,6 +609,12 @@ _UFUNC_OF = {
     ast.Pow: "np.power",
 }
 _BLOCK_NAMES = {"sl", "block"}
+#: NumPy ufuncs a chain may start with (they take ``out=``; not np.where, not methods).
+_OUT_UFUNCS = frozenset(
+    "add subtract multiply divide true_divide power negative reciprocal square sqrt exp expm1 "
+    "log log1p tanh sinh cosh sin cos tan arctan abs absolute sign copysign maximum minimum "
+    "logaddexp heaviside greater less greater_equal less_equal equal not_equal".split()
+)
 
 
 def block(lines: list) -> bool:
@@ -618,6 +623,8 @@ def block(lines: list) -> bool:
     for small arrays), the same statements on the slices, so the chain reads and writes memory
     once instead of once per pass. Operands that do not vary along that axis stay whole.
     Returns whether any chain was."""
+    if _BLOCK_NAMES & set(_NAME.findall("\n".join(line.code for line in lines))):
+        return False  # (the loop's names taken by the function's own)
     done = False
     for line in lines:
         if getattr(line, "branches", None):
@@ -755,7 +762,7 @@ class _Decline(Exception):
 def _into_block(value) -> str:
     """The statement computing ``value`` into ``block``."""
     func = ast.unparse(value.func) if isinstance(value, ast.Call) else ""
-    ufunc = func.startswith("np.") and isinstance(getattr(np, func[3:], None), np.ufunc)
+    ufunc = func.startswith("np.") and func[3:] in _OUT_UFUNCS
     if isinstance(value, ast.Call) and not value.keywords and (ufunc or func == "_sigmoid"):
         value.keywords.append(ast.keyword("out", ast.Name("block")))
         return ast.unparse(value)

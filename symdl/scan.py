@@ -993,6 +993,8 @@ def sequence_source(
         )
     opts = {**OPTIMIZATIONS, **{k: v for k, v in options.items() if k in OPTIMIZATIONS}}
     lower_opts = {k: v for k, v in options.items() if k in LOWER_OPTIMIZATIONS}
+    # a step's arrays are one time step's (small), written into per-step buffers: no blocks
+    step_opts = {**lower_opts, "blocked": False}
     parts = seq.parts(opts["fold"])
     cell = seq.cell
     cspec = cell.spec()
@@ -1005,12 +1007,12 @@ def sequence_source(
     deferred = _defer(seq, parts, step_d) if opts["defer"] else None
     if deferred is not None:
         sp_ = _Part(
-            parts.step, deferred.loop, "step", lower_opts, dropped=deferred.params,
+            parts.step, deferred.loop, "step", step_opts, dropped=deferred.params,
             keep=deferred.adjoints,
         )
-        dp = _Part(deferred.layer, derive(deferred.layer), "step", lower_opts)
+        dp = _Part(deferred.layer, derive(deferred.layer), "step", step_opts)
     else:
-        sp_ = _Part(parts.step, step_d, "step", lower_opts)
+        sp_ = _Part(parts.step, step_d, "step", step_opts)
         dp = None
     step_spec = sp_.derivation.spec
     cdims = parts.cell_dims
