@@ -421,7 +421,7 @@ def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
         or not isinstance(occ, sp.Indexed)
         or tuple(occ.indices) != tuple(a.indices)
         or e not in d.cached
-        or e in set(spec.outputs) | set(spec.keep) | set(spec.args) | set(spec.consts)
+        or e in set(spec.outputs) | set(spec.keep) | set(spec.consts)
         or any(occurrence_name(o) == e and o != occ for o in occurrences(a.expr, d.tensors))
     ):
         return None
@@ -439,8 +439,10 @@ def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
         return None
     y = _indexed(a.target, a.indices)
     inverse = (y - rest) / slope
-    # no new division (y = o * t gives t = y / o, not finite where o underflows to 0)
-    if any(p.exp.is_negative and occurrences(p.base, d.tensors) for p in inverse.atoms(sp.Pow)):
+    # a division in the inverse (y = o * t gives t = y / o, not finite where o underflows to
+    # 0) is kept only where held-scaled adjoints cancel it (see below)
+    divides = _divisions(inverse, d)
+    if divides and rest != 0:  # (only a product: t = y / o, no difference to compute)
         return None
     if not inverse.has(y) or not free_indices(inverse) <= set(a.indices):
         return None
@@ -462,6 +464,8 @@ def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
     except _NoReuse:
         return None
     backward, scaled = _scale_adjoints(d, backward, others, keep)
+    if divides and not _divisions(backward, d) <= _divisions(d.backward, d):
+        return None
     new = dataclasses.replace(d, backward=backward, scaled={**d.scaled, **scaled})
     new = dataclasses.replace(new, cached=_cached(new))
 
@@ -473,11 +477,29 @@ def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
 
     if e in new.cached or size(new) > size(d) or ops(backward) > ops(d.backward):
         return None
+    # an argument is cached at no cost: reading the later value instead must save operations
+    if e in spec.args and ops(backward) == ops(d.backward):
+        return None
     return new
 
 
 class _NoReuse(Exception):
     pass
+
+
+def _divisions(exprs, d: Derivation) -> set:
+    """The negative powers of forward tensors in ``exprs`` (an expression or contributions)."""
+    if not isinstance(exprs, list):
+        exprs = [exprs]
+    found = set()
+    for e in exprs:
+        body = e.body if isinstance(e, Contribution) else e
+        found |= {
+            p.base
+            for p in body.atoms(sp.Pow)
+            if p.exp.is_negative and occurrences(p.base, d.tensors)
+        }
+    return found
 
 
 def _cached(d: Derivation) -> tuple[str, ...]:
@@ -543,7 +565,24 @@ def _scale_adjoints(d: Derivation, backward: list, tensors: set, keep) -> tuple[
                         continue
                     here.add(f.xreplace(back))
                 candidates = here if candidates is None else candidates & here
-            for q in sorted(candidates or (), key=sp.default_sort_key):
+            # or a factor's inverse that every contribution to the adjoint has (where the
+            # reads divide by a tensor: the division cancels)
+            inverses = None
+            for c in made:
+                here = set()
+                for f in sp.Mul.make_args(c.body):
+                    reads = occurrences(f, d.tensors)
+                    if (
+                        reads
+                        and isinstance(f, sp.Pow)
+                        and f.exp.is_negative
+                        and not occurrences(f, names | set(scaled))
+                        and all(occurrence_name(r) in tensors for r in reads)
+                        and free_indices(f) <= set(idx)
+                    ):
+                        here.add(1 / f)
+                inverses = here if inverses is None else inverses & here
+            for q in sorted((candidates or set()) | (inverses or set()), key=sp.default_sort_key):
                 trial = _scaled(backward, name, idx, q, taken)
                 if best is None or ops(trial) < best[0]:
                     best = (ops(trial), name, idx, q, trial)
