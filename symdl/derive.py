@@ -421,8 +421,10 @@ def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
         or not isinstance(occ, sp.Indexed)
         or tuple(occ.indices) != tuple(a.indices)
         or e not in d.cached
-        or e in set(spec.outputs) | set(spec.keep) | set(spec.args) | set(spec.consts)
+        or e in set(spec.outputs) | set(spec.keep) | set(spec.consts)
         or any(occurrence_name(o) == e and o != occ for o in occurrences(a.expr, d.tensors))
+        # (an argument, cached at no cost: only as a factor, x[n, d] * rstd[n])
+        or (e in spec.args and occ not in sp.Mul.make_args(a.expr))
     ):
         return None
     # the inverse of y = A * e + B (A, B free of e and e inside no function): (y - B) / A
@@ -439,8 +441,15 @@ def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
         return None
     y = _indexed(a.target, a.indices)
     inverse = (y - rest) / slope
-    # no new division (y = o * t gives t = y / o, not finite where o underflows to 0)
-    if any(p.exp.is_negative and occurrences(p.base, d.tensors) for p in inverse.atoms(sp.Pow)):
+    # a division in the inverse (y = o * t gives t = y / o, not finite where o underflows to
+    # 0) is kept only where held-scaled adjoints cancel it (see below)
+    divides = _divisions(inverse, d)
+    # (only in a product, by a tensor of fewer indices than e, as rstd[n] in xc[n, d] =
+    # xhat[n, d] / rstd[n]: no difference to compute, an adjoint of that size to scale)
+    if divides and (
+        rest != 0
+        or not all(isinstance(b, sp.Indexed) and len(b.indices) < len(a.indices) for b in divides)
+    ):
         return None
     if not inverse.has(y) or not free_indices(inverse) <= set(a.indices):
         return None
@@ -462,6 +471,8 @@ def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
     except _NoReuse:
         return None
     backward, scaled = _scale_adjoints(d, backward, others, keep)
+    if divides and not _divisions(backward, d) <= _divisions(d.backward, d):
+        return None
     new = dataclasses.replace(d, backward=backward, scaled={**d.scaled, **scaled})
     new = dataclasses.replace(new, cached=_cached(new))
 
@@ -473,11 +484,29 @@ def _output_reuse(d: Derivation, a: Assign, occ, keep) -> Derivation | None:
 
     if e in new.cached or size(new) > size(d) or ops(backward) > ops(d.backward):
         return None
+    # an argument is cached at no cost: reading the later value instead must save operations
+    if e in spec.args and ops(backward) == ops(d.backward):
+        return None
     return new
 
 
 class _NoReuse(Exception):
     pass
+
+
+def _divisions(exprs, d: Derivation) -> set:
+    """The negative powers of forward tensors in ``exprs`` (an expression or contributions)."""
+    if not isinstance(exprs, list):
+        exprs = [exprs]
+    found = set()
+    for e in exprs:
+        body = e.body if isinstance(e, Contribution) else e
+        found |= {
+            p.base
+            for p in body.atoms(sp.Pow)
+            if p.exp.is_negative and occurrences(p.base, d.tensors)
+        }
+    return found
 
 
 def _cached(d: Derivation) -> tuple[str, ...]:
@@ -516,18 +545,18 @@ def _scale_adjoints(d: Derivation, backward: list, tensors: set, keep) -> tuple[
             used = uses(backward, name)
             if not used or len({k for k, _ in used}) != len(used):
                 continue
-            candidates = None
+            candidates, bad = None, False
             for k, o in used:
                 body = backward[k].body
                 if not isinstance(o, sp.Indexed) or len(set(o.indices)) != len(o.indices):
-                    candidates = set()
+                    candidates, bad = set(), True
                     break
                 if (
                     not all(map(is_index, o.indices))
                     or body.count(o) != 1
                     or o not in sp.Mul.make_args(body)
                 ):
-                    candidates = set()
+                    candidates, bad = set(), True
                     break
                 back = dict(zip(o.indices, idx))
                 here = set()
@@ -543,7 +572,24 @@ def _scale_adjoints(d: Derivation, backward: list, tensors: set, keep) -> tuple[
                         continue
                     here.add(f.xreplace(back))
                 candidates = here if candidates is None else candidates & here
-            for q in sorted(candidates or (), key=sp.default_sort_key):
+            # or a factor's inverse that every contribution to the adjoint has (where the
+            # reads divide by a tensor: the division cancels)
+            inverses = set() if bad else None
+            for c in made if not bad else ():
+                here = set()
+                for f in sp.Mul.make_args(c.body):
+                    reads = occurrences(f, d.tensors)
+                    if (
+                        reads
+                        and isinstance(f, sp.Pow)
+                        and f.exp.is_negative
+                        and not occurrences(f, names | set(scaled))
+                        and all(occurrence_name(r) in tensors for r in reads)
+                        and free_indices(f) <= set(idx)
+                    ):
+                        here.add(1 / f)
+                inverses = here if inverses is None else inverses & here
+            for q in sorted((candidates or set()) | (inverses or set()), key=sp.default_sort_key):
                 trial = _scaled(backward, name, idx, q, taken)
                 if best is None or ops(trial) < best[0]:
                     best = (ops(trial), name, idx, q, trial)
@@ -617,3 +663,126 @@ MAX_FACTORS = 8
 
 def _depends(node, needs, tensors):
     return any(occurrence_name(o) in needs for o in occurrences(_strip_stop_gradient(node), tensors))
+
+
+def cache_affine(d: Derivation) -> Derivation:
+    """A cached forward value ``e`` the backward reads only as ``m * (a*e + b)`` (plus terms
+    free of ``e``; ``a``, ``b`` numbers) is cached as ``phi = a*e + b`` instead, computed in the
+    forward next to ``e`` and read by the later forward values where that makes them smaller:
+    for a GELU, ``t0 = erf(x/sqrt 2)`` gives ``phi = (1 + t0)/2``, the normal CDF, from which
+    the forward takes ``y = x*phi`` and the backward ``dx = dy*(phi + x*pdf(x))``. Kept only
+    where the operations of forward and backward together go down."""
+    for a in list(d.forward):
+        found = _affine_cache(d, a)
+        if found is not None:
+            d = found
+    return d
+
+
+def _affine_cache(d: Derivation, a: Assign) -> Derivation | None:
+    spec = d.spec
+    e = a.target
+    if (
+        a.op != "map"
+        or e not in d.cached
+        or e in set(spec.outputs) | set(spec.keep) | set(spec.args) | set(spec.consts)
+        or d.tensors[e].kind != "float"
+    ):
+        return None
+    E = sp.Dummy("e")
+    shift = None
+    for c in d.backward:
+        reads = [o for o in occurrences(c.body, d.tensors) if occurrence_name(o) == e]
+        if not reads:
+            continue
+        if len(set(reads)) != 1 or not isinstance(reads[0], sp.Indexed):
+            return None
+        body = c.body.xreplace({reads[0]: E})
+        inside = body.atoms(sp.Function, sp.Piecewise) | {
+            p for p in body.atoms(sp.Pow) if not p.exp.is_integer
+        }
+        split = _one_factor(body, E)
+        if split is None or any(node.has(E) for node in inside):
+            return None
+        outer, factor = split  # (no expansion of a long product: only the factor with e)
+        linear, free = [], []
+        for t in sp.Add.make_args(sp.expand(factor, deep=False)):
+            part, power = t.as_independent(E, as_Add=False)
+            if power == E:
+                linear.append(part)
+            elif power == 1:
+                free.append(part)
+            else:
+                return None
+        coeff, m = (outer * sp.Add(*linear)).as_coeff_Mul()
+        if not linear or coeff == 0:
+            return None
+        rest = sp.Add(*[outer * t / m for t in free])
+        b = sp.Add(*[t for t in sp.Add.make_args(rest) if t.is_number])
+        if b == 0 or (shift is not None and shift != (coeff, b)):
+            return None
+        shift = (coeff, b)
+    if shift is None:
+        return None
+    coeff, b = shift
+    taken = set(d.tensors) | set(d.adjoints.values()) | set(spec.hyper) | set(spec.dims)
+    k = 0
+    while f"t{k}" in taken:
+        k += 1
+    phi = f"t{k}"
+    at = _indexed(e, a.indices)
+    new_assign = Assign(phi, a.indices, "map", coeff * at + b, scope=a.scope)
+
+    def through(expr, smaller=False):
+        reads = [o for o in occurrences(expr, d.tensors) if occurrence_name(o) == e]
+        for o in reads:
+            if not isinstance(o, sp.Indexed) or len(plain_indices(o)) != len(o.indices):
+                raise _NoReuse
+        if not reads:
+            return expr
+        split = _one_factor(expr, *set(reads))
+        if split is None:
+            raise _NoReuse
+        outer, factor = split
+        sub = {o: (_indexed(phi, tuple(o.indices)) - b) / coeff for o in reads}
+        out = outer * sp.factor_terms(sp.expand(factor.xreplace(sub), deep=False))
+        if smaller and sp.count_ops(out) >= sp.count_ops(expr):
+            return expr
+        return out
+
+    try:
+        forward = []
+        for f in d.forward:
+            forward.append(f if f is a else dataclasses.replace(f, expr=through(f.expr, True)))
+            if f is a:
+                forward.append(new_assign)
+        backward = [
+            dataclasses.replace(c, body=through(c.body), partial=through(c.partial))
+            for c in d.backward
+        ]
+    except _NoReuse:
+        return None
+    tensors = dict(d.tensors)
+    tensors[phi] = dataclasses.replace(d.tensors[e], name=phi)
+    new = dataclasses.replace(d, forward=forward, backward=backward, tensors=tensors)
+    new = dataclasses.replace(new, cached=_cached(new))
+
+    def ops(der):
+        return sum(sp.count_ops(f.expr) for f in der.forward) + sum(
+            sp.count_ops(c.body) for c in der.backward
+        )
+
+    if e in new.cached or ops(new) >= ops(d):
+        return None
+    return new
+
+
+def _one_factor(expr, *reads):
+    """``(outer, factor)`` with ``expr = outer * factor`` and ``reads`` in ``factor`` alone
+    (None where several factors of a product hold them)."""
+    if not isinstance(expr, sp.Mul):
+        return sp.S.One, expr
+    holding = [f for f in expr.args if any(f.has(r) for r in reads)]
+    if len(holding) != 1:
+        return None
+    return sp.Mul(*[f for f in expr.args if f is not holding[0]]), holding[0]

@@ -77,7 +77,10 @@ class SymdlLatexPrinter(LatexPrinter):
         ``s_{n} \\frac{\\partial L}{\\partial e_{n,c}}``."""
         adj, factor, idx = self.scaled[str(expr.base.label)]
         f = factor.xreplace(dict(zip(idx, expr.indices)))
-        return f"{self._print(f)} {self._print(sp.IndexedBase(adj)[expr.indices])}"
+        text = self._print(f)
+        if isinstance(f, sp.Add):  # (1 - g^2) times the adjoint, not 1 - g^2 times it
+            text = rf"\left({text}\right)"
+        return f"{text} {self._print(sp.IndexedBase(adj)[expr.indices])}"
 
     def _print_Symbol(self, expr, style="plain"):
         if expr.name == "...":
@@ -187,7 +190,10 @@ def forward_text(derivation: Derivation) -> list[str]:
 
 def backward_text(derivation: Derivation) -> list[str]:
     out = []
+    written = {c.target for c in derivation.backward}
     for name, (adj, factor, idx) in derivation.scaled.items():
+        if name not in written:  # (substituted where it was read)
+            continue
         held = equation_text(factor * sp.IndexedBase(adj, real=True)[idx])
         out.append(f"({_lhs_text(name, idx)} stands for {held}, an adjoint held scaled)")
     for c in derivation.backward:

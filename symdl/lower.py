@@ -22,7 +22,7 @@ import string
 
 import sympy as sp
 
-from .derive import Contribution, Derivation, backward_reads, reuse_outputs
+from .derive import Contribution, Derivation, backward_reads, cache_affine, reuse_outputs
 from .errors import LowerError
 from .fusion import Chain, Statement, block, finish
 from .printing import Namer, NumpyPrinter, equation_text
@@ -2512,8 +2512,18 @@ def _factored(terms: list, frame: tuple) -> sp.Expr:
         for f in common:
             a.remove(f)
         rest.append(sp.Mul(*a))
-    content, rest = sp.Add(*rest).primitive()
-    return sp.Mul(content, *common, rest)
+    total = sp.Add(*rest)
+    content, factored = total.primitive()
+
+    def scalings(expr):  # the terms scaled by a number (a multiply each, a pass where alone)
+        return sum(
+            abs(sp.Mul(*[f for f in sp.Mul.make_args(t) if f.is_number])) != 1
+            for t in sp.Add.make_args(expr)
+        )
+
+    if scalings(factored) + (abs(content) != 1) > scalings(total):  # t + c*u/2, not (2*t + c*u)/2
+        content, factored = 1, total
+    return sp.Mul(content, *common, factored)
 
 
 #: Each lowering optimization (on by default unless marked off); ``lower(d, {"matmul": False, ...})`` switches one
@@ -2571,6 +2581,10 @@ OPTIMIZATIONS = {
     # function (softmax: e = y * s), adjoints held scaled so the other factors cancel
     # (symdl.derive.reuse_outputs): dx = y * (dy - Sum(dy * y)) caches y alone
     "output_reuse": True,
+    # a cached value the backward reads only as a*e + b (a, b numbers) cached as that sum,
+    # computed in the forward and read there too (symdl.derive.cache_affine): a GELU caches
+    # the normal CDF (1 + erf(x/sqrt 2))/2, not the erf
+    "affine_cache": True,
     # statements reading a tensor that is constant when optional inputs are absent (no mask,
     # causal off) branch on it: the masking passes run only when a mask is present
     "specialize": True,
@@ -2605,6 +2619,8 @@ def lower(derivation: Derivation, options: dict | None = None, keep=()) -> Lower
 
 def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     spec = d.spec
+    if {**OPTIMIZATIONS, **(options or {})}["affine_cache"]:
+        d = cache_affine(d)
     if {**OPTIMIZATIONS, **(options or {})}["output_reuse"]:
         d = reuse_outputs(d, keep)
     lw = Lowerer(d, options)

@@ -5,7 +5,9 @@ import sympy as sp
 from ..functions import Mean
 from ..spec import ELL, Layer, indices, scalar, tensors
 
-x, weight, bias, y, mu, xc, var, rstd, ms, mask = tensors("x weight bias y mu xc var rstd ms mask")
+x, weight, bias, y, mu, xc, var, rstd, xhat, ms, mask = tensors(
+    "x weight bias y mu xc var rstd xhat ms mask"
+)
 n, c, d = indices("n c d")
 eps, p = scalar("eps"), scalar("p")
 
@@ -17,7 +19,8 @@ LAYERS = [
             (xc[ELL, d], x[ELL, d] - mu[ELL]),
             (var[ELL], Mean(xc[ELL, d] ** 2, d)),
             (rstd[ELL], 1 / sp.sqrt(var[ELL] + eps)),
-            (y[ELL, d], xc[ELL, d] * rstd[ELL] * weight[d] + bias[d]),
+            (xhat[ELL, d], xc[ELL, d] * rstd[ELL]),
+            (y[ELL, d], xhat[ELL, d] * weight[d] + bias[d]),
         ],
         inputs="x",
         params="weight bias",
@@ -30,7 +33,8 @@ LAYERS = [
         [
             (ms[ELL], Mean(x[ELL, d] ** 2, d)),
             (rstd[ELL], 1 / sp.sqrt(ms[ELL] + eps)),
-            (y[ELL, d], x[ELL, d] * rstd[ELL] * weight[d]),
+            (xhat[ELL, d], x[ELL, d] * rstd[ELL]),
+            (y[ELL, d], xhat[ELL, d] * weight[d]),
         ],
         inputs="x",
         params="weight",
