@@ -794,6 +794,17 @@ def _root(node) -> str | None:
     return node.id if isinstance(node, ast.Name) else None
 
 
+def _assigned_name(stmt) -> str | None:
+    """The name a plain ``name = value`` statement assigns; None for any other statement."""
+    if (
+        isinstance(stmt, ast.Assign)
+        and len(stmt.targets) == 1
+        and isinstance(stmt.targets[0], ast.Name)
+    ):
+        return stmt.targets[0].id
+    return None
+
+
 def _into(stmt, v: str):
     """``stmt`` (``v = <new array>``) as a statement writing into the array ``v``, or None."""
     rhs = stmt.value
@@ -836,12 +847,8 @@ def _buffered(lines, params, candidates, escaping) -> Buffers | None:
     names: list[str] = []
     for body in parsed:
         for stmt in body:
-            if (
-                isinstance(stmt, ast.Assign)
-                and len(stmt.targets) == 1
-                and isinstance(stmt.targets[0], ast.Name)
-            ):
-                v = stmt.targets[0].id
+            v = _assigned_name(stmt)
+            if v is not None:
                 new = _into(stmt, v) if v in candidates and v not in defined else None
                 if new is not None:
                     rewritten[id(stmt)] = new
@@ -867,14 +874,9 @@ def _buffered(lines, params, candidates, escaping) -> Buffers | None:
     assigns: dict[str, list] = {}  # variable -> its plain assignments after the rewritten one
     for body in parsed:
         for stmt in body:
-            if (
-                isinstance(stmt, ast.Assign)
-                and len(stmt.targets) == 1
-                and isinstance(stmt.targets[0], ast.Name)
-                and stmt.targets[0].id in names
-                and id(stmt) not in rewritten
-            ):
-                assigns.setdefault(stmt.targets[0].id, []).append(stmt)
+            v = _assigned_name(stmt)
+            if v in names and id(stmt) not in rewritten:
+                assigns.setdefault(v, []).append(stmt)
     grown = set()  # v = v + e into v's own array: every later assignment of v is one
     for v, stmts in assigns.items():
         if v not in viewed and all(

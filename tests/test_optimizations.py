@@ -50,6 +50,18 @@ def _run(module, args, kwargs, rng):
     return outs, grads
 
 
+def _agree(on, off, name, rng):
+    """Load two sources of catalogue layer ``name``, run both on its domain's arguments and
+    assert the same outputs and gradients (float64, rtol 1e-12); the first one's gradients."""
+    fast, plain = load_module(on, name), load_module(off, name)
+    args, kwargs = R.DOMAINS[name](rng)
+    outs_f, grads_f = _run(fast, args, kwargs, rng)
+    outs_p, grads_p = _run(plain, args, kwargs, rng)
+    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
+        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    return grads_f
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_plain_lowering_agrees(name, rng):
     d = derive(LAYERS[name])
@@ -402,12 +414,7 @@ def test_same_adjoint_switch(name, rng):
     # (tiled blocks are assigned, not added into zeros: off for both sides)
     on = generate_source(d, options={"tile": False})
     off = generate_source(d, options={"same_adjoint": False, "tile": False})
-    fast, plain = load_module(on, name), load_module(off, name)
-    args, kwargs = R.DOMAINS[name](rng)
-    outs_f, grads_f = _run(fast, args, kwargs, rng)
-    outs_p, grads_p = _run(plain, args, kwargs, rng)
-    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
-        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    grads_f = _agree(on, off, name, rng)
     ids = [id(g) for g in grads_f]
     assert len(set(ids)) == len(ids)  # every gradient its own array
     if name == "lstm_cell":
@@ -427,12 +434,7 @@ def test_tile_switch(name, rng):
     Same numbers, and every gradient its own array."""
     d = derive(LAYERS[name])
     on, off = generate_source(d), generate_source(d, options={"tile": False})
-    fast, plain = load_module(on, name), load_module(off, name)
-    args, kwargs = R.DOMAINS[name](rng)
-    outs_f, grads_f = _run(fast, args, kwargs, rng)
-    outs_p, grads_p = _run(plain, args, kwargs, rng)
-    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
-        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    grads_f = _agree(on, off, name, rng)
     ids = [id(g) for g in grads_f]
     assert len(set(ids)) == len(ids)
     back_on = on[on.index("def backward") :]
@@ -481,12 +483,7 @@ def test_common_factor_switch(rng):
         return text.count("n**2") + text.count("np.square(n)") + text.count("np.square(n[sl]")
 
     assert squares(backward) == 1 and squares(plain) == 3
-    fast, slow = load_module(on, "gru_cell"), load_module(off, "gru_cell")
-    args, kwargs = R.DOMAINS["gru_cell"](rng)
-    outs_f, grads_f = _run(fast, args, kwargs, rng)
-    outs_p, grads_p = _run(slow, args, kwargs, rng)
-    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
-        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    _agree(on, off, "gru_cell", rng)
 
 
 @pytest.mark.parametrize("name", ["conv1d", "conv2d"])
@@ -771,12 +768,7 @@ def test_merge_terms_switch(name, rng):
     array (7 passes, 1 allocation; 9 and 3 switched off). Same numbers either way."""
     d = derive(LAYERS[name])
     on, off = generate_source(d), generate_source(d, options={"merge_terms": False})
-    fast, plain = load_module(on, name), load_module(off, name)
-    args, kwargs = R.DOMAINS[name](rng)
-    outs_f, grads_f = _run(fast, args, kwargs, rng)
-    outs_p, grads_p = _run(plain, args, kwargs, rng)
-    for x, y in zip(outs_f + tuple(grads_f), outs_p + tuple(grads_p)):
-        np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14)
+    _agree(on, off, name, rng)
     back_on = on[on.index("def backward(") :].split("\ndef _")[0]
     back_off = off[off.index("def backward(") :].split("\ndef _")[0]
     assert back_on.count("\n    # ") < back_off.count("\n    # ")  # fewer statements
