@@ -1095,6 +1095,16 @@ class Lowerer:
             text = f"_argmax_mask({body}, {len(a.reduce)})"
         else:
             text = self.reduction(a.op, a.expr, a.indices, a.reduce, a.scope)
+        into = _ordered_product(text, var) if a.op == "sum" else None
+        if (
+            into is not None and self.options["ordered_product"]
+            and not self.spec.pads.get(a.target)
+        ):  # the product written in the result's own axis order: later reshapes copy nothing
+            self.flags["dtype"] = True
+            self.emit(f"{var} = np.empty({self.shape_of(a.target)}, dtype=dtype)", comment)
+            self.emit(into)
+            self.fresh.add(a.target)
+            return
         self.emit(f"{var} = {text}", comment)
         if a.op in ("sum", "map") and _fresh(text):
             self.fresh.add(a.target)
@@ -2595,6 +2605,11 @@ OPTIMIZATIONS = {
     # (the gates of a stacked projection): each block assigned once (``out=`` its slice), no
     # array of zeros added into
     "tile": True,
+    # a stack of matrix products whose result axes are permuted ((p @ v).transpose(...), the
+    # heads' outputs side by side) written through the permuted view of an array in the
+    # result's own order: one pass, and the reshape that reads it (the output projection's
+    # GEMM) copies nothing
+    "ordered_product": True,
 }
 
 
@@ -2793,6 +2808,15 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
         adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
         tensor_vars={n: lw.var[n] for n in d.tensors},
     )
+
+
+def _ordered_product(text: str, out: str) -> str | None:
+    """``(a @ b).transpose(...)`` (a stack of matrix products, its result axes permuted) as
+    ``np.matmul(a, b, out=...)`` writing through the permuted view of ``out``, an array in the
+    result's own order; None for any other text."""
+    if not re.fullmatch(r"\(.* @ .*\)\.transpose\([\d, ]+\)", text):
+        return None
+    return _written_into(text, out)
 
 
 def _written_into(text: str, out: str) -> str | None:

@@ -1242,3 +1242,44 @@ def test_cache_blocks_slices():
         assert len(blocks(a)) > 1  # (all of these larger than 1 MiB)
     for shape in [(0,), (0, 5), (1, 1 << 20), (100,)]:
         assert blocks(np.zeros(shape)) == (slice(None),)
+
+
+# ---- a permuted stack of products written in its own order (OPTIMIZATIONS["ordered_product"]) --
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_ordered_product_switch(causal, dtype, rng):
+    """The heads' outputs a[n, l, h, f] = Sum(p[n, h, l, t] * v[n, t, h*D + f], t): one
+    batched matmul writing through a permuted view of a (N, T, heads, D) array, so a is
+    contiguous and the output projection's reshape copies nothing; switched off, the product's
+    transposed result (a view) is kept. Both agree on forward and every gradient, on
+    non-contiguous arguments too, and the forward matches the independent NumPy reference."""
+    d = derive(LAYERS["multi_head_self_attention"])
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"ordered_product": False})
+    assert "a = np.empty((N, T, num_heads, D), dtype=dtype)" in on_text
+    assert "out=a.transpose(0, 2, 1, 3))" in on_text
+    assert re.search(r"a = \(p @ .*\)\.transpose\(0, 2, 1, 3\)", off_text)
+    assert "a = np.empty(" not in off_text
+    on, off = load_module(on_text, "mha"), load_module(off_text, "mha")
+    N, T, E = 2, 5, 6
+    x = rng.standard_normal((N, 2 * T, E))[:, ::2]
+    args = [x, rng.standard_normal((3 * E, E)), rng.standard_normal(3 * E),
+            rng.standard_normal((E, E)).T, rng.standard_normal(E)]
+    args = [a.astype(dtype) for a in args]
+    kwargs = {"num_heads": 3, "causal": causal}
+    dout = rng.standard_normal((N, T, 2 * E)).astype(dtype)[:, :, ::2]
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    res = []
+    for m in (on, off):
+        y, cache = m.forward(*args, **kwargs)
+        res.append((y, *m.backward(dout, cache)))
+    assert on.forward(*args, **kwargs)[1]["a"].flags.c_contiguous
+    assert not off.forward(*args, **kwargs)[1]["a"].flags.c_contiguous
+    for a, b in zip(*res):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(
+        res[0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=rtol, atol=rtol
+    )
