@@ -617,29 +617,34 @@ _OUT_UFUNCS = frozenset(
 )
 
 
-def block(lines: list) -> bool:
+def block(lines: list, hoist: bool = False, taken: set | None = None) -> bool:
     """Each rendered chain of two or more full-size passes run block by block: a loop over
     cache-sized slices along the frame's first axis (``_cache_blocks``, one slice of the whole
     for small arrays), the same statements on the slices, so the chain reads and writes memory
     once instead of once per pass. Operands that do not vary along that axis stay whole.
+    ``hoist``: an operand computed from arrays that stay whole (a mask's factor from a
+    (T, T) ``keep``) computed once before the loop, not once per block.
     Returns whether any chain was."""
     if _BLOCK_NAMES & set(_NAME.findall("\n".join(line.code for line in lines))):
         return False  # (the loop's names taken by the function's own)
+    if taken is None:
+        taken = set(_NAME.findall("\n".join(_all_code(lines))))
     done = False
     for line in lines:
         if getattr(line, "branches", None):
             for branch in line.branches:
-                done |= block(branch)
+                done |= block(branch, hoist, taken)
             line.render_block()
             continue
         if getattr(line, "chain", None) is not None:
-            code = _blocked(line.chain, line.code)
+            code = _blocked(line.chain, line.code, hoist and taken)
             if code is not None:
+                taken |= set(_NAME.findall(code))
                 line.code, done = code, True
     return done
 
 
-def _blocked(statement: Statement, code: str) -> str | None:
+def _blocked(statement: Statement, code: str, hoist=None) -> str | None:
     """``code`` (the rendering of ``statement``) as a loop over blocks; None where it does
     not apply: fewer than two passes, integer operands, operands along the first axis that
     are not plain names or slices of one, spare buffers as temporaries."""
@@ -731,10 +736,13 @@ def _blocked(statement: Statement, code: str) -> str | None:
             stmts.insert(0, _into_block(Slicer().visit(allocate)))
     except _Decline:
         return None
+    out = []
+    arrays = {text for sym, text in chain.names.items() if chain.covers.get(sym)}
+    if hoist:  # (the names the function takes)
+        stmts, out = _hoisted(stmts, hoist | names | assigned, arrays)
     # the logistic function's passes written out (one errstate for the loop, not one per block)
     steps = [_sigmoid_steps(s) for s in stmts]
     stmts = [ln for group in steps for ln in group]
-    out = []
     if allocate is not None:
         out.append(f"{result} = np.empty_like({template})")
     loop = [f"for sl in _cache_blocks({result}):  # the chain in cache, block by block"]
@@ -744,6 +752,86 @@ def _blocked(statement: Statement, code: str) -> str | None:
         out.append('with np.errstate(over="ignore"):  # exp(-x) overflowing to inf: sigmoid 0')
         loop = [f"    {ln}" for ln in loop]
     return "\n".join(out + loop + tail)
+
+
+def _hoisted(stmts: list, taken: set, arrays: set) -> tuple[list, list]:
+    """The loop's statements with each largest subexpression that reads an array operand (a
+    call, comparison or subscript on it) but neither the block, its slice nor a name the loop
+    assigns computed once before the loop
+    (``np.where(keep > 0, 1, 0).astype(dtype) / float(np.sqrt(D))``): the statements, and
+    the assignments to put before the loop."""
+    varying = _BLOCK_NAMES | {n for s in stmts for n in _assigned_names(s)}
+    before, made = [], {}
+
+    class Hoist(ast.NodeTransformer):
+        def generic_visit(self, node):
+            if (
+                isinstance(node, ast.expr) and not isinstance(node, (ast.Name, ast.Constant))
+                and not isinstance(node, (ast.Slice, ast.Tuple, ast.Starred))
+            ):
+                read = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+                work = any(  # (a scalar such as dL / N costs nothing per block)
+                    isinstance(n, (ast.Call, ast.Compare, ast.Subscript)) for n in ast.walk(node)
+                )
+                if work and not read & varying and read & arrays:
+                    text = ast.unparse(node)
+                    if text not in made:
+                        name = next(
+                            f"whole{k}" for k in range(len(taken) + len(made) + 1)
+                            if f"whole{k}" not in taken and f"whole{k}" not in made.values()
+                        )
+                        made[text] = name
+                        before.append(f"{name} = {text}")
+                    return ast.Name(made[text])
+            return super().generic_visit(node)
+
+    out = []
+    for stmt in stmts:
+        tree = ast.parse(stmt)
+        node = tree.body[0]
+        # the statement's own call or target stays in the loop; its operands may move
+        out.append(ast.unparse(_hoist_operands(node, Hoist())))
+    return out, before
+
+
+def _hoist_operands(node, hoist):
+    """``node`` (a statement) with ``hoist`` applied to its operands, not to itself."""
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        call = node.value
+        call.args = [hoist.visit(a) for a in call.args]
+        for k in call.keywords:
+            k.value = hoist.visit(k.value)
+        return node
+    if isinstance(node, ast.AugAssign):  # (read only: the whole right side may move)
+        node.value = hoist.visit(node.value)
+    elif isinstance(node, ast.Assign):  # (a name bound to a new array each block: its parts)
+        for field, child in ast.iter_fields(node.value):
+            if isinstance(child, ast.expr):
+                setattr(node.value, field, hoist.visit(child))
+            elif isinstance(child, list):
+                setattr(node.value, field, [
+                    hoist.visit(c) if isinstance(c, ast.expr) else c for c in child
+                ])
+        for k in getattr(node.value, "keywords", ()):
+            k.value = hoist.visit(k.value)
+    return node
+
+
+def _all_code(lines: list) -> list:
+    """The code of ``lines`` and of their branches."""
+    out = []
+    for line in lines:
+        out.append(line.code)
+        for branch in getattr(line, "branches", None) or ():
+            out += _all_code(branch)
+    return out
+
+
+def _assigned_names(stmt: str) -> set:
+    """Names a statement binds."""
+    tree = ast.parse(stmt).body[0]
+    targets = tree.targets if isinstance(tree, ast.Assign) else [getattr(tree, "target", None)]
+    return {t.id for t in targets if isinstance(t, ast.Name)}
 
 
 def _sigmoid_steps(stmt: str) -> list:

@@ -2610,6 +2610,9 @@ OPTIMIZATIONS = {
     # result's own order: one pass, and the reshape that reads it (the output projection's
     # GEMM) copies nothing
     "ordered_product": True,
+    # (with blocked) an operand of a blocked chain computed from arrays that stay whole (the
+    # causal mask's factor from keep[l, t]) computed once before the loop, not per block
+    "hoist": True,
 }
 
 
@@ -2780,7 +2783,8 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
         returned |= {lw.var[d.adjoints[o]] for o in spec.outputs} | {lw.v(a) for a in keep}
         finish(bwd.lines, returned, lw.shapes, lw.options["temporary_slices"])
         # long chains over large arrays: block by block in cache (after the buffers are chosen)
-        if lw.options["blocked"] and (block(fwd.lines) | block(bwd.lines)):
+        hoist = lw.options["hoist"]
+        if lw.options["blocked"] and (block(fwd.lines, hoist) | block(bwd.lines, hoist)):
             lw.helpers.add("_cache_blocks")
             code = "\n".join(ln.code for ln in fwd.lines + bwd.lines) + str(grads)
             if "_sigmoid(" not in code:  # (its passes written out in the blocks)

@@ -1283,3 +1283,46 @@ def test_ordered_product_switch(causal, dtype, rng):
     np.testing.assert_allclose(
         res[0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=rtol, atol=rtol
     )
+
+
+# ---- a blocked chain's whole operands computed before the loop (OPTIMIZATIONS["hoist"]) ------
+
+
+@pytest.mark.parametrize(
+    "name", ["multi_head_self_attention", "scaled_dot_product_attention", "local_attention"]
+)
+def test_hoist_switch(name, rng):
+    """The causal/band mask's factor (np.where(keep > 0, ...) of a (T, T) keep) in a chain run
+    block by block: computed once before the loop with the switch on, once per block off
+    (arrays above 1 MiB so the loop has several blocks). Both agree on forward and gradients,
+    in float64 and float32."""
+    d = derive(LAYERS[name])
+    on_text = generate_source(d)
+    off_text = generate_source(d, options={"hoist": False})
+    hoisted = re.findall(r"\n( *)whole0 = (.*)\n\1for sl in _cache_blocks", on_text)
+    assert hoisted and all("keep" in text for _, text in hoisted)
+    assert "whole0" not in off_text
+    assert re.search(r"for sl in _cache_blocks.*\n(.*\n){1,3}.*keep > 0", off_text)
+    on, off = load_module(on_text, name), load_module(off_text, name)
+    for dtype, tol in ((np.float64, 1e-10), (np.float32, 1e-4)):
+        if name == "multi_head_self_attention":
+            N, T, E = 8, 128, 8
+            args = [rng.standard_normal((N, T, E)), rng.standard_normal((3 * E, E)) / 3,
+                    rng.standard_normal(3 * E), rng.standard_normal((E, E)), rng.standard_normal(E)]
+            kwargs = {"num_heads": 2, "causal": True}
+        elif name == "scaled_dot_product_attention":
+            args = [rng.standard_normal((8, 200, 4)) for _ in range(3)]
+            kwargs = {"causal": True}
+        else:
+            args = [rng.standard_normal((8, 2048, 4)) for _ in range(3)]
+            kwargs = {"window": 4}
+        args = [a.astype(dtype) for a in args]
+        res = []
+        for m in (on, off):
+            outs, cache = m.forward(*args, **kwargs)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            dout = [np.random.default_rng(1).standard_normal(o.shape).astype(dtype) for o in outs]
+            res.append((*outs, *m.backward(dout[0] if len(dout) == 1 else dout, cache)))
+        for a, b in zip(*res):
+            assert a.dtype == dtype
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
