@@ -604,17 +604,40 @@ def _dead(name: str, later: list) -> bool:
 
 #: Passes over memory a helper makes (the others: one per call or operator).
 _HELPER_PASSES = {"_sigmoid": 4}
+#: ``a op b`` as the NumPy function that can write it into a given array.
 _UFUNC_OF = {
     ast.Add: "np.add", ast.Sub: "np.subtract", ast.Mult: "np.multiply", ast.Div: "np.divide",
-    ast.Pow: "np.power",
+    ast.Pow: "np.power", ast.MatMult: "np.matmul",
 }
 _BLOCK_NAMES = {"sl", "block"}
-#: NumPy ufuncs a chain may start with (they take ``out=``; not np.where, not methods).
+#: NumPy functions that take ``out=`` (ufuncs and matmul; not np.where, not methods).
 _OUT_UFUNCS = frozenset(
     "add subtract multiply divide true_divide power negative reciprocal square sqrt exp expm1 "
     "log log1p tanh sinh cosh sin cos tan arctan abs absolute sign copysign maximum minimum "
-    "logaddexp heaviside greater less greater_equal less_equal equal not_equal".split()
+    "logaddexp heaviside greater less greater_equal less_equal equal not_equal matmul".split()
 )
+
+
+def written_into(value: ast.expr, out: str) -> str | None:
+    """The statement computing ``value`` straight into the array ``out``: its operator or its
+    ufunc call (or the runtime's ``_sigmoid``) with ``out=``; None when it is neither."""
+    if isinstance(value, ast.Call):
+        func = ast.unparse(value.func)
+        takes_out = (func.startswith("np.") and func[3:] in _OUT_UFUNCS) or func == "_sigmoid"
+        if (
+            not takes_out
+            or any(k.arg == "out" for k in value.keywords)
+            or any(isinstance(a, ast.Starred) for a in value.args)
+        ):
+            return None
+        into = ast.keyword("out", ast.Name(out, ast.Load()))
+        return ast.unparse(ast.Call(value.func, value.args, [*value.keywords, into]))
+    if isinstance(value, ast.BinOp) and type(value.op) in _UFUNC_OF:
+        fn = _UFUNC_OF[type(value.op)]
+        return f"{fn}({ast.unparse(value.left)}, {ast.unparse(value.right)}, out={out})"
+    if isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub):
+        return f"np.negative({ast.unparse(value.operand)}, out={out})"
+    return None
 
 
 def block(lines: list, hoist: bool = False, taken: set | None = None) -> bool:
@@ -849,14 +872,4 @@ class _Decline(Exception):
 
 def _into_block(value) -> str:
     """The statement computing ``value`` into ``block``."""
-    func = ast.unparse(value.func) if isinstance(value, ast.Call) else ""
-    ufunc = func.startswith("np.") and func[3:] in _OUT_UFUNCS
-    if isinstance(value, ast.Call) and not value.keywords and (ufunc or func == "_sigmoid"):
-        value.keywords.append(ast.keyword("out", ast.Name("block")))
-        return ast.unparse(value)
-    if isinstance(value, ast.BinOp) and type(value.op) in _UFUNC_OF:
-        fn = _UFUNC_OF[type(value.op)]
-        return f"{fn}({ast.unparse(value.left)}, {ast.unparse(value.right)}, out=block)"
-    if isinstance(value, ast.UnaryOp) and isinstance(value.op, ast.USub):
-        return f"np.negative({ast.unparse(value.operand)}, out=block)"
-    return f"block[...] = {ast.unparse(value)}"
+    return written_into(value, "block") or f"block[...] = {ast.unparse(value)}"

@@ -24,7 +24,7 @@ import sympy as sp
 
 from .derive import Contribution, Derivation, backward_reads, cache_affine, reuse_outputs
 from .errors import LowerError
-from .fusion import Chain, Statement, block, finish
+from .fusion import Chain, Statement, block, finish, written_into
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import (
     ELL,
@@ -881,7 +881,7 @@ class Lowerer:
             best = None
             for a in range(len(operands)):
                 for b in range(a + 1, len(operands)):
-                    (va, ia), (vb, ib) = operands[a], operands[b]
+                    (_, ia), (_, ib) = operands[a], operands[b]
                     others = {i for k, (_, ik) in enumerate(operands) if k not in (a, b) for i in ik}
                     summed = tuple(i for i in red if (i in ia or i in ib) and i not in others)
                     if not summed:
@@ -2869,12 +2869,7 @@ def _copy(value):
 
 def _assign_into(target: str, text: str) -> str:
     """``target = text`` with the last operation of ``text`` writing into ``target``."""
-    ops = {ast.Add: "np.add", ast.Sub: "np.subtract", ast.Mult: "np.multiply", ast.Div: "np.divide"}
-    expr = ast.parse(text, mode="eval").body
-    if isinstance(expr, ast.BinOp) and type(expr.op) in ops:
-        left, right = ast.unparse(expr.left), ast.unparse(expr.right)
-        return f"{ops[type(expr.op)]}({left}, {right}, out={target})"
-    return f"{target} = {text}"
+    return written_into(ast.parse(text, mode="eval").body, target) or f"{target} = {text}"
 
 
 def _stacked_size(dname: str) -> sp.Expr:

@@ -35,6 +35,7 @@ import sympy as sp
 from . import __version__
 from .errors import SpecError
 from .functions import IndexMax, IndexSum
+from .fusion import written_into
 from .spec import (
     Assign,
     Layer,
@@ -758,18 +759,6 @@ def _defer(seq: Sequence, parts: ScanParts, d) -> Deferred | None:
 # Per-step arrays allocated once, before the time loop
 # ---------------------------------------------------------------------------------------------
 
-#: NumPy ufuncs (and the runtime's ``_sigmoid``) whose call can take an ``out=`` array.
-_OUT_CALLS = {
-    "np.tanh": 1, "np.exp": 1, "np.log": 1, "np.sqrt": 1, "np.square": 1, "np.negative": 1,
-    "np.abs": 1, "np.sin": 1, "np.cos": 1, "np.add": 2, "np.subtract": 2, "np.multiply": 2,
-    "np.divide": 2, "np.matmul": 2, "np.maximum": 2, "np.minimum": 2, "_sigmoid": 1,
-}
-_OUT_BINOPS = {
-    ast.Add: "np.add", ast.Sub: "np.subtract", ast.Mult: "np.multiply", ast.Div: "np.divide",
-    ast.MatMult: "np.matmul",
-}
-
-
 @dataclasses.dataclass
 class Buffers:
     """A step function whose new arrays are written into arrays its caller allocated once.
@@ -808,24 +797,12 @@ def _assigned_name(stmt) -> str | None:
 def _into(stmt, v: str):
     """``stmt`` (``v = <new array>``) as a statement writing into the array ``v``, or None."""
     rhs = stmt.value
-    out = ast.keyword("out", ast.Name(v, ast.Load()))
-    if isinstance(rhs, ast.BinOp) and type(rhs.op) in _OUT_BINOPS:
-        func = ast.parse(_OUT_BINOPS[type(rhs.op)], mode="eval").body
-        return ast.Expr(ast.Call(func, [rhs.left, rhs.right], [out]))
-    if isinstance(rhs, ast.UnaryOp) and isinstance(rhs.op, ast.USub):
-        func = ast.parse("np.negative", mode="eval").body
-        return ast.Expr(ast.Call(func, [rhs.operand], [out]))
-    if isinstance(rhs, ast.Call) and not any(k.arg == "out" for k in rhs.keywords):
-        name = ast.unparse(rhs.func)
-        if name == "np.zeros":
-            return ast.parse(f"{v}[...] = 0").body[0]
-        if name == "np.empty":
-            return []  # the given array is the one
-        if _OUT_CALLS.get(name) == len(rhs.args) and not any(
-            isinstance(a, ast.Starred) for a in rhs.args
-        ):
-            return ast.Expr(ast.Call(rhs.func, rhs.args, [*rhs.keywords, out]))
-    return None
+    if isinstance(rhs, ast.Call) and ast.unparse(rhs.func) == "np.zeros":
+        return ast.parse(f"{v}[...] = 0").body[0]
+    if isinstance(rhs, ast.Call) and ast.unparse(rhs.func) == "np.empty":
+        return []  # the given array is the one
+    text = written_into(rhs, v)
+    return ast.parse(text).body[0] if text is not None else None
 
 
 def _buffered(lines, params, candidates, escaping) -> Buffers | None:
@@ -833,7 +810,6 @@ def _buffered(lines, params, candidates, escaping) -> Buffers | None:
     float shape) to write into a given array. ``params``: the function's arguments;
     ``escaping``: variables whose arrays outlive the call. A later ``v = v + e`` of such a
     variable that nothing else views becomes ``v += e``."""
-    from .lower import Line
 
     parsed = []
     for line in lines:

@@ -62,6 +62,33 @@ def _agree(on, off, name, rng):
     return grads_f
 
 
+def _mha_switch_agrees(on_text, off_text, dtype, causal, rng):
+    """Run two multi-head attention sources on non-contiguous arguments (a strided x, a
+    transposed out_proj_weight, a strided dout); assert the same forward and gradients in
+    ``dtype`` and the forward against the independent NumPy version. Returns the two modules
+    and the arguments."""
+    on, off = load_module(on_text, "mha"), load_module(off_text, "mha")
+    N, T, E = 2, 5, 6
+    x = rng.standard_normal((N, 2 * T, E))[:, ::2]
+    args = [x, rng.standard_normal((3 * E, E)), rng.standard_normal(3 * E),
+            rng.standard_normal((E, E)).T, rng.standard_normal(E)]
+    args = [a.astype(dtype) for a in args]
+    kwargs = {"num_heads": 3, "causal": causal}
+    dout = rng.standard_normal((N, T, 2 * E)).astype(dtype)[:, :, ::2]
+    rtol = 1e-10 if dtype == np.float64 else 1e-4
+    res = []
+    for m in (on, off):
+        y, cache = m.forward(*args, **kwargs)
+        res.append((y, *m.backward(dout, cache)))
+    for a, b in zip(*res):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(
+        res[0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=rtol, atol=rtol
+    )
+    return on, off, args, kwargs
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_plain_lowering_agrees(name, rng):
     d = derive(LAYERS[name])
@@ -925,26 +952,7 @@ def test_split_reshape_switch(causal, dtype, rng):
     assert "for h in range(" not in on_text and "as_strided" not in on_text
     assert "for h in range(" in off_text and "as_strided" in off_text
     assert "reshape(E, num_heads, D" in on_text
-    on, off = load_module(on_text, "mha"), load_module(off_text, "mha")
-    N, T, E = 2, 5, 6
-    x = rng.standard_normal((N, 2 * T, E))[:, ::2]
-    wo = rng.standard_normal((E, E)).T
-    args = [x, rng.standard_normal((3 * E, E)), rng.standard_normal(3 * E), wo,
-            rng.standard_normal(E)]
-    args = [a.astype(dtype) for a in args]
-    kwargs = {"num_heads": 3, "causal": causal}
-    dout = rng.standard_normal((N, T, 2 * E)).astype(dtype)[:, :, ::2]
-    rtol = 1e-10 if dtype == np.float64 else 1e-4
-    res = []
-    for m in (on, off):
-        y, cache = m.forward(*args, **kwargs)
-        res.append((y, *m.backward(dout, cache)))
-    for a, b in zip(*res):
-        assert a.dtype == dtype
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
-    np.testing.assert_allclose(
-        res[0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=rtol, atol=rtol
-    )
+    _mha_switch_agrees(on_text, off_text, dtype, causal, rng)
 
 
 def _blocks():
@@ -1262,27 +1270,9 @@ def test_ordered_product_switch(causal, dtype, rng):
     assert "out=a.transpose(0, 2, 1, 3))" in on_text
     assert re.search(r"a = \(p @ .*\)\.transpose\(0, 2, 1, 3\)", off_text)
     assert "a = np.empty(" not in off_text
-    on, off = load_module(on_text, "mha"), load_module(off_text, "mha")
-    N, T, E = 2, 5, 6
-    x = rng.standard_normal((N, 2 * T, E))[:, ::2]
-    args = [x, rng.standard_normal((3 * E, E)), rng.standard_normal(3 * E),
-            rng.standard_normal((E, E)).T, rng.standard_normal(E)]
-    args = [a.astype(dtype) for a in args]
-    kwargs = {"num_heads": 3, "causal": causal}
-    dout = rng.standard_normal((N, T, 2 * E)).astype(dtype)[:, :, ::2]
-    rtol = 1e-10 if dtype == np.float64 else 1e-4
-    res = []
-    for m in (on, off):
-        y, cache = m.forward(*args, **kwargs)
-        res.append((y, *m.backward(dout, cache)))
+    on, off, args, kwargs = _mha_switch_agrees(on_text, off_text, dtype, causal, rng)
     assert on.forward(*args, **kwargs)[1]["a"].flags.c_contiguous
     assert not off.forward(*args, **kwargs)[1]["a"].flags.c_contiguous
-    for a, b in zip(*res):
-        assert a.dtype == dtype
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol)
-    np.testing.assert_allclose(
-        res[0][0], R.NUMPY["multi_head_self_attention"](*args, **kwargs), rtol=rtol, atol=rtol
-    )
 
 
 # ---- a blocked chain's whole operands computed before the loop (OPTIMIZATIONS["hoist"]) ------

@@ -551,6 +551,20 @@ def _random_args(module, rng, T=4, B=3):
     return args
 
 
+def _sequences_agree(fast, plain, rng):
+    """The two sequence modules give the same outputs (rtol 1e-12) and gradients (rtol 1e-10,
+    float64) on the same random arguments and incoming gradients; the arguments."""
+    args = _random_args(fast, rng)
+    out_f, cache_f = fast.forward(*args)
+    out_p, cache_p = plain.forward(*args)
+    douts = tuple(rng.standard_normal(np.shape(o)) for o in out_f)
+    for a, b in zip(out_f, out_p):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    for n, a, b in zip(fast.ARGS, fast.backward(douts, cache_f), plain.backward(douts, cache_p)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=n)
+    return args
+
+
 @pytest.mark.parametrize("name", [*SEQS, "mgu", "mix", "two"])
 def test_deferred_parameter_gradients_switch(name, rng):
     """With the scan's "defer" switch off the parameters' gradients are summed step by step in
@@ -563,16 +577,7 @@ def test_deferred_parameter_gradients_switch(name, rng):
     if name == "two":  # not gradchecked elsewhere
         result = gradcheck(fast)
         assert result.ok, str(result)
-    args = _random_args(fast, rng)
-    out_f, cache_f = fast.forward(*args)
-    out_p, cache_p = plain.forward(*args)
-    douts = tuple(rng.standard_normal(np.shape(o)) for o in out_f)
-    for a, b in zip(out_f, out_p):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-    grads_f = fast.backward(douts, cache_f)
-    grads_p = plain.backward(douts, cache_p)
-    for n, a, b in zip(fast.ARGS, grads_f, grads_p):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=n)
+    args = _sequences_agree(fast, plain, rng)
     # T = 0: the sums over no steps are zero
     args0 = [
         np.zeros((0,) + a.shape[1:]) if n in ("x", "g") else a for n, a in zip(fast.ARGS, args)
@@ -721,14 +726,7 @@ def test_fold_switch(name, rng):
     seq = _scans()[name]
     on, off = sequence_source(seq), sequence_source(seq, options={"fold": False})
     fast, plain = load_module(on, name), load_module(off, name)
-    args = _random_args(fast, rng)
-    out_f, cache_f = fast.forward(*args)
-    out_p, cache_p = plain.forward(*args)
-    douts = tuple(rng.standard_normal(np.shape(o)) for o in out_f)
-    for a, b in zip(out_f, out_p):
-        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
-    for n, a, b in zip(fast.ARGS, fast.backward(douts, cache_f), plain.backward(douts, cache_p)):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12, err_msg=n)
+    _sequences_agree(fast, plain, rng)
     step_on = _function_source(on, "_step_forward")
     step_off = _function_source(off, "_step_forward")
     if name == "lstm":
