@@ -88,6 +88,20 @@ class _IntPrinter(StrPrinter):
         return text
 
 
+def _coefficient_hypers(spec) -> set[str]:
+    """The hyperparameters in the coefficients of affine index positions."""
+    from .spec import affine_terms, is_affine, occurrence_indices, occurrences
+
+    out: set[str] = set()
+    for a in spec.assigns:
+        for occ in occurrences(a.expr, spec.tensors):
+            for ix in occurrence_indices(occ):
+                if is_affine(ix):
+                    for coeff, _ in affine_terms(ix)[0]:
+                        out |= {s.name for s in coeff.free_symbols if s.name in spec.hyper}
+    return out
+
+
 def _int_formula(expr, names) -> str:
     return _IntPrinter(names).doprint(expr)
 
@@ -266,16 +280,24 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
             expr_defaults.append((var, default, name))
         else:
             pre.append(f'{var} = _number("{name}", {var}, {_conversion(default)})')
-    pad_hypers = {str(w) for widths in spec.pads.values() for w in widths.values() if w.is_Symbol}
-    coef_hypers = {
+    pad_hypers = {
+        s.name
+        for widths in spec.pads.values()
+        for w in widths.values()
+        for s in sp.sympify(w).free_symbols
+        if s.name in spec.hyper
+    }
+    in_formulas = {
         s.name for f in spec.derived.values() for s in f.free_symbols if s.name in spec.hyper
-    } | set(spec.hyper_dims)
-    for name in sorted(pad_hypers):
+    }
+    # a coefficient or a range is positive (a stride that also pads, x[s*t + k - s], too)
+    positive = _coefficient_hypers(spec) | set(spec.hyper_dims) | (in_formulas - pad_hypers)
+    for name in sorted(pad_hypers - positive):
         pre.append(
             f"if {hyper_vars[name]} < 0:\n    raise ValueError("
             f'f"{{NAME}}: {name} requires a non-negative integer, got {{{hyper_vars[name]}}}")'
         )
-    for name in sorted(coef_hypers - pad_hypers):
+    for name in sorted(positive):
         pre.append(
             f"if {hyper_vars[name]} < 1:\n    raise ValueError("
             f'f"{{NAME}}: {name} requires a positive integer, got {{{hyper_vars[name]}}}")'

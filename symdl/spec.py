@@ -542,21 +542,23 @@ def _build_spec(layer: Layer) -> Spec:
         else:
             assigns.append(Assign(tname, lhs_idx, "map", hoist(rhs, lhs_idx), (), k))
 
+    assigns, zero_pads = _padded_reads(assigns, layer, ranks)
+    _check_lower_bounds(assigns, layer, ranks)
+
     # ---- dimensions -----------------------------------------------------------------------
     # Symbols used in an affine position are sized by constraints, not by equality: in
     # y[b, i] = x[b, i + 1] - x[b, i], i ranges over one less than x's axis.
-    # A tensor read through an affine position anywhere takes its plain positions as
-    # constraints too (gi[b, j] beside gi[b, H + j]: j ranges over part of the axis).
+    # An axis read through an affine position anywhere takes its plain reads as constraints
+    # too (gi[b, j] beside gi[b, H + j]: j ranges over part of the axis); every other axis of
+    # the tensor is an equality (x[n, c, t + k] and w[c, k] share C).
     affine: dict[int, set] = {}
-    affine_in: dict[str, set] = {}  # tensor -> symbols in its affine positions (any equation)
+    affine_axes: set[tuple[str, int]] = set()  # (tensor, axis) read affinely in some equation
     for a in assigns:
         for occ in occurrences(a.expr, ranks):
-            for ix in occurrence_indices(occ):
+            for p, ix in enumerate(occurrence_indices(occ)):
                 if is_affine(ix):
                     affine.setdefault(a.scope, set()).update(position_symbols(ix))
-                    affine_in.setdefault(occurrence_name(occ), set()).update(
-                        position_symbols(ix)
-                    )
+                    affine_axes.add((occurrence_name(occ), p))
     constraints: list[tuple] = []  # (scope, symbol, tensor, axis, coeff, others, const)
     uf = _UnionFind()
     for a in assigns:
@@ -566,7 +568,7 @@ def _build_spec(layer: Layer) -> Spec:
         for occ in occurrences(a.expr, ranks):
             oname = occurrence_name(occ)
             for p, ix in enumerate(occurrence_indices(occ)):
-                if is_index(ix) and oname not in affine_in:
+                if is_index(ix) and (oname, p) not in affine_axes:
                     uf.union(("T", oname, p), ("I", a.scope, ix))
                 elif is_index(ix):
                     constraints.append((a.scope, ix, oname, p, sp.S.One, (), sp.S.Zero))
@@ -696,6 +698,9 @@ def _build_spec(layer: Layer) -> Spec:
                 widths[axis] = sp.Integer(width)
         pads[t] = widths
         pad_values[t] = float(info.get("value", 0.0))
+    for t, widths in zero_pads.items():
+        pads.setdefault(t, {}).update(widths)
+        pad_values.setdefault(t, 0.0)
 
     def axis_size(t, p):
         size = dim_symbol(tensors_[t].dims[p])
@@ -949,7 +954,8 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
 
 def _check_affine(ix, p, name, where, layer):
     """An affine index position: a sum of index symbols times positive integer coefficients
-    (numbers or integer hyperparameters) plus a non-negative offset."""
+    (numbers or integer hyperparameters) plus an integer offset. A negative offset reads zeros
+    below the start of the axis (zero padding, see :func:`_padded_reads`)."""
     text = sp.sstr(ix)
 
     def fail(rule):
@@ -979,11 +985,130 @@ def _check_affine(ix, p, name, where, layer):
         if coeff.free_symbols & set(index_syms):
             fail("an affine expression")
         if coeff.is_number and not (coeff.is_integer and coeff > 0):
-            fail(f"a positive integer coefficient of {sym.name}")
-        if not coeff.is_number and not coeff.is_Symbol and not coeff.is_Mul:
-            fail(f"a coefficient of {sym.name} made of integers and hyperparameters")
-    if const.is_number and not (const.is_integer and const >= 0):
-        fail("a non-negative integer offset (shift the index instead)")
+            fail(
+                f"a positive integer coefficient of {sym.name} (an axis read backwards is not "
+                f"supported: write the window forwards, e.g. x[t + k] with the kernel reversed)"
+            )
+        if not coeff.is_number and not _positive(coeff, layer):
+            fail(
+                f"a coefficient of {sym.name} made of positive integers and hyperparameters "
+                f"(hyperparameters in an index are positive integers; an axis read backwards "
+                f"is not supported)"
+            )
+    for term in sp.Add.make_args(const):
+        if term.is_number and not term.is_integer:
+            fail("an integer offset")
+        if not term.is_number and not _positive(-term if _negative(term) else term, layer):
+            fail("an offset made of integers and hyperparameters, each term of one sign")
+
+
+def _as_positive(expr, layer=None):
+    """``expr`` with every hyperparameter and dimension size as a positive integer symbol."""
+    reps = {}
+    for sym in expr.free_symbols:
+        if isinstance(sym, Dim) or layer is None or sym.name in layer.hyper:
+            reps[sym] = sp.Symbol(sym.name, positive=True, integer=True)
+    return expr.xreplace(reps)
+
+
+def _positive(expr, layer=None) -> bool:
+    """``expr`` is provably positive when its hyperparameters and sizes are positive integers."""
+    return bool(_as_positive(expr, layer).is_positive)
+
+
+def _negative(expr, layer=None) -> bool:
+    return bool(_as_positive(expr, layer).is_negative)
+
+
+def _check_lower_bounds(assigns: list, layer: Layer, ranks: dict) -> None:
+    """Every affine read starts at or after the start of its (padded) axis: positive
+    coefficients and a non-negative offset, proven with hyperparameters and sizes as positive
+    integers (pad widths as non-negative). The ranges derived from the constraints keep every
+    read below the end of its axis, so a strided view over it never leaves the array."""
+    for a in assigns:
+        for occ in occurrences(a.expr, ranks):
+            for p, ix in enumerate(occurrence_indices(occ)):
+                if not is_affine(ix):
+                    continue
+                terms, const = affine_terms(ix)
+                low = _as_positive(const, layer)
+                proven = all(_positive(c, layer) for c, _ in terms) and (
+                    const == 0 or bool(low.is_nonnegative) or bool((low + 1).is_positive)
+                )
+                if not proven:
+                    raise SpecError(
+                        f"index position {p + 1} of {occurrence_name(occ)} in equation "
+                        f"{a.scope + 1} requires a read provably inside the axis, got "
+                        f"{sp.sstr(ix)}",
+                        position=p,
+                    )
+
+
+def _padded_reads(assigns: list, layer: Layer, ranks: dict) -> tuple[list, dict]:
+    """Zero padding written as a negative offset: ``x[n, c, t + k - padding]`` reads zeros
+    below the start of x's axis. As in PyTorch, the axis is padded by the same width at both
+    ends, so ``t`` ranges over ``L + 2*padding - K + 1`` positions. Every read of that axis is
+    moved into the padded coordinates (``x[n, c, t] -> x[n, c, t + padding]``).
+
+    Returns the rewritten assignments and ``{tensor: {axis: width}}``."""
+    declared = layer.inputs + layer.params + layer.consts
+    widths: dict[str, dict[int, sp.Expr]] = {}
+    for a in assigns:
+        for occ in occurrences(a.expr, ranks):
+            name = occurrence_name(occ)
+            for p, ix in enumerate(occurrence_indices(occ)):
+                if not is_affine(ix):
+                    continue
+                _, const = affine_terms(ix)
+                below = -sum((t for t in sp.Add.make_args(const) if _negative(t, layer)), sp.S.Zero)
+                if below == 0:
+                    continue
+                where = f"index position {p + 1} of {name} in equation {a.scope + 1}"
+                if name not in declared:
+                    raise SpecError(
+                        f"{where} reads below the start of the axis ({sp.sstr(ix)}), which "
+                        f"requires an argument to pad with zeros, got the intermediate {name!r} "
+                        f"(shift the index instead)",
+                        position=p,
+                    )
+                if p in dict(layer.pad.get(name, {}).get("axes", {})):
+                    raise SpecError(
+                        f"{where} reads below the start of the axis ({sp.sstr(ix)}), which "
+                        f"requires one way to pad it, got a declared pad of {name!r} as well",
+                        position=p,
+                    )
+                if name in layer.pad and float(layer.pad[name].get("value", 0.0)) != 0.0:
+                    raise SpecError(
+                        f"{where} reads zeros below the start of the axis, which requires a "
+                        f"zero pad value for {name!r}, got {layer.pad[name]['value']!r}",
+                        position=p,
+                    )
+                known = widths.setdefault(name, {}).get(p)
+                if known is not None and sp.expand(known - below) != 0:
+                    raise SpecError(
+                        f"{where} reads {sp.sstr(below)} below the start of the axis, which "
+                        f"requires one padding width per axis, got {sp.sstr(known)} elsewhere",
+                        position=p,
+                    )
+                widths[name][p] = below
+    if not widths:
+        return assigns, widths
+
+    def moved(occ):
+        name = occurrence_name(occ)
+        shifts = widths.get(name)
+        if not shifts:
+            return occ
+        idx = list(occurrence_indices(occ))
+        for p, width in shifts.items():
+            idx[p] = sp.expand(idx[p] + width)
+        return occ.base[tuple(idx)]
+
+    out = []
+    for a in assigns:
+        reps = {occ: moved(occ) for occ in occurrences(a.expr, ranks)}
+        out.append(dataclasses.replace(a, expr=a.expr.xreplace(reps)))
+    return out, widths
 
 
 def _check_rank(name, rank, ell, where, ranks, has_ell):
