@@ -260,6 +260,17 @@ def test_random_padded_convolutions(case, seed):
     np.testing.assert_allclose(mod.forward(*args, **kw)[0], ref, rtol=1e-11, atol=1e-12)
     result = gradcheck(mod, args, kw, rng=rng, tol=1e-6)
     assert result.ok, str(result)
-    wrong = rng.standard_normal((case["x"][0], case["x"][1] + 1, *case["x"][2:]))
-    with pytest.raises(ValueError, match="dimension 'C'"):
-        mod.forward(wrong, *args[1:], **kw)
+    # a size that must agree with another argument's, changed, or one axis too many: refused
+    shared = [(0, 1, "C"), (1, 1, "C")] + ([(1, 0, "F"), (2, 0, "F")] if case["bias"] else [])
+    for arg, axis, dim in shared:
+        bad = list(args)
+        shape = list(bad[arg].shape)
+        shape[axis] += 1
+        bad[arg] = rng.standard_normal(shape)
+        with pytest.raises(ValueError, match=f"dimension '{dim}'"):
+            mod.forward(*bad, **kw)
+    for arg in range(len(args)):
+        bad = list(args)
+        bad[arg] = bad[arg][..., None]
+        with pytest.raises(ValueError, match=f"argument '{mod.ARGS[arg]}'"):
+            mod.forward(*bad, **kw)
