@@ -1,0 +1,127 @@
+"""Every lowering switch off alone, and all of them off, against the default lowering: the
+forward and the backward of every catalogue layer and sequence, in float64.
+
+One table drives it: ``symdl.lower.OPTIMIZATIONS`` (and ``symdl.scan.OPTIMIZATIONS`` for the
+sequences). A switch that leaves an entry's module text unchanged does not apply to it and is
+counted, not run; every other variant is imported and run on the entry's test inputs. The
+modules are compared before formatting (formatting changes no value), which keeps the whole
+table to a couple of seconds per entry. Optimizers are printed from their update equations
+without a lowering, so they have no switch to turn off.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import references as R
+
+from symdl import codegen
+from symdl.cli import load_module
+from symdl.derive import derive
+from symdl.layers import catalogue
+from symdl.layers.sequences import catalogue as sequences
+from symdl.lower import OPTIMIZATIONS
+from symdl.scan import OPTIMIZATIONS as SCAN_OPTIMIZATIONS
+from symdl.scan import sequence_source
+
+LAYERS = catalogue()
+SEQUENCES = sequences()
+
+
+def _variants(switches) -> dict[str, dict[str, bool]]:
+    """The default, each switch that is on by default turned off alone, and all turned off
+    (a switch off by default, such as grouped_matmul, turned on alone)."""
+    out = {"default": {}}
+    for name, default in switches.items():
+        out[f"{name}={not default}"] = {name: not default}
+    out["all off"] = {name: False for name in switches}
+    return out
+
+
+@pytest.fixture
+def unformatted(monkeypatch):
+    monkeypatch.setattr(codegen, "format_source", lambda text: text)
+
+
+def _outputs(module, args, kwargs, douts=None):
+    out, cache = module.forward(*args, **kwargs)
+    outs = out if isinstance(out, tuple) else (out,)
+    if douts is None:
+        rng = np.random.default_rng(7)
+        douts = tuple(rng.standard_normal(np.shape(o)) for o in outs)
+    grads = module.backward(douts if isinstance(out, tuple) else douts[0], cache)
+    return outs + tuple(grads), douts
+
+
+def _compare(entry, variant, reference, result, names):
+    problems = []
+    for name, a, b in zip(names, reference, result):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.shape != b.shape:
+            problems.append(f"{entry} with {variant}: {name} shape {b.shape} != {a.shape}")
+            continue
+        scale = 1.0 + float(np.max(np.abs(a), initial=0.0))
+        if not np.allclose(b, a, rtol=1e-10, atol=1e-12 * scale, equal_nan=True):
+            err = float(np.max(np.abs(b - a))) / scale
+            problems.append(f"{entry} with {variant}: {name} differs (max rel. error {err:.1e})")
+    return problems
+
+
+@functools.cache
+def _derived(name):
+    return derive(LAYERS[name])
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_every_switch_on_every_layer(name, unformatted, rng):
+    d = _derived(name)
+    texts = {v: codegen.generate_source(d, options=o) for v, o in _variants(OPTIMIZATIONS).items()}
+    args, kwargs = R.DOMAINS[name](rng)
+    default = load_module(texts["default"], name)
+    reference, douts = _outputs(default, args, kwargs)
+    names = [*default.OUTPUTS, *(f"gradient of {a}" for a in default.ARGS)]
+    problems, ran = [], 0
+    for variant, text in texts.items():
+        if variant == "default" or text == texts["default"]:
+            continue
+        ran += 1
+        result, _ = _outputs(load_module(text, name), args, kwargs, douts)
+        problems += _compare(name, variant, reference, result, names)
+    assert not problems, "\n".join(problems)
+    assert texts["all off"] != texts["default"] or ran == 0
+
+
+def _sequence_args(module, rng, T=4, B=3):
+    sizes = {"T": T, "B": B}
+    args = []
+    for n in module.ARGS:
+        shape = []
+        for dim in module.SHAPES[n]:
+            factor, _, base = dim.partition("*")
+            if base:
+                shape.append(int(factor) * sizes.setdefault(base, 5))
+            else:
+                shape.append(sizes.setdefault(dim, 5))
+        args.append(rng.uniform(-0.8, 0.8, tuple(shape)))
+    return args
+
+
+@pytest.mark.parametrize("name", sorted(SEQUENCES))
+def test_every_switch_on_every_sequence(name, unformatted, rng):
+    seq = SEQUENCES[name]
+    switches = {**OPTIMIZATIONS, **SCAN_OPTIMIZATIONS}
+    texts = {v: sequence_source(seq, options=o) for v, o in _variants(switches).items()}
+    default = load_module(texts["default"], name)
+    args = _sequence_args(default, rng)
+    reference, douts = _outputs(default, args, {})
+    names = [*default.OUTPUTS, *(f"gradient of {a}" for a in default.ARGS)]
+    problems = []
+    for variant, text in texts.items():
+        if variant == "default" or text == texts["default"]:
+            continue
+        result, _ = _outputs(load_module(text, name), args, {}, douts)
+        problems += _compare(name, variant, reference, result, names)
+    assert not problems, "\n".join(problems)
+    assert texts["all off"] != texts["default"]
