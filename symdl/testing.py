@@ -204,6 +204,7 @@ def _scalar_functions():
         "step": lambda x: 1.0 if x > 0 else 0.0,
         "xlogy": lambda a, b: 0.0 if a == 0 else a * math.log(b),
         "stop_gradient": lambda x: x,
+        "isfinite": lambda x: 1.0 if math.isfinite(x) else 0.0,
         "erf": math.erf,
         "Heaviside": lambda x, h0=0.5: 1.0 if x > 0 else (h0 if x == 0 else 0.0),
     }
