@@ -48,11 +48,6 @@ class MLP(nn.Model):
         return last(x)
 
 
-class Discriminator(MLP):
-    def forward(self, x):
-        return nn.reshape(super().forward(x), (-1,))  # (N, 1) -> (N,) logits
-
-
 class DiscriminatorObjective(nn.Model):
     def __init__(self, discriminator):
         self.discriminator = discriminator
@@ -93,7 +88,7 @@ def main():
     rng = np.random.default_rng(args.seed)
     dtype, h = np.float32, args.hidden
     generator = MLP((args.noise, h, h, 2), "relu", rng, dtype)
-    discriminator = Discriminator((2, h, h, 1), "leaky_relu", rng, dtype, negative_slope=0.2)
+    discriminator = MLP((2, h, h, 1), "leaky_relu", rng, dtype, negative_slope=0.2)
     d_objective = DiscriminatorObjective(discriminator)
     g_objective = GeneratorObjective(generator, discriminator)
     d_opt = nn.Optimizer("adam", discriminator, lr=args.lr, beta1=0.5)

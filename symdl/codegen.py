@@ -177,6 +177,11 @@ def _snippet(module, name: str) -> str:
     return inspect.getsource(getattr(module, name)).rstrip() + "\n"
 
 
+def _const_arg(name: str, spec) -> str:
+    """The check converting a floating-point constant: an attention mask's or the plain one."""
+    return "_mask_arg" if name in spec.masks else "_float_arg"
+
+
 def _shape_expr(dims, dim_vars, batch=False) -> str:
     """The shape tuple of a tensor: ``(N, C, batch)`` flattened, or with ``batch=True`` the
     full shape ``(N, C) + batch_shape``."""
@@ -227,12 +232,11 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         if c.kind == "int":
             pre.append(f'{c.var} = _int_arg("{c.name}", {c.var})')
         else:
-            pre.append(f'{c.var} = _float_arg("{c.name}", {c.var}, dtype)')
+            pre.append(f'{c.var} = {_const_arg(c.name, spec)}("{c.name}", {c.var}, dtype)')
     for c in lowered.consts:
         if c.name in spec.optional:
-            pre.append(
-                f"if {c.var} is not None:\n    {c.var} = _float_arg(\"{c.name}\", {c.var}, dtype)"
-            )
+            check = f'{_const_arg(c.name, spec)}("{c.name}", {c.var}, dtype)'
+            pre.append(f"if {c.var} is not None:\n    {c.var} = {check}")
     bound = lowered.args + [c for c in lowered.consts if c.name not in spec.optional]
     optional_bound = [c for c in lowered.consts if c.name in spec.optional]
     pre.append(
@@ -397,7 +401,8 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         rets.append(text)
     returns = rets[0] + "," if len(rets) == 1 else ", ".join(rets)
 
-    helpers = [_snippet(_runtime, n) for n in ("_float_arg", "_int_arg", "_common_dtype", "_bind_shapes", "_check_dout")]
+    checks = ("_float_arg", "_int_arg") + (("_mask_arg",) if spec.masks else ())
+    helpers = [_snippet(_runtime, n) for n in checks + ("_common_dtype", "_bind_shapes", "_check_dout")]
     if lowered.hyper:
         helpers.append(_snippet(_runtime, "_number"))
     if lowered.index_ranges:

@@ -89,6 +89,25 @@ class step(_SheetFunction):
         return sp.S.Zero
 
 
+class isfinite(_SheetFunction):
+    r"""1 where x is finite, 0 at an infinity or NaN (NumPy's ``isfinite``): a test of a value,
+    such as the -inf of an additive mask, whose derivative is 0."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_number:
+            return sp.S.One if x.is_finite else sp.S.Zero
+        return None
+
+    def _value(self):
+        return sp.S.One if self.args[0].is_finite else sp.S.Zero
+
+    def fdiff(self, argindex=1):
+        return sp.S.Zero
+
+
 class xlogy(_SheetFunction):
     r"""x * log(y), with the convention 0 * log(y) = 0 (PyTorch's ``xlogy``)."""
 
@@ -136,7 +155,7 @@ def register(cls: type[sp.Function]) -> type[sp.Function]:
     return cls
 
 
-for _cls in (sigmoid, softplus, relu, step, xlogy, stop_gradient):
+for _cls in (sigmoid, softplus, relu, step, isfinite, xlogy, stop_gradient):
     register(_cls)
 
 

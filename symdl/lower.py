@@ -345,8 +345,7 @@ class Lowerer:
                     fill = float(spec.optional[name])
                     reps[occ] = sp.Integer(int(fill)) if fill.is_integer() else sp.Float(fill)
                     tests.append(f"{self.var[name]} is not None")
-                    if all(t == a.target for t in reads.get(name, ())) and name not in self.d.cached:
-                        fills.append(name)
+                    fills.append(name)
                 elif name in self.special:
                     reps[occ] = self.special[name][0]
                     tests.append(f"{self.v(name)} is not None")
@@ -358,7 +357,15 @@ class Lowerer:
             if float(value).is_integer():  # 1, not 1.0: x * 1 is x
                 value = sp.Integer(int(value))
             self.special[a.target] = (value, tuple(sorted(set(tests))), tuple(fills))
-            self.deferred |= set(fills)
+        # an optional constant read only by such tensors is filled by each of their general
+        # branches that runs while it is absent (once: a fill tests for None), else up front
+        for target, (value, tests, fills) in list(self.special.items()):
+            lazy = tuple(
+                name for name in fills
+                if name not in self.d.cached and all(t in self.special for t in reads.get(name, ()))
+            )
+            self.special[target] = (value, tests, lazy)
+            self.deferred |= set(lazy)
 
     def fill(self, name: str):
         """The default of an optional constant, filled where it is first needed."""

@@ -13,7 +13,7 @@ import sympy as sp
 from sympy.printing.numpy import NumPyPrinter as _SympyNumPyPrinter
 from sympy.printing.str import StrPrinter
 
-from .functions import relu, sigmoid, softplus, step, stop_gradient, xlogy
+from .functions import isfinite, relu, sigmoid, softplus, step, stop_gradient, xlogy
 
 #: Names the generated code itself uses; a user name equal to one of these gets a suffix.
 RESERVED = frozenset(
@@ -132,6 +132,9 @@ class NumpyPrinter(_SympyNumPyPrinter):
     def _print_step(self, expr):
         return f"np.heaviside({self._print(expr.args[0])}, 0)"
 
+    def _print_isfinite(self, expr):
+        return f"np.isfinite({self._print(expr.args[0])})"
+
     def _print_Heaviside(self, expr):
         h0 = expr.args[1] if len(expr.args) > 1 else sp.Rational(1, 2)
         return f"np.heaviside({self._print(expr.args[0])}, {self._print(h0)})"
@@ -192,6 +195,8 @@ class NumpyPrinter(_SympyNumPyPrinter):
         return text
 
     def _print_Relational(self, expr):
+        if isinstance(expr.lhs, isfinite) and expr.rel_op == ">" and expr.rhs == 0:
+            return f"({self._print(expr.lhs)})"  # isfinite(x) > 0 -> np.isfinite(x)
         op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[expr.rel_op]
         return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
 
@@ -227,4 +232,4 @@ def equation_text(expr) -> str:
 
 # keep these names importable from one place for the printer's method lookup
 __all__ = ["Namer", "NumpyPrinter", "EquationPrinter", "equation_text", "RESERVED"]
-_ = (relu, sigmoid, softplus, step, stop_gradient, xlogy)
+_ = (isfinite, relu, sigmoid, softplus, step, stop_gradient, xlogy)

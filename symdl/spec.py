@@ -122,6 +122,7 @@ class Spec:
     hyper_dims: dict[str, str] = dataclasses.field(default_factory=dict)  # dim -> hyperparameter
     optional: dict[str, float] = dataclasses.field(default_factory=dict)
     asserts: list = dataclasses.field(default_factory=list)
+    masks: tuple[str, ...] = ()  # constants taken in PyTorch's attention-mask convention
 
     @property
     def args(self) -> tuple[str, ...]:
@@ -311,6 +312,7 @@ class Layer:
         dims: Mapping[str, sp.Expr] | None = None,
         optional: Mapping[str, float] | None = None,
         asserts: Sequence[tuple] = (),
+        masks=(),
     ):
         self.name = name
         self.equations = [_as_pair(eq, k) for k, eq in enumerate(equations)]
@@ -335,6 +337,9 @@ class Layer:
         self.optional = dict(optional or {})
         # run-time conditions on sizes and hyperparameters: [(relational, "message"), ...]
         self.asserts = list(asserts)
+        # constants taken as PyTorch takes an attention mask: a boolean array (True = attend)
+        # becomes the additive mask 0 / -inf, a floating-point array is added as it is
+        self.masks = _names(masks)
         self._spec: Spec | None = None
 
     def __repr__(self) -> str:
@@ -679,6 +684,9 @@ def _build_spec(layer: Layer) -> Spec:
             role = "intermediate"
         kind = "int" if (t in gather_consts or t in layer.int_consts) else "float"
         tensors_[t] = TensorInfo(t, role, r, dims, kind)
+    for t in layer.masks:
+        if t not in layer.consts or tensors_[t].kind != "float":
+            raise SpecError(f"masks names {t!r}, which requires a floating-point constant")
 
     # padding of arguments
     pads: dict[str, dict[int, sp.Expr]] = {}
@@ -848,6 +856,7 @@ def _build_spec(layer: Layer) -> Spec:
         hyper_dims={h: h for h in layer.ranges.values() if h in layer.hyper},
         optional=dict(layer.optional),
         asserts=list(layer.asserts),
+        masks=layer.masks,
     )
 
 

@@ -204,6 +204,7 @@ def _scalar_functions():
         "step": lambda x: 1.0 if x > 0 else 0.0,
         "xlogy": lambda a, b: 0.0 if a == 0 else a * math.log(b),
         "stop_gradient": lambda x: x,
+        "isfinite": lambda x: 1.0 if math.isfinite(x) else 0.0,
         "erf": math.erf,
         "Heaviside": lambda x, h0=0.5: 1.0 if x > 0 else (h0 if x == 0 else 0.0),
     }
@@ -230,7 +231,14 @@ def reference_forward(layer, *args, **kwargs):
     for k, v in list(hyper.items()):  # a default naming another hyperparameter
         if isinstance(v, str) or v is None:
             hyper[k] = hyper.get(v) if isinstance(v, str) else v
-    arrays = {k: np.asarray(v, dtype=float) if np.asarray(v).dtype == bool else np.asarray(v) for k, v in values.items() if v is not None}
+    arrays = {}
+    for k, v in values.items():
+        if v is None:
+            continue
+        v = np.asarray(v)
+        if v.dtype == bool:  # an attention mask's True = attend is its additive 0, else -inf
+            v = np.where(v, 0.0, -np.inf) if k in spec.masks else v.astype(float)
+        arrays[k] = v
     sizes: dict = {}
     batch_shape = None
     for name, a in list(arrays.items()):

@@ -745,11 +745,16 @@ def _np_softmax_rows(s, allowed):
 
 
 def _np_sdpa(q, k, v, mask=None, causal=False, scale=None):
+    """PyTorch's attn_mask: True = attend when boolean, added to the scores when float."""
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    allowed = np.ones((q.shape[1], k.shape[1]), bool) if mask is None else np.asarray(mask) > 0
+    shape = (q.shape[1], k.shape[1])
+    mask = np.zeros(shape) if mask is None else np.asarray(mask)
+    if mask.dtype == bool:
+        mask = np.where(mask, 0.0, -np.inf)
+    allowed = mask > -np.inf
     if causal:
         allowed = allowed & np.tril(np.ones_like(allowed))
-    p = _np_softmax_rows(q @ k.transpose(0, 2, 1) * scale, allowed)
+    p = _np_softmax_rows(q @ k.transpose(0, 2, 1) * scale + np.where(allowed, mask, 0.0), allowed)
     return p @ v
 
 
@@ -783,9 +788,8 @@ def _np_additive(query, keys, w_query, w_keys, v):
 
 
 def _torch_sdpa(torch, q, k, v, mask=None, causal=False, scale=None):
-    attn_mask = None if mask is None else mask > 0.5
     return _F(torch).scaled_dot_product_attention(
-        q, k, v, attn_mask=attn_mask, is_causal=bool(causal), scale=scale
+        q, k, v, attn_mask=mask, is_causal=bool(causal), scale=scale
     )
 
 

@@ -84,7 +84,10 @@ def _torch_run(name, args, kwargs, dout):
     tkw = {}
     for k, v in kwargs.items():
         if isinstance(v, np.ndarray):
-            dt = torch.int64 if np.issubdtype(v.dtype, np.integer) else torch.float64
+            if v.dtype == bool:
+                dt = torch.bool
+            else:
+                dt = torch.int64 if np.issubdtype(v.dtype, np.integer) else torch.float64
             tkw[k] = torch.tensor(v, dtype=dt)
         else:
             tkw[k] = v

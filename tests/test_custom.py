@@ -179,3 +179,16 @@ def test_stacked_dimension_alone_gives_its_base(rng):
     assert result.ok, str(result)
     with pytest.raises(ValueError, match=r"'w'.*'2\*H' requires a multiple of 2, got 5"):
         module.forward(x, rng.standard_normal((5, 3)))
+
+
+def test_isfinite_tests_a_constant_for_infinities(rng):
+    """isfinite(b) > 0 keeps the finite entries of a constant (a mask's -inf, a NaN drops out),
+    with no gradient through the test; the reference evaluator agrees."""
+    layer = parse_layer("finite_add", "y[n] = where(isfinite(b[n]) > 0, x[n] * b[n], 0)", inputs="x", consts="b")
+    module = load_module(generate_source(derive(layer)), "finite_add")
+    x, b = rng.standard_normal(5), np.array([0.5, -np.inf, 2.0, np.inf, np.nan])
+    y, cache = module.forward(x, b=b)
+    (dx,) = module.backward(np.ones(5), cache)
+    np.testing.assert_array_equal(y, [x[0] * 0.5, 0, x[2] * 2.0, 0, 0])
+    np.testing.assert_array_equal(dx, [0.5, 0, 2.0, 0, 0])
+    np.testing.assert_array_equal(reference_forward(layer, x, b=b), y)

@@ -549,3 +549,16 @@ def test_zero_size_batch_linear_float32(mods):
     grads = module.backward(np.zeros((0, 5), dtype=np.float32), cache)
     assert [g.shape for g in grads] == [(0, 4), (5, 4), (5,)]
     assert all(g.dtype == np.float32 for g in grads)
+
+
+def test_masks_requires_a_floating_point_constant():
+    from symdl.errors import SpecError
+    from symdl.spec import Layer, indices, tensors
+
+    x, m, y = tensors("x m y")
+    n = indices("n")
+    for masks in ("x", "y"):
+        layer = Layer("bad_mask", [(y[n], x[n] + m[n])], inputs="x", consts="m", masks=masks)
+        with pytest.raises(SpecError, match=f"masks names '{masks}', which requires a floating-point constant"):
+            layer.spec()
+    assert Layer("ok_mask", [(y[n], x[n] + m[n])], inputs="x", consts="m", masks="m").spec().masks == ("m",)

@@ -1014,10 +1014,13 @@ def test_specialize_sdpa(dtype, rng):
     assert "if keep is not None:" in on_text and "keep is not None" not in off_text
     forward_on = on_text.split("\ndef forward(", 1)[1].split("\ndef ", 1)[0]
     assert "if causal or mask is not None:" in forward_on
-    assert forward_on.count("np.full(") == 1  # the fill only where the mask is read
+    # the fill only in the statements that read the mask (keep and bias), never up front
+    assert forward_on.count("np.full(") == 2
+    assert "np.full(" not in forward_on.split("if causal or mask is not None:", 1)[0]
     on, off = load_module(on_text, "sdpa"), load_module(off_text, "sdpa")
     rtol = 1e-10 if dtype == np.float64 else 1e-4
-    masks = [None, rng.random((5, 5)) > 0.3, np.ones((5, 5), bool)]
+    additive = np.where(rng.random((5, 5)) > 0.3, rng.uniform(-2, 2, (5, 5)), -np.inf)
+    masks = [None, rng.random((5, 5)) > 0.3, np.ones((5, 5), bool), additive.astype(dtype)]
     for mask in masks:
         for causal in (False, True):
             args = _sdpa_args(rng, dtype)

@@ -4,15 +4,21 @@ additive (Bahdanau) attention.
 Masked softmax, written once in the equations and reused below: scores of masked positions
 are replaced by -1e30 before the row maximum is taken (a stop-gradient, exact because softmax
 is shift invariant), masked exponentials are 0, and a fully masked row (sum 0) divides by 1,
-so it gives zeros, not NaN, and a zero gradient.
+so it gives zeros, not NaN, and a zero gradient (as PyTorch's scaled_dot_product_attention).
+
+The mask of scaled dot-product attention is PyTorch's ``attn_mask``: additive (added to the
+scores; 0 = attend, -inf = blocked) when floating-point, True = attend when boolean (taken as
+the additive 0 / -inf).
 """
 
 import sympy as sp
 
-from ..functions import Max, Sum, stop_gradient
+from ..functions import Max, Sum, isfinite, stop_gradient
 from ..spec import Dim, Layer, indices, scalar, tensors
 
-q, k, v, mask, s, keep, sm, m, e, z, zs, p, o = tensors("q k v mask s keep sm m e z zs p o")
+q, k, v, mask, s, keep, bias, sm, m, e, z, zs, p, o = tensors(
+    "q k v mask s keep bias sm m e z zs p o"
+)
 x, wi, bi, wo, bo, qp, kp, vp, a, y = tensors(
     "x in_proj_weight in_proj_bias out_proj_weight out_proj_bias qp kp vp a y"
 )
@@ -32,13 +38,14 @@ NEG = sp.Float(-1e30)
 
 def masked_softmax_weights(scores, allowed, rows, col):
     """Equations for e (unnormalised weights), zs (their safe row sums) and p (the weights) of
-    a masked softmax over the index ``col``; ``scores`` and ``allowed`` are indexed tensors."""
+    a masked softmax over the index ``col``; ``scores`` is an expression of indexed tensors,
+    ``allowed`` the condition under which a position may be attended to."""
     sm_, m_, e_, z_, zs_ = (tsr[rows + (col,)] for tsr in (sm, m, e, z, zs))
     del m_, z_, zs_
     return [
-        (sm[rows + (col,)], sp.Piecewise((scores, allowed > 0), (NEG, True))),
+        (sm[rows + (col,)], sp.Piecewise((scores, allowed), (NEG, True))),
         (m[rows], stop_gradient(Max(sm_, col))),
-        (e[rows + (col,)], sp.Piecewise((sp.exp(sm_ - m[rows]), allowed > 0), (0, True))),
+        (e[rows + (col,)], sp.Piecewise((sp.exp(sm_ - m[rows]), allowed), (0, True))),
         (z[rows], Sum(e_, col)),
         (zs[rows], sp.Piecewise((z[rows], z[rows] > 0), (1, True))),
         (p[rows + (col,)], e_ / zs[rows]),
@@ -49,18 +56,22 @@ SDPA = Layer(
     "scaled_dot_product_attention",
     [
         (s[n, l, t], Sum(q[n, l, d] * k[n, t, d], d) * scale),
-        (keep[l, t], sp.Piecewise((0, sp.And(causal > 0, t > l)), (mask[l, t], True))),
-        *masked_softmax_weights(s[n, l, t], keep[l, t], (n, l), t),
+        # the mask is additive: -inf blocks a position, a finite value is added to its score
+        (keep[l, t], sp.Piecewise((0, sp.And(causal > 0, t > l)), (1, isfinite(mask[l, t]) > 0), (0, True))),
+        (bias[l, t], sp.Piecewise((mask[l, t], keep[l, t] > 0), (0, True))),
+        *masked_softmax_weights(s[n, l, t] + bias[l, t], keep[l, t] > 0, (n, l), t),
         (o[n, l, f], Sum(p[n, l, t] * v[n, t, f], t)),
     ],
     inputs="q k v",
     consts="mask",
-    optional={"mask": 1.0},
+    optional={"mask": 0.0},
+    masks="mask",
     hyper={"causal": False, "scale": 1 / sp.sqrt(Dim("E"))},
     shapes={"q": ("N", "L", "E"), "k": ("N", "S", "E"), "v": ("N", "S", "Ev"), "mask": ("L", "S")},
-    doc="softmax(q k^T * scale) v with an optional boolean mask (True = may attend) and causal "
-    "masking; a fully masked row gives zeros",
-    checks={"domains": {"mask": (0.2, 1.0)}},
+    doc="softmax(q k^T * scale + mask) v with PyTorch's attn_mask: a float mask is added to "
+    "the scores (0 = attend, -inf = blocked), a boolean mask is True = may attend; optional "
+    "causal masking; a fully masked row gives zeros",
+    checks={"domains": {"mask": (-1.0, 1.0)}},
 )
 
 MHA = Layer(
@@ -71,7 +82,7 @@ MHA = Layer(
         (vp[n, t, c], Sum(x[n, t, i] * wi[2 * E + c, i], i) + bi[2 * E + c]),
         (s[n, h, l, t], Sum(qp[n, l, h * D + d] * kp[n, t, h * D + d], d) / sp.sqrt(D)),
         (keep[l, t], sp.Piecewise((0, sp.And(causal > 0, t > l)), (1, True))),
-        *masked_softmax_weights(s[n, h, l, t], keep[l, t], (n, h, l), t),
+        *masked_softmax_weights(s[n, h, l, t], keep[l, t] > 0, (n, h, l), t),
         (a[n, l, h, f], Sum(p[n, h, l, t] * vp[n, t, h * D + f], t)),
         (y[n, l, c], Sum(a[n, l, h, f] * wo[c, h * D + f], (h, f)) + bo[c]),
     ],
@@ -99,7 +110,7 @@ LOCAL = Layer(
         # reads keys i - window ... i + window as k[n, i + w, d] for w in 0 ... 2*window
         (s[n, i, w], Sum(q[n, i, d] * k[n, i + w, d], d) * scale),
         (keep[i, w], sp.Piecewise((1, sp.And(i + w >= window, i + w < T + window)), (0, True))),
-        *masked_softmax_weights(s[n, i, w], keep[i, w], (n, i), w),
+        *masked_softmax_weights(s[n, i, w], keep[i, w] > 0, (n, i), w),
         (o[n, i, f], Sum(p[n, i, w] * v[n, i + w, f], w)),
     ],
     inputs="q k v",

@@ -116,16 +116,19 @@ LAYERS = [
     ),
     Layer(
         "gan_discriminator_loss",
-        [(L, Mean(softplus(-real[n]), n) + Mean(softplus(fake[k]), k))],
+        [(L, Mean(softplus(-real[n, ELL]), (n, ELL)) + Mean(softplus(fake[k, ELL]), (k, ELL)))],
         inputs="real_logits fake_logits",
-        shapes={"real_logits": ("N",), "fake_logits": ("M",)},
-        doc="BCE(real, 1) + BCE(fake, 0), each a mean: the discriminator's GAN objective",
+        shapes={"real_logits": ("N", "..."), "fake_logits": ("M", "...")},
+        doc="BCE(real, 1) + BCE(fake, 0), each a mean over all elements: the discriminator's "
+        "GAN objective (logits of any shape, e.g. (N,) or (N, 1); real and fake may differ in "
+        "their first dimension)",
     ),
     Layer(
         "gan_generator_loss",
-        [(L, Mean(softplus(-fake[k]), k))],
+        [(L, Mean(softplus(-fake[ELL]), ELL))],
         inputs="fake_logits",
-        shapes={"fake_logits": ("M",)},
-        doc="BCE(fake, 1): the generator's non-saturating GAN objective",
+        shapes={"fake_logits": ANY},
+        doc="BCE(fake, 1), a mean over all elements: the generator's non-saturating GAN "
+        "objective (logits of any shape)",
     ),
 ]

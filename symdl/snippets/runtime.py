@@ -43,6 +43,24 @@ def _int_arg(name, value):
     return array
 
 
+def _mask_arg(name, value, dtype):
+    """An attention mask as PyTorch takes one: a boolean mask (True = attend) becomes the
+    additive mask 0 where True, -inf where False; a floating-point mask is additive as it is
+    (added to the scores: 0 = attend, -inf = blocked)."""
+    try:
+        array = np.asarray(value)
+    except ValueError as err:
+        raise ValueError(f"{NAME}: argument {name!r} requires an array, got {err}") from None
+    if array.dtype == np.bool_:
+        return np.where(array, 0.0, -np.inf).astype(dtype)
+    if not np.issubdtype(array.dtype, np.floating):
+        raise TypeError(
+            f"{NAME}: argument {name!r} requires a boolean mask (True = attend) or a "
+            f"floating-point additive mask (0 = attend, -inf = blocked), got dtype {array.dtype}"
+        )
+    return array.astype(dtype, copy=False)
+
+
 def _common_dtype(arrays):
     """The one floating dtype shared by the differentiable arguments."""
     dtypes = {name: array.dtype for name, array in arrays.items()}
