@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import inspect
 import os
 import subprocess
 from pathlib import Path
@@ -24,6 +23,7 @@ from .derive import Derivation, derive
 from .errors import CodegenError
 from .latex import backward_text, formulas, forward_text
 from .lower import Lowered, lower
+from .runtime import Runtime, extras, snippet
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 if not TEMPLATES.is_dir():  # a source checkout: templates/ beside the package
@@ -88,20 +88,6 @@ class _IntPrinter(StrPrinter):
         return text
 
 
-def _coefficient_hypers(spec) -> set[str]:
-    """The hyperparameters in the coefficients of affine index positions."""
-    from .spec import affine_terms, is_affine, occurrence_indices, occurrences
-
-    out: set[str] = set()
-    for a in spec.assigns:
-        for occ in occurrences(a.expr, spec.tensors):
-            for ix in occurrence_indices(occ):
-                if is_affine(ix):
-                    for coeff, _ in affine_terms(ix)[0]:
-                        out |= {s.name for s in coeff.free_symbols if s.name in spec.hyper}
-    return out
-
-
 def _int_formula(expr, names) -> str:
     return _IntPrinter(names).doprint(expr)
 
@@ -138,48 +124,25 @@ def _environment() -> jinja2.Environment:
     return _ENVIRONMENT
 
 
-class _SnippetSource:
-    """The functions of a module of symdl/snippets as text, read from its file without importing
-    it (the snippets import NumPy, which writing code does not need). ``hasattr`` tells whether
-    the module defines a function; :func:`_snippet` returns its text as ``inspect.getsource``
-    does."""
-
-    def __init__(self, name: str):
-        self.__path = Path(__file__).resolve().parent / "snippets" / f"{name}.py"
-        self.__texts: dict[str, str] | None = None
-
-    def _texts(self) -> dict[str, str]:
-        if self.__texts is None:
-            lines = self.__path.read_text(encoding="utf-8").splitlines(True)
-            texts = {}
-            for node in ast.parse("".join(lines)).body:
-                if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-                    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
-                    texts[node.name] = "".join(lines[first - 1 : node.end_lineno])
-            self.__texts = texts
-        return self.__texts
-
-    def __getattr__(self, name: str) -> str:
-        try:
-            return self._texts()[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-_erf_snippet = _SnippetSource("erf")
-_extras = _SnippetSource("extras")
-_runtime = _SnippetSource("runtime")
-
-
-def _snippet(module, name: str) -> str:
-    if isinstance(module, _SnippetSource):
-        return getattr(module, name).rstrip() + "\n"
-    return inspect.getsource(getattr(module, name)).rstrip() + "\n"
-
-
-def _const_arg(name: str, spec) -> str:
+def _const_call(rt, name: str, var: str, spec) -> str:
     """The check converting a floating-point constant: an attention mask's or the plain one."""
-    return "_mask_arg" if name in spec.masks else "_float_arg"
+    if name in spec.masks:
+        return rt.call("_mask_arg", f'"{name}", {var}, dtype')
+    return rt.call("_float_arg", f'"{name}", {var}, dtype', "const")
+
+
+def _coefficient_hypers(spec) -> set[str]:
+    """The hyperparameters in the coefficients of affine index positions."""
+    from .spec import affine_terms, is_affine, occurrence_indices, occurrences
+
+    out: set[str] = set()
+    for a in spec.assigns:
+        for occ in occurrences(a.expr, spec.tensors):
+            for ix in occurrence_indices(occ):
+                if is_affine(ix):
+                    for coeff, _ in affine_terms(ix)[0]:
+                        out |= {s.name for s in coeff.free_symbols if s.name in spec.hyper}
+    return out
 
 
 def _shape_expr(dims, dim_vars, batch=False) -> str:
@@ -196,6 +159,107 @@ def _shape_expr(dims, dim_vars, batch=False) -> str:
     after = [dim_vars[d] for d in dims[k + 1 :]]
     pieces = ([tup(before)] if before else []) + ["batch_shape"] + ([tup(after)] if after else [])
     return " + ".join(pieces)
+
+
+def float_args(rt: Runtime, args) -> list[str]:
+    """Lines checking the differentiable arguments (``(name, variable)`` pairs) and taking their
+    one floating dtype as ``dtype``."""
+    lines = [f"{var} = " + rt.call("_float_arg", f'"{name}", {var}') for name, var in args]
+    if len(args) == 1:
+        lines.append(f"dtype = {args[0][1]}.dtype")
+    else:
+        arrays = ", ".join(f'"{name}": {var}' for name, var in args)
+        lines.append(f"dtype = {rt.call('_common_dtype', f'{{{arrays}}}')}")
+    return lines
+
+
+def _stacked(dim: str) -> bool:
+    """A stacked axis such as "4*H"."""
+    factor, _, base = dim.partition("*")
+    return bool(base) and factor.isdigit()
+
+
+def _raise(kind: str, *pieces: str) -> str:
+    """``raise kind(...)`` of an f-string message written in ``pieces``, one line each."""
+    return f"raise {kind}(\n" + "".join(f'    f"{p}"\n' for p in pieces) + ")"
+
+
+def _indent(text: str) -> str:
+    return text.replace("\n", "\n    ")
+
+
+def _inline_shapes(arrays, needed, dim_vars) -> list[str] | None:
+    """The shape checks of ``arrays`` written out, when all there is to check is each array's
+    rank and that the arrays of shape ("...",) share one batch shape; None otherwise. The
+    messages are those of ``_bind_shapes``."""
+    lines: list[str] = []
+    bound: set[str] = set()
+    batch_from = None  # the array that binds "..."
+    for name, var, dims in arrays:
+        if dims == ("...",) and batch_from is None:
+            lines.append(f"batch_shape = {var}.shape")
+            batch_from = name
+            bound.add("...")
+        elif dims == ("...",):
+            message = _raise(
+                "ValueError",
+                f"{{NAME}}: argument {name!r} expected shape (...) = {{(batch_shape,)}}, ",
+                f"got {{{var}.shape}}: dimension '...' is {{batch_shape}} in {batch_from!r} ",
+                f"but {{{var}.shape}} here",
+            )
+            lines.append(f"if {var}.shape != batch_shape:\n    {_indent(message)}")
+        elif "..." in dims or bound & set(dims) or len(set(dims)) < len(dims):
+            return None  # a size to compare with another one: _bind_shapes
+        elif any(map(_stacked, dims)):
+            return None
+        else:
+            message = _raise(
+                "ValueError",
+                f"{{NAME}}: argument {name!r} requires {len(dims)} dimensions ({', '.join(dims)}), ",
+                f"got shape {{{var}.shape}}",
+            )
+            lines.append(f"if {var}.ndim != {len(dims)}:\n    {_indent(message)}")
+            if any(d in needed for d in dims) and len(dims) == 1:
+                lines.append(f"{dim_vars[dims[0]]} = {var}.shape[0]")
+            elif any(d in needed for d in dims):
+                targets = [dim_vars[d] if d in needed else "_" for d in dims]
+                lines.append(f"{', '.join(targets)} = {var}.shape")
+            bound |= set(dims)
+    return lines if set(needed) <= bound else None
+
+
+def bind_shapes(rt: Runtime, arrays, needed, dim_vars, optional=()) -> list[str]:
+    """Lines checking the shapes of ``arrays`` (``(name, variable, dims)`` triples) against
+    SHAPES, then of the ``optional`` ones that are not None, and binding ``dim_vars[d]`` for each
+    dimension ``d`` in ``needed`` ("..." as ``batch_shape``). Checks that can only fail on an
+    array's rank are written out (:func:`_inline_shapes`); otherwise ``_bind_shapes`` checks
+    all the arrays."""
+    inline = None if optional else _inline_shapes(arrays, needed, dim_vars)
+    if inline is not None:
+        return inline
+    every = [d for _, _, dims in [*arrays, *optional] for d in dims]
+    features = ["ellipsis"] * ("..." in every) + ["stacked"] * any(map(_stacked, every))
+    listed = ", ".join(f'"{name}": {var}' for name, var, _ in arrays)
+    lines = [f"sizes = {rt.call('_bind_shapes', f'{{{listed}}}', *features)}"]
+    for name, var, _ in optional:
+        call = rt.call("_bind_shapes", f'{{"{name}": {var}}}, sizes', *features, "prebound")
+        lines.append(f"if {var} is not None:\n    {call}")
+    plain = [d for d in needed if d != "..."]
+    if plain:
+        values = ", ".join(f'sizes["{d}"]' for d in plain)
+        lines.append(f"{', '.join(dim_vars[d] for d in plain)} = {values}")
+    if "..." in needed:
+        lines.append('batch_shape = sizes["..."]')
+    return lines
+
+
+def number(rt: Runtime, name: str, var: str, conversion: str) -> str:
+    """The text of hyperparameter ``name`` (in ``var``) converted by ``conversion`` (``bool``,
+    ``int`` or ``float``) and checked."""
+    if conversion == "bool":
+        return f"bool({var})"
+    features = ["integer"] if conversion == "int" else []
+    return rt.call("_number", f'"{name}", {var}, {conversion}', *features)
 
 
 def module_source(lowered: Lowered, source: str, command: str) -> str:
@@ -220,32 +284,22 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     signature = ", ".join(params + (["*"] + kwonly if kwonly else []))
 
     # argument checks
-    pre: list[str] = []
-    for a in lowered.args:
-        pre.append(f'{a.var} = _float_arg("{a.name}", {a.var})')
-    pre.append(
-        "dtype = _common_dtype({" + ", ".join(f'"{a.name}": {a.var}' for a in lowered.args) + "})"
-    )
+    rt = Runtime()
+    pre = float_args(rt, [(a.name, a.var) for a in lowered.args])
     for c in lowered.consts:
         if c.name in spec.optional:
             continue  # filled in once the sizes are known
         if c.kind == "int":
-            pre.append(f'{c.var} = _int_arg("{c.name}", {c.var})')
+            call = rt.call("_int_arg", f'"{c.name}", {c.var}')
         else:
-            pre.append(f'{c.var} = {_const_arg(c.name, spec)}("{c.name}", {c.var}, dtype)')
+            call = _const_call(rt, c.name, c.var, spec)
+        pre.append(f"{c.var} = {call}")
     for c in lowered.consts:
         if c.name in spec.optional:
-            check = f'{_const_arg(c.name, spec)}("{c.name}", {c.var}, dtype)'
-            pre.append(f"if {c.var} is not None:\n    {c.var} = {check}")
+            call = _const_call(rt, c.name, c.var, spec)
+            pre.append(f"if {c.var} is not None:\n    {c.var} = {call}")
     bound = lowered.args + [c for c in lowered.consts if c.name not in spec.optional]
     optional_bound = [c for c in lowered.consts if c.name in spec.optional]
-    pre.append(
-        "sizes = _bind_shapes({" + ", ".join(f'"{a.name}": {a.var}' for a in bound) + "}, SHAPES)"
-    )
-    for c in optional_bound:
-        pre.append(
-            f"if {c.var} is not None:\n    _bind_shapes({{\"{c.name}\": {c.var}}}, SHAPES, sizes)"
-        )
     fdims = [
         x
         for x in spec.dims
@@ -259,10 +313,14 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
             or any(x in a.dims for a in lowered.args + lowered.consts if "..." in a.dims)
         )
     ]
-    if fdims:
-        pre.append(", ".join(dv[x] for x in fdims) + " = " + ", ".join(f'sizes["{x}"]' for x in fdims))
+    pre += bind_shapes(
+        rt,
+        [(a.name, a.var, tuple(a.dims)) for a in bound],
+        fdims + ["..."] * lowered.has_ell,
+        dv,
+        [(c.name, c.var, tuple(c.dims)) for c in optional_bound],
+    )
     if lowered.has_ell:
-        pre.append('batch_shape = sizes["..."]')
         pre.append(f"{dv['...']} = int(np.prod(batch_shape))")
         for a in bound:
             if "..." in a.dims:
@@ -270,20 +328,19 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     for c in lowered.consts:
         if c.name in lowered.index_ranges:
             dim = lowered.index_ranges[c.name]
-            pre.append(f'_check_index("{c.name}", {c.var}, {dv[dim]})')
+            pre.append(rt.call("_check_index", f'"{c.name}", {c.var}, {dv[dim]}'))
     hyper_vars = {name: var for name, var, _ in lowered.hyper}
     expr_defaults = []
     for name, var, default in lowered.hyper:
         if isinstance(default, str):  # defaults to another hyperparameter (stride = kernel)
             conv = _conversion(spec.hyper[default])
             pre.append(
-                f"{var} = {hyper_vars[default]} if {var} is None else "
-                f'_number("{name}", {var}, {conv})'
+                f"{var} = {hyper_vars[default]} if {var} is None else {number(rt, name, var, conv)}"
             )
         elif isinstance(default, sp.Expr):  # a formula of the sizes, once they are known
             expr_defaults.append((var, default, name))
         else:
-            pre.append(f'{var} = _number("{name}", {var}, {_conversion(default)})')
+            pre.append(f"{var} = {number(rt, name, var, _conversion(default))}")
     pad_hypers = {
         s.name
         for widths in spec.pads.values()
@@ -326,7 +383,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         pre.append(f"if {c.var} is None:\n    {c.var} = np.full({shape}, {fill}, dtype=dtype)")
     for var, default, name in expr_defaults:
         text = _float_formula(default, names)
-        pre.append(f'{var} = {text} if {var} is None else _number("{name}", {var}, float)')
+        pre.append(f"{var} = {text} if {var} is None else {number(rt, name, var, 'float')}")
     for dname, formula in spec.derived.items():
         text = _int_formula(formula, names)
         pre.append(f"{dv[dname]} = {text}")
@@ -390,7 +447,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         douts = ["dout"]
     for (name, var, dims), dvar, src in zip(lowered.outputs, lowered.dout_vars, douts):
         shape = _shape_expr(dims, dv, batch=True) if dims else "()"
-        bpre.append(f'{dvar} = _check_dout("{name}", {src}, {shape}, dtype)')
+        bpre.append(f"{dvar} = " + rt.call("_check_dout", f'"{name}", {src}, {shape}, dtype'))
         if "..." in dims:
             bpre.append(f"{dvar} = {dvar}.reshape({_shape_expr(dims, dv)})")
 
@@ -401,15 +458,10 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         rets.append(text)
     returns = rets[0] + "," if len(rets) == 1 else ", ".join(rets)
 
-    checks = ("_float_arg", "_int_arg") + (("_mask_arg",) if spec.masks else ())
-    helpers = [_snippet(_runtime, n) for n in checks + ("_common_dtype", "_bind_shapes", "_check_dout")]
-    if lowered.hyper:
-        helpers.append(_snippet(_runtime, "_number"))
-    if lowered.index_ranges:
-        helpers.append(_snippet(_runtime, "_check_index"))
-    for h in sorted(lowered.helpers):
-        helpers.append(_snippet(_erf_snippet if hasattr(_erf_snippet, h) else _runtime, h))
-    extras = [_snippet(_extras, h) for h in spec.extras]
+    for name in lowered.helpers:  # recorded by the lowering as it wrote the calls
+        rt.use(name)
+    helpers = rt.sources()
+    extras_ = [snippet(extras, h) for h in spec.extras]
 
     shapes = spec.shapes()
     shape_items = [(n, shapes[n]) for n in list(spec.args) + list(spec.consts) + list(spec.outputs)]
@@ -446,7 +498,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         backward=lowered.backward,
         returns=returns,
         helpers=helpers,
-        extras=extras,
+        extras=extras_,
     )
     text = _environment().get_template("module.py.j2").render(**context)
     text = format_source(text)

@@ -552,6 +552,7 @@ def optimizer_latex(opt: Optimizer) -> dict[str, str]:
 def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
     """The complete, formatted and hash-stamped text of the generated module for ``opt``."""
     from .codegen import _environment, format_source, stamp  # Jinja2 and ruff: only when rendering
+    from .runtime import Runtime
 
     em = _Emitter(opt)
     pure = em.body(inplace=False)
@@ -566,13 +567,18 @@ def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
     ]
     signature = ", ".join(["param", "grad", *state_vars] + (["*", *kwonly] if kwonly else []))
 
+    rt = Runtime()
+    for name in em.helpers:  # recorded by the printers as they wrote the calls
+        rt.use(name)
+
     def prepare(inplace: bool) -> list[str]:
-        lines = [f"param, grad = _arrays(param, grad, inplace={inplace})"]
+        lines = ["param, grad = " + rt.call("_arrays", f"param, grad, inplace={inplace}")]
         for n, v in zip(opt.state, state_vars):
             if opt.state[n] == ZEROS:
-                lines.append(f'{v} = _state_array("{n}", {v}, param, inplace={inplace})')
+                call = rt.call("_state_array", f'"{n}", {v}, param, inplace={inplace}')
             else:
-                lines.append(f'{v} = _counter("{n}", {v})')
+                call = rt.call("_counter", f'"{n}", {v}')
+            lines.append(f"{v} = {call}")
         if hyper_vars:
             lines.append(
                 f"{_tuple(hyper_vars, bare=True)} = _hyperparameters({', '.join(hyper_vars)})"
@@ -581,6 +587,7 @@ def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
             lines.append("dtype = param.dtype")
         return lines
 
+    prepare_pure, prepare_inplace = prepare(False), prepare(True)
     conversions = [
         f"{v} = {'bool' if isinstance(opt.hyper[n], bool) else 'float'}({v})"
         for n, v in zip(opt.hyper, hyper_vars)
@@ -625,8 +632,8 @@ def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
         "uses_math": bool(em.flags.get("math")),
         "signature": signature,
         "init_return": _tuple(inits),
-        "prepare_pure": prepare(False),
-        "prepare_inplace": prepare(True),
+        "prepare_pure": prepare_pure,
+        "prepare_inplace": prepare_inplace,
         "hyper_vars": hyper_vars,
         "hyper_return": _tuple(hyper_vars),
         "conversions": conversions,
@@ -637,7 +644,7 @@ def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
         "returns_pure_doc": _tuple(["param", *(["*STATE"] if opt.state else [])], bare=False),
         "returns_state": _tuple(state_vars),
         "has_arrays": any(v == ZEROS for v in opt.state.values()),
-        "has_counter": any(v != ZEROS for v in opt.state.values()),
+        "helpers": rt.sources(),
     }
     text = _environment().get_template("optimizer.py.j2").render(**context)
     return stamp(format_source(text))

@@ -952,15 +952,13 @@ def sequence_source(
     """The complete text of the generated sequence module (nothing is written). ``options``
     switches scan optimizations (:data:`OPTIMIZATIONS`) and lowering ones
     (:data:`symdl.lower.OPTIMIZATIONS`) off or on."""
-    from .codegen import _environment, _shape_expr, _snippet, format_source, stamp
+    from .codegen import _environment, _shape_expr, bind_shapes, float_args, format_source, stamp
     from .derive import derive
     from .latex import backward_text, forward_text
     from .lower import OPTIMIZATIONS as LOWER_OPTIMIZATIONS
     from .lower import _identifier
     from .printing import Namer
-    from .snippets import erf as _erf_snippet
-    from .snippets import extras as _extras
-    from .snippets import runtime as _runtime
+    from .runtime import Runtime, extras, snippet
 
     options = dict(options or {})
     unknown = set(options) - set(OPTIMIZATIONS) - set(LOWER_OPTIMIZATIONS)
@@ -1058,13 +1056,8 @@ def sequence_source(
     fbuf_src: dict[str, str] = {}  # buffer variable -> the array the caller passes
 
     # ---- forward -------------------------------------------------------------------------------
-    pre: list[str] = []
-    for n in seq.args:
-        pre.append(f'{var[n]} = _float_arg("{n}", {var[n]})')
-    pre.append("dtype = _common_dtype({" + ", ".join(f'"{n}": {var[n]}' for n in seq.args) + "})")
-    pre.append(
-        "sizes = _bind_shapes({" + ", ".join(f'"{n}": {var[n]}' for n in seq.args) + "}, SHAPES)"
-    )
+    rt = Runtime()
+    pre = float_args(rt, [(n, var[n]) for n in seq.args])
     body: list[str] = []  # after the preamble's size binding (filled below)
 
     cell_arg_var = {}  # cell input -> sequence variable
@@ -1198,9 +1191,8 @@ def sequence_source(
     else:
         srcs = ["dout"]
     for n, src in zip(seq.output_names, srcs):
-        bpre.append(
-            f'{dout_var[n]} = _check_dout("{n}", {src}, {shape(out_dims[n], bused)}, dtype)'
-        )
+        check = rt.call("_check_dout", f'"{n}", {src}, {shape(out_dims[n], bused)}, dtype')
+        bpre.append(f"{dout_var[n]} = {check}")
 
     # where each step gradient goes
     step_grad_target = {}
@@ -1355,10 +1347,7 @@ def sequence_source(
     outs = [out_var[n] for n in seq.output_names]
     body.append(f"return {outs[0] if len(outs) == 1 else _tuple(outs)}, cache")
     fdims = [d for d in dim_order if d in fused or d in bused]  # the cache keeps bdims
-    if fdims:
-        pre.append(
-            ", ".join(dvar[d] for d in fdims) + " = " + ", ".join(f'sizes["{d}"]' for d in fdims)
-        )
+    pre += bind_shapes(rt, [(n, var[n], arg_dims[n]) for n in seq.args], fdims, dvar)
     from .codegen import _int_formula
 
     names = {d: dvar[d] for d in dim_order}
@@ -1490,17 +1479,10 @@ def sequence_source(
         )
 
     # ---- helpers, docs, formulas ---------------------------------------------------------------
-    helpers = [
-        _snippet(_runtime, n)
-        for n in ("_float_arg", "_common_dtype", "_bind_shapes", "_check_dout")
-    ]
-    used_helpers = set(sp_.lowered.helpers) | (
-        set(hp.lowered.helpers) if hp is not None else set()
-    )
-    used_helpers |= set(dp.lowered.helpers) if dp is not None else set()
-    for h in sorted(used_helpers):
-        helpers.append(_snippet(_erf_snippet if hasattr(_erf_snippet, h) else _runtime, h))
-    extras = [_snippet(_extras, h) for h in cell.extras]
+    for part in (hp, sp_, dp):
+        for name in part.lowered.helpers if part is not None else ():
+            rt.use(name)  # recorded by the lowering as it wrote the calls
+    extras_ = [snippet(extras, h) for h in cell.extras]
 
     hoisted_fwd = forward_text(hp.derivation) if hp is not None else []
     hoisted_bwd = backward_text(hp.derivation) if hp is not None else []
@@ -1544,8 +1526,8 @@ def sequence_source(
         "backward": bwd,
         "returns": returns_text,
         "private": private,
-        "helpers": helpers,
-        "extras": extras,
+        "helpers": rt.sources(),
+        "extras": extras_,
     }
     text = _environment().get_template("scan.py.j2").render(**context)
     return stamp(format_source(text))
