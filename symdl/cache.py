@@ -144,26 +144,16 @@ def engine_fingerprint() -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=1)
-def _default_switches() -> dict | None:
-    """``OPTIMIZATIONS`` as written in symdl/lower.py (without importing it), or None."""
-    try:
-        tree = ast.parse((PACKAGE / "lower.py").read_text(encoding="utf-8"))
-        for node in tree.body:
-            if isinstance(node, ast.Assign):
-                target = node.targets[0]
-            else:
-                target = getattr(node, "target", None)
-            if isinstance(target, ast.Name) and target.id == "OPTIMIZATIONS" and node.value:
-                return ast.literal_eval(node.value)
-    except (OSError, SyntaxError, ValueError):
-        pass
-    return None
+def _default_switches() -> dict:
+    """The default lowering switches (symdl.passes imports nothing heavy)."""
+    from .passes import LOWERING, defaults
+
+    return defaults(LOWERING)
 
 
 def switches():
     """The lowering switches in effect: ``"default"`` while ``symdl.lower.OPTIMIZATIONS`` holds
-    what lower.py writes (covered by the engine hash), else the switches themselves."""
+    the defaults of symdl/passes.py (covered by the engine hash), else the switches themselves."""
     lower = sys.modules.get("symdl.lower")
     if lower is None:  # not imported: nobody changed them in this process
         return "default"

@@ -25,6 +25,7 @@ import sympy as sp
 from .derive import Contribution, Derivation, backward_reads, cache_affine, reuse_outputs
 from .errors import LowerError
 from .fusion import Chain, Statement, block, finish, written_into
+from .passes import LOWERING, defaults, resolve
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import (
     ELL,
@@ -2543,96 +2544,17 @@ def _factored(terms: list, frame: tuple) -> sp.Expr:
     return sp.Mul(content, *common, factored)
 
 
-#: Each lowering optimization (on by default unless marked off); ``lower(d, {"matmul": False, ...})`` switches one
-#: off, so the tests can compare the fast path with the plain one.
-OPTIMIZATIONS = {
-    "matmul": True,  # two-operand matrix products as a @ b instead of einsum
-    "batched_matmul": True,  # stacks of matrix products (attention) as a @ b
-    "absorb": True,  # multiply a subset operand into another before contracting
-    "factor_out": True,  # factors free of the summed indices applied after the sum
-    "share": True,  # an identical contraction or scatter value computed once
-    "views": True,  # plain slices instead of strided views where they serve
-    # contractions over several axes as one reshaped a @ b (off: no measured gain over
-    # einsum on the convolution benchmarks yet; tested against the plain lowering)
-    "grouped_matmul": False,
-    # a window contracted by one matrix product in the forward and read in the backward:
-    # copied once into a contiguous matrix (im2col), cached instead of its base
-    "window_matrix": True,
-    # a window adjoint's values from one matrix product in its own order: each kernel
-    # offset's slice contiguous runs (a convolution's dx)
-    "scatter_gemm": True,
-    "running_max": True,  # a Max over kernel offsets as a running maximum, arg-max as an index
-    "offset_scatter": True,  # adjoints of window reads: offsets outermost, values per offset
-    # the adjoint of a sliding read x[n, i + w, d] as a gather over the offsets: a skewed copy
-    # of the band's factor and a window of the zero-padded other factor, one contraction
-    "gather_adjoint": True,
-    # a stack of matrix-vector products whose matrices are a strided window: matmul on the view
-    "window_matvec": True,
-    "pairwise": True,  # sums over 3+ operands as a chain of shared two-operand contractions
-    "same_adjoint": True,  # an adjoint built by the very same contributions as another: reused
-    "inplace": True,  # x = t + bias as t += bias when the product t is read nowhere else
-    "common_factor": True,  # a product several contributions of one assignment share, once
-    "fuse": True,  # full-size elementwise statements as in-place ufunc chains (symdl.fusion)
-    # (with fuse) a chain of two or more full-size passes over arrays larger than the cache as
-    # a loop over cache-sized blocks along the first axis: one memory round trip, not one per pass
-    "blocked": True,
-    # (with fuse) a two-way Piecewise whose full-size branch has a buffer of its own (computed
-    # there, or a dead operand's): np.copyto of the other value where the condition says,
-    # instead of np.where allocating (attention's masked scores)
-    "masked_inplace": True,
-    # (with fuse) a slice of a value its statement computes ((t @ x[..., None])[..., 0], a stack
-    # of matrix-vector products) is an array of its own: later in-place chains may write it
-    "temporary_slices": True,
-    "erf_scale": True,  # erf(c*x) as _erf(x, c): the helper scales block by block
-    # elementwise contributions to one adjoint as one sum with its common factors taken out,
-    # an adjoint read once by another elementwise contribution substituted there
-    "merge_terms": True,
-    # a scatter-add whose every value has a target element of its own (the frame's indices all
-    # index the target: logits[n, target[n]]) as a fancy-indexed ``a[i, j] += v``, not np.add.at
-    "injective_scatter": True,
-    # sums of products reading adjacent slices w[k*E + c, i] of one array along a kept axis,
-    # the other operands the same (the q, k, v projections): one product over the whole array
-    # (one GEMM), each member a slice of it
-    "stack_products": True,
-    # the backward through a later forward value y = f(e, ...) invertible in e without a
-    # function (softmax: e = y * s), adjoints held scaled so the other factors cancel
-    # (symdl.derive.reuse_outputs): dx = y * (dy - Sum(dy * y)) caches y alone
-    "output_reuse": True,
-    # a cached value the backward reads only as a*e + b (a, b numbers) cached as that sum,
-    # computed in the forward and read there too (symdl.derive.cache_affine): a GELU caches
-    # the normal CDF (1 + erf(x/sqrt 2))/2, not the erf
-    "affine_cache": True,
-    # statements reading a tensor that is constant when optional inputs are absent (no mask,
-    # causal off) branch on it: the masking passes run only when a mask is present
-    "specialize": True,
-    # a position h*D + f numbering blocks one after another as a reshape of its axis (heads):
-    # products over (h, f) are one GEMM, the adjoint one add with no loop over the blocks
-    "split_reshape": True,
-    # an adjoint whose contributions each write one block of it, the blocks tiling the array
-    # (the gates of a stacked projection): each block assigned once (``out=`` its slice), no
-    # array of zeros added into
-    "tile": True,
-    # a stack of matrix products whose result axes are permuted ((p @ v).transpose(...), the
-    # heads' outputs side by side) written through the permuted view of an array in the
-    # result's own order: one pass, and the reshape that reads it (the output projection's
-    # GEMM) copies nothing
-    "ordered_product": True,
-    # (with blocked) an operand of a blocked chain computed from arrays that stay whole (the
-    # causal mask's factor from keep[l, t]) computed once before the loop, not per block
-    "hoist": True,
-}
+#: The switch of each pass of the derive, lower and schedule stages, with its default (the
+#: table and what each pass does: :mod:`symdl.passes`); ``lower(d, {"matmul": False})``
+#: switches one off, so the tests can compare the fast path with the plain one.
+OPTIMIZATIONS = defaults(LOWERING)
 
 
 def lower(derivation: Derivation, options: dict | None = None, keep=()) -> Lowered:
     """Lower a derivation to NumPy statements (``options``: see OPTIMIZATIONS). ``keep``:
     adjoints whose final arrays the caller reads besides the gradients (Lowered.adjoint_vars),
     never overwritten by a fused statement."""
-    unknown = set(options or {}) - set(OPTIMIZATIONS)
-    if unknown:
-        raise LowerError(
-            f"lowering options require names from {', '.join(OPTIMIZATIONS)}, got "
-            f"{', '.join(sorted(unknown))}"
-        )
+    options = resolve(options, OPTIMIZATIONS)
     try:
         try:
             return _lower(derivation, options, keep)

@@ -36,6 +36,7 @@ from . import __version__
 from .errors import SpecError
 from .functions import IndexMax, IndexSum
 from .fusion import written_into
+from .passes import defaults
 from .spec import (
     Assign,
     Layer,
@@ -598,20 +599,7 @@ def _check_parts(parts: ScanParts, varying: set[str]) -> None:
 
 #: Each scan optimization, on by default; ``sequence_source(seq, options={"defer": False})``
 #: switches one off (lowering switches from :data:`symdl.lower.OPTIMIZATIONS` go there too).
-OPTIMIZATIONS = {
-    # the parameters' gradients summed over all steps after the time loop (one matrix product
-    # over T * B rows for dW_hh) from per-step gradients kept in (T, ...) arrays, instead of one
-    # small product and one accumulation per step inside the loop
-    "defer": True,
-    # the step's new arrays written into arrays allocated once before the time loop (``out=``):
-    # what a step returns or caches into one slot of a (T, ...) array (a stacked output's
-    # slot of the output itself, a gradient's slot of the (T, ...) gradient), its other
-    # temporaries into one array reused by every step
-    "buffers": True,
-    # a recurrent sum's parameter-only terms moved into the hoisted tensor always added to it
-    # (the LSTM's b_hh into x W_ih^T + b_ih): added once over all steps, not once per step
-    "fold": True,
-}
+OPTIMIZATIONS = defaults(("scan",))
 
 
 @dataclasses.dataclass

@@ -1,8 +1,8 @@
 """Every lowering switch off alone, and all of them off, against the default lowering: the
 forward and the backward of every catalogue layer and sequence, in float64.
 
-One table drives it: ``symdl.lower.OPTIMIZATIONS`` (and ``symdl.scan.OPTIMIZATIONS`` for the
-sequences). A switch that leaves an entry's module text unchanged does not apply to it and is
+One table drives it: ``symdl.passes.PASSES``, through ``symdl.lower.OPTIMIZATIONS`` (and
+``symdl.scan.OPTIMIZATIONS`` for the sequences). A switch that leaves an entry's module text unchanged does not apply to it and is
 counted, not run; every other variant is imported and run on the entry's test inputs. The
 modules are compared before formatting (formatting changes no value), which keeps the whole
 table to a couple of seconds per entry. Optimizers are printed from their update equations
@@ -125,3 +125,15 @@ def test_every_switch_on_every_sequence(name, unformatted, rng):
         problems += _compare(name, variant, reference, result, names)
     assert not problems, "\n".join(problems)
     assert texts["all off"] != texts["default"]
+
+
+def test_the_table_is_the_switches():
+    """Every pass of the table is a switch of the lowering or the scan, and back; a pass whose
+    requirement is off is off."""
+    from symdl.passes import PASSES, resolve
+
+    assert {p.name for p in PASSES} == set(OPTIMIZATIONS) | set(SCAN_OPTIMIZATIONS)
+    assert all(p.summary and " -> " in p.summary for p in PASSES)
+    off = resolve({"fuse": False}, OPTIMIZATIONS)
+    assert not any(off[n] for n in ("blocked", "hoist", "masked_inplace", "merge_terms"))
+    assert resolve({"blocked": False}, OPTIMIZATIONS)["hoist"] is False
