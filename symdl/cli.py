@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a check failed (stale files, gradient mismatch), 2 bad 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -16,6 +17,9 @@ from . import __version__
 from .errors import SymdlError, UsageError, unknown_name
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: Set to anything but '' or '0' to see the traceback of an unexpected error.
+ENV_TRACEBACK = "SYMDL_TRACEBACK"
 
 
 def _catalogue():
@@ -122,6 +126,24 @@ def _render_cached(layer, use_cache: bool = True) -> str:
     return cache.cached("generate", parts, lambda: (_render(layer), {}), use=use_cache)[0]
 
 
+def _output_dir(path) -> Path:
+    """``path`` as an output directory: an existing file there is an error (before any work)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output directory {str(out)!r} requires a directory, got a file")
+    return out
+
+
+def _os_message(err: OSError) -> str:
+    """``[Errno 2] No such file or directory: 'x'`` as ``cannot write 'x': no such file or
+    directory`` (the command line writes files; it reads none but the ones it writes)."""
+    what = (err.strerror or str(err)).rstrip(".")
+    what = what[:1].lower() + what[1:]
+    if err.filename is None:
+        return f"cannot write the output: {what}"
+    return f"cannot write {str(err.filename)!r}: {what}"
+
+
 # ---- commands ------------------------------------------------------------------------------
 
 
@@ -205,6 +227,8 @@ def cmd_show(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
+    if Path(args.output).is_dir():
+        raise UsageError(f"the output file requires a file name, got the directory {args.output!r}")
     path = write_report(args.output, args.names or None, fmt=args.format, style=args.notation)
     print(f"symdl report: wrote {path} ({len(args.names) if args.names else 'all'} layers, {args.format})")
     return EXIT_OK
@@ -218,7 +242,7 @@ def cmd_generate(args) -> int:
 
         return is_hand_edited(text)
 
-    out_dir = Path(args.output)
+    out_dir = _output_dir(args.output)
     layers = _select(args.names, optimizers=True)
     start = time.perf_counter()
     rendered = {}
@@ -290,6 +314,11 @@ def cmd_derive(args) -> int:
     from . import cache
 
     argv = sys.argv[1:] if args.argv is None else args.argv
+    if not args.scan:
+        alone = [o for o in ("state", "stack") if getattr(args, o)]
+        if alone:
+            raise UsageError(f"--{alone[0]} requires --scan (the per-step inputs), got it alone")
+    _output_dir(args.output)
     # the header records the command; --no-cache does not change the text, so it is left out
     command = shlex.join(["symdl", *(a for a in argv if a != "--no-cache")])
     options = ("equations", "inputs", "params", "consts", "hyper", "outputs")
@@ -377,8 +406,25 @@ def _finish_derive(args, text: str, what: str) -> int:
 # ---- parser ----------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's error format: one line, exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"requires a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"requires a positive finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="symdl",
         description="Deep-learning layers as equations: gradients derived, NumPy modules generated.",
     )
@@ -437,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("check", help="gradcheck catalogue layers against finite differences")
     s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
-    s.add_argument("--tol", type=float, default=1e-6, help="max relative error (default 1e-6)")
+    s.add_argument(
+        "--tol", type=_positive_float, default=1e-6, help="max relative error (default 1e-6)"
+    )
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser(
@@ -482,18 +530,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is cmd_derive and argv is not None:
         args.argv = list(argv)
+    prefix = f"symdl {args.command}: error:"
     try:
         return args.func(args)
     except SymdlError as err:
-        print(f"symdl {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # pragma: no cover
         return EXIT_OK
+    except OSError as err:  # an output path that cannot be written
+        print(f"{prefix} {_one_line(_os_message(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:  # a bug in symdl: still one line, the traceback on request
+        if os.environ.get(ENV_TRACEBACK, "").strip() not in ("", "0"):
+            raise
+        print(
+            f"symdl {args.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+            f"(set {ENV_TRACEBACK}=1 to see the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1282,6 +1282,16 @@ def _structural_hyper(spec) -> set[str]:
     return names & set(spec.hyper)
 
 
+def _size_hyper(spec) -> set[str]:
+    """Hyperparameters in size formulas or index ranges (a stride, a kernel size) but not
+    padding widths: they must be at least 1 (the generated module checks the same)."""
+    names: set[str] = set(spec.hyper_dims.values())
+    for f in spec.derived.values():
+        names |= {s.name for s in f.free_symbols if s.name in spec.hyper}
+    pads = {s.name for widths in spec.pads.values() for w in widths.values() for s in w.free_symbols}
+    return names - pads
+
+
 def _sizes_and_hyper(spec, sizes, hyper):
     """Every dimension's size and every hyperparameter's value for a worked instance."""
     given = dict(sizes or {})
@@ -1310,6 +1320,8 @@ def _sizes_and_hyper(spec, sizes, hyper):
             )
         if isinstance(v, bool) or float(v) != int(float(v)) or int(float(v)) < 0:
             raise ExpandError(f"hyperparameter {k!r} requires a non-negative integer, got {v!r}")
+        if k in _size_hyper(spec) and int(float(v)) < 1:  # a stride, a window size: 0 divides
+            raise ExpandError(f"hyperparameter {k!r} requires a positive integer, got {v!r}")
         hv[k] = int(float(v))
     hsubs = {sp.Symbol(k, real=True): hv[k] for k in structural}
     for k, v in hv.items():  # flags (causal) are numbers too: their conditions then fold

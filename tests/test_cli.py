@@ -419,6 +419,130 @@ def test_derive_as_subprocess(tmp_path):
     assert gradcheck(module).ok
 
 
+# ---- bad usage and bad input: one line, exit 2, nothing written ------------------------------
+
+# (id, argv with {out} an empty output directory and {file} an existing plain file, fragments
+#  the one-line message must contain)
+BAD_USAGE = [
+    ("missing-arguments", ["derive"], ["required: name, equations", "symdl derive --help"]),
+    ("missing-equations", ["derive", "d"], ["required: equations"]),
+    ("bad-choice", ["show", "linear", "--stage", "nope"], ["'nope'"]),
+    ("negative-tol", ["check", "linear", "--tol", "-1"], ["--tol", "positive"]),
+    ("text-tol", ["check", "linear", "--tol", "abc"], ["--tol", "'abc'"]),
+    ("unknown-command", ["frobnicate"], ["'frobnicate'"]),
+    ("unknown-show", ["show", "nope"], ["'nope'", "linear"]),
+    ("unknown-generate", ["generate", "-o", "{out}", "nope"], ["'nope'"]),
+    ("unknown-check", ["check", "nope"], ["'nope'"]),
+    ("unknown-report", ["report", "-o", "{out}/r.html", "nope"], ["'nope'"]),
+    (
+        "hyper-twice",
+        ["derive", "d", "y[n] = x[n]*a", "--inputs", "x", "--hyper", "a=1,a=2", "-o", "{out}"],
+        ["'a'", "twice"],
+    ),
+    (
+        "hyper-not-a-number",
+        ["derive", "d", "y[n] = x[n]*a", "--inputs", "x", "--hyper", "a=b", "-o", "{out}"],
+        ["'a'", "'b'"],
+    ),
+    (
+        "hyper-no-name",
+        ["derive", "d", "y[n] = x[n]*a", "--inputs", "x", "--hyper", "=3", "-o", "{out}"],
+        ["identifier"],
+    ),
+    (
+        "state-without-scan",
+        ["derive", "d", "y[n] = x[n]", "--inputs", "x", "--state", "h=y", "-o", "{out}"],
+        ["--state requires --scan"],
+    ),
+    (
+        "stack-without-scan",
+        ["derive", "d", "y[n] = x[n]", "--inputs", "x", "--stack", "y=y", "-o", "{out}"],
+        ["--stack requires --scan"],
+    ),
+    (
+        "derive-into-a-file",
+        ["derive", "d", "y[n] = x[n]", "--inputs", "x", "-o", "{file}"],
+        ["requires a directory", "file"],
+    ),
+    (
+        "derive-under-a-file",
+        ["derive", "d", "y[n] = x[n]", "--inputs", "x", "-o", "{file}/sub"],
+        ["cannot write", "not a directory"],
+    ),
+    ("generate-into-a-file", ["generate", "relu", "-o", "{file}"], ["requires a directory"]),
+    ("generate-under-a-file", ["generate", "relu", "-o", "{file}/sub"], ["cannot write"]),
+    ("report-under-a-file", ["report", "relu", "-o", "{file}/sub/r.html"], ["cannot write"]),
+    ("report-into-a-directory", ["report", "relu", "-o", "{out}"], ["directory"]),
+    (
+        "expand-zero-kernel",
+        ["show", "max_pool2d", "--expand", "N=1,C=1,H=3,W=3,kernel_size=0"],
+        ["'kernel_size'", "positive integer"],
+    ),
+]
+
+
+def run_usage(capsys, argv):
+    """Like :func:`run`, but an argparse error (SystemExit) gives its exit code too."""
+    capsys.readouterr()
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, out, err, fragments=()):
+    assert code == 2, (code, out, err)
+    assert out == "", out
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "internal error" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize("label, argv, fragments", BAD_USAGE, ids=[c[0] for c in BAD_USAGE])
+def test_bad_usage_is_one_line_exit_2(capsys, tmp_path, label, argv, fragments):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    plain = tmp_path / "plain"
+    plain.write_text("not a directory\n", encoding="utf-8")
+    argv = [a.format(out=out_dir, file=plain) for a in argv]
+    code, out, err = run_usage(capsys, argv)
+    assert_one_line_error(code, out, err, fragments)
+    assert os.listdir(out_dir) == []
+    assert plain.read_text(encoding="utf-8") == "not a directory\n"
+
+
+def test_bad_usage_as_subprocess(tmp_path):
+    proc = run_subprocess("derive", "d", "y[n] = x[n]", "--inputs", "x", "-o", tmp_path / "a" / "b", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "plain").write_text("x", encoding="utf-8")
+    for argv in (["derive"], ["derive", "d", "y[n] = x[n]", "--inputs", "x", "-o", "plain/sub"]):
+        proc = run_subprocess(*argv, cwd=tmp_path)
+        assert_one_line_error(proc.returncode, proc.stdout, proc.stderr)
+
+
+def test_unexpected_error_is_one_line_unless_asked(capsys, monkeypatch):
+    import symdl.cli
+
+    def broken(args):
+        raise RuntimeError("something\nwent wrong")
+
+    monkeypatch.setattr(symdl.cli, "cmd_list", broken)
+    monkeypatch.delenv("SYMDL_TRACEBACK", raising=False)
+    code, out, err = run(capsys, "list")
+    assert code == 2 and out == ""
+    assert err.splitlines() == [
+        "symdl list: internal error: RuntimeError: something went wrong "
+        "(set SYMDL_TRACEBACK=1 to see the traceback)"
+    ]
+    monkeypatch.setenv("SYMDL_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="went wrong"):
+        main(["list"])
+
+
 # ---- help ----------------------------------------------------------------------------------
 
 
