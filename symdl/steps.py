@@ -43,6 +43,7 @@ from .spec import (
     ELL,
     Assign,
     Dim,
+    integer_hyper,
     is_affine,
     is_index,
     occurrence_indices,
@@ -1268,18 +1269,7 @@ class Expansion:
 
 def _structural_hyper(spec) -> set[str]:
     """Hyperparameters that set sizes or index maps: they need numbers to expand."""
-    names: set[str] = set(spec.hyper_dims.values())
-    for widths in spec.pads.values():
-        for w in widths.values():
-            names |= {s.name for s in w.free_symbols}
-    for f in list(spec.derived.values()) + [b for _, b in spec.bounds]:
-        names |= {s.name for s in f.free_symbols if s.name in spec.hyper}
-    for a in spec.assigns:
-        for occ in occurrences(a.expr, spec.tensors):
-            for ix in occurrence_indices(occ):
-                if is_affine(ix):
-                    names |= {s.name for s in ix.free_symbols if s.name in spec.hyper}
-    return names & set(spec.hyper)
+    return integer_hyper(spec)
 
 
 def _size_hyper(spec) -> set[str]:

@@ -379,6 +379,36 @@ def test_derive_hyperparameter_default(capsys, tmp_path):
     assert gradcheck(module).ok
 
 
+STRIDED = "y[n,i] = x[n, s*i]"
+
+
+@pytest.mark.parametrize("hyper", ["s=2.0", "s=2", "s"])
+def test_derive_hyperparameter_in_an_index_is_an_integer(capsys, tmp_path, hyper):
+    code, _out, err = run(capsys, "derive", "strided", STRIDED, "--inputs", "x", "--hyper", hyper, "-o", tmp_path)
+    assert code == 0, err
+    module = import_path(tmp_path / "strided.py")
+    default = module.HYPERPARAMETERS["s"]
+    assert default is None if hyper == "s" else (default == 2 and type(default) is int)
+    x = np.arange(14.0).reshape(2, 7)
+    for value in (2, 2.0, np.int64(2)):
+        y, _ = module.forward(x, s=value)
+        np.testing.assert_array_equal(y, x[:, ::2])
+    if default is not None:
+        np.testing.assert_array_equal(module.forward(x)[0], x[:, ::2])
+    with pytest.raises(ValueError, match=r"strided: hyperparameter 's' requires an integer, got 2.5"):
+        module.forward(x, s=2.5)
+    assert gradcheck(module, checks={"hyper": {"s": 3}}).ok
+
+
+@pytest.mark.parametrize("default, shown", [("2.5", "2.5"), ("1e-3", "0.001")])
+def test_derive_refuses_a_fractional_default_for_an_index(capsys, tmp_path, default, shown):
+    code, out, err = run(
+        capsys, "derive", "strided", STRIDED, "--inputs", "x", "--hyper", f"s={default}", "-o", tmp_path
+    )
+    assert_one_line_error(code, out, err, ["'s'", "integer default", f"got {shown}"])
+    assert os.listdir(tmp_path) == []
+
+
 def test_derive_consts_are_keyword_only(capsys, tmp_path):
     code, _out, err = run(
         capsys,

@@ -191,5 +191,5 @@ def _number(name, value, kind):
     if not np.isfinite(value):
         raise ValueError(f"{NAME}: hyperparameter {name!r} requires a finite number, got {value}")
     if kind is int and value != int(value):
-        raise TypeError(f"{NAME}: hyperparameter {name!r} requires an integer, got {value}")
+        raise ValueError(f"{NAME}: hyperparameter {name!r} requires an integer, got {value}")
     return kind(value)
