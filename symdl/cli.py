@@ -387,13 +387,57 @@ def _pairs(text: str, option: str) -> dict[str, str]:
     return out
 
 
+def _check_values(args, module) -> dict[str, object]:
+    """The hyperparameter values --check runs the module with: --check-hyper, else defaults;
+    a hyperparameter without either is a usage error naming it."""
+    import ast
+    import math
+
+    from .testing import required_hyperparameters
+
+    known = getattr(module, "HYPERPARAMETERS", {})
+    values: dict[str, object] = {}
+    for item in args.check_hyper.replace(" ", "").split(","):
+        if not item:
+            continue
+        name, eq, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text) if eq else None
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, (bool, int, float)) or not math.isfinite(value):
+            raise UsageError(f"--check-hyper requires NAME=NUMBER pairs, got {item!r}")
+        if name not in known:
+            listed = ", ".join(known) if known else "none"
+            raise UsageError(
+                f"--check-hyper requires hyperparameters of the layer ({listed}), got {name!r}"
+            )
+        values[name] = value
+
+    for name in required_hyperparameters(module):
+        if name not in values:
+            raise UsageError(
+                f"--check requires a value of hyperparameter {name!r}, which has no default: "
+                f"give one with --check-hyper {name}=VALUE (or a default with --hyper "
+                f"{name}=VALUE)"
+            )
+    return values
+
+
 def _finish_derive(args, text: str, what: str) -> int:
     from .cache import write_atomic
 
+    if args.check_hyper and not args.check:
+        raise UsageError("--check-hyper requires --check, got it alone")
     if args.check:
+        import numpy as np
+
         from .testing import gradcheck
 
-        result = gradcheck(load_module(text, args.name))
+        module = load_module(text, args.name)
+        values = _check_values(args, module)
+        with np.errstate(all="ignore"):  # a failure is reported in the result line
+            result = gradcheck(module, checks={"hyper": values})
         print(result)
         if not result.ok:
             return EXIT_FAILED
@@ -505,7 +549,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outputs", default="", help="outputs (default: the last equation's left side)")
     s.add_argument("-o", "--output", default=".", help="output directory (default: .)")
     s.add_argument("--show", action="store_true", help="also print the derived gradients")
-    s.add_argument("--check", action="store_true", help="gradcheck before writing")
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="gradcheck before writing (exit 1 and nothing written if it fails)",
+    )
+    s.add_argument(
+        "--check-hyper",
+        default="",
+        metavar="VALUES",
+        help="hyperparameter values for --check, e.g. Dh=4,eps=0.1: required for a "
+        "hyperparameter without a default, optional for the others",
+    )
     s.add_argument(
         "--scan",
         default="",

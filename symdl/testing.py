@@ -9,6 +9,7 @@ so a failure is labelled "forward" or "gradient of ARG".
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 
 import numpy as np
@@ -98,6 +99,16 @@ def random_inputs(module, rng, checks: Mapping | None = None, sizes=None, dtype=
     return args, kwargs
 
 
+def required_hyperparameters(module) -> tuple[str, ...]:
+    """The hyperparameters ``module.forward`` has no default for (keyword-only, required)."""
+    hyper = getattr(module, "HYPERPARAMETERS", {})
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a builtin or C function
+        return ()
+    return tuple(p.name for p in params if p.name in hyper and p.default is p.empty)
+
+
 def _inputs_that_fit(module, rng, checks):
     """Random inputs; when a window does not fit them (a convolution's kernel larger than its
     input), try again with small parameter dimensions and large input dimensions."""
@@ -105,7 +116,7 @@ def _inputs_that_fit(module, rng, checks):
     try:
         module.forward(*args, **kwargs)
         return args, kwargs
-    except ValueError:
+    except (ValueError, TypeError):  # (a TypeError is reported by gradcheck's own call)
         pass
     params = set(getattr(module, "PARAMS", ()))
     sizes = {}
@@ -140,6 +151,18 @@ def gradcheck(
     rng = np.random.default_rng(0) if rng is None else rng
     name = getattr(module, "NAME", getattr(module, "__name__", "module"))
     if args is None:
+        given = dict(checks or {}).get("hyper", {})
+        missing = [n for n in required_hyperparameters(module) if given.get(n) is None]
+        if missing:
+            return GradcheckResult(
+                name,
+                {},
+                tol,
+                [
+                    f"hyperparameter {missing[0]!r} requires a value, got none (it has no "
+                    f"default): give it as checks={{'hyper': {{{missing[0]!r}: ...}}}}"
+                ],
+            )
         args, kwargs = _inputs_that_fit(module, rng, checks)
     kwargs = dict(kwargs or {})
     args = tuple(np.asarray(a, dtype=np.float64) for a in args)

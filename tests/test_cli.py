@@ -409,6 +409,70 @@ def test_derive_refuses_a_fractional_default_for_an_index(capsys, tmp_path, defa
     assert os.listdir(tmp_path) == []
 
 
+SCALED = "y[n,j] = x[n,j]*Dh"
+
+
+def test_derive_check_asks_for_a_hyperparameter_without_default(capsys, tmp_path):
+    argv = ["derive", "mh", SCALED, "--inputs", "x", "--hyper", "Dh", "--check", "-o", tmp_path]
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, out, err, ["'Dh'", "no default", "--check-hyper Dh=", "--hyper Dh="])
+    assert os.listdir(tmp_path) == []
+
+    code, out, err = run(capsys, *argv, "--check-hyper", "Dh=4")
+    assert code == 0, err
+    assert re.search(r"^mh: ok\b", out, re.MULTILINE), out
+    module = import_path(tmp_path / "mh.py")
+    assert module.HYPERPARAMETERS == {"Dh": None}
+    x = np.ones((2, 3))
+    np.testing.assert_array_equal(module.forward(x, Dh=4.0)[0], 4 * x)
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--check-hyper", "Dh"], ["NAME=NUMBER", "'Dh'"]),
+        (["--check-hyper", "Dh=x"], ["NAME=NUMBER", "'Dh=x'"]),
+        (["--check-hyper", "Dh=inf"], ["NAME=NUMBER"]),
+        (["--check-hyper", "Dh=1,Q=2"], ["hyperparameters of the layer (Dh)", "'Q'"]),
+    ],
+    ids=["no-value", "not-a-number", "infinite", "unknown-name"],
+)
+def test_derive_check_hyper_bad_values(capsys, tmp_path, extra, fragments):
+    argv = ["derive", "mh", SCALED, "--inputs", "x", "--hyper", "Dh", "--check", "-o", tmp_path]
+    code, out, err = run(capsys, *argv, *extra)
+    assert_one_line_error(code, out, err, fragments)
+    assert os.listdir(tmp_path) == []
+
+
+def test_derive_check_hyper_requires_check(capsys, tmp_path):
+    argv = ["derive", "mh", SCALED, "--inputs", "x", "--hyper", "Dh", "--check-hyper", "Dh=2", "-o", tmp_path]
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, out, err, ["--check-hyper requires --check"])
+    assert os.listdir(tmp_path) == []
+
+
+def test_derive_check_hyper_overrides_a_default(capsys, tmp_path):
+    # at the default the check passes; at Dh=-1 the log's argument is negative: not finite
+    argv = ["derive", "lg", "y[n] = log(x[n]*x[n] + Dh)", "--inputs", "x", "--hyper", "Dh=1", "--check", "-o", tmp_path]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    (tmp_path / "lg.py").unlink()
+    code, out, err = run(capsys, *argv, "--check-hyper", "Dh=-1")
+    assert code == 1
+    assert "lg: FAILED" in out and "not finite" in out
+    assert err == ""  # no NumPy warnings: the result line says what went wrong
+    assert os.listdir(tmp_path) == []
+
+
+def test_gradcheck_names_a_hyperparameter_without_value(capsys, tmp_path):
+    assert run(capsys, "derive", "mh", SCALED, "--inputs", "x", "--hyper", "Dh", "-o", tmp_path)[0] == 0
+    module = import_path(tmp_path / "mh.py")
+    result = gradcheck(module)
+    assert not result.ok
+    assert "hyperparameter 'Dh' requires a value" in str(result) and "checks=" in str(result)
+    assert gradcheck(module, checks={"hyper": {"Dh": 3.0}}).ok
+
+
 def test_derive_consts_are_keyword_only(capsys, tmp_path):
     code, _out, err = run(
         capsys,
