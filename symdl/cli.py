@@ -284,7 +284,7 @@ def cmd_generate(args) -> int:
     written = 0
     for name, text in rendered.items():
         path = out_dir / f"{name}.py"
-        if path.exists() and path.read_text(encoding="utf-8") == text:
+        if path.is_file() and path.read_bytes() == text.encode("utf-8"):
             continue
         write_atomic(path, text)
         written += 1
@@ -319,8 +319,9 @@ def cmd_derive(args) -> int:
         if alone:
             raise UsageError(f"--{alone[0]} requires --scan (the per-step inputs), got it alone")
     _output_dir(args.output)
-    # the header records the command; --no-cache does not change the text, so it is left out
-    command = shlex.join(["symdl", *(a for a in argv if a != "--no-cache")])
+    # the header records the command; --no-cache and --force do not change the text, so they
+    # are left out
+    command = shlex.join(["symdl", *(a for a in argv if a not in ("--no-cache", "--force"))])
     options = ("equations", "inputs", "params", "consts", "hyper", "outputs")
     options += ("scan", "state", "stack")
 
@@ -424,9 +425,33 @@ def _check_values(args, module) -> dict[str, object]:
     return values
 
 
+def _kept_because(path: Path, text: str) -> str | None:
+    """Why the file at ``path`` may not be replaced by ``text`` (None: it may): it is not a
+    module symdl generated, or it is one edited by hand since."""
+    if not path.is_file():
+        return "is not a file"
+    try:
+        current = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return "is not a module symdl generated"
+    if current == text:
+        return None
+    from .codegen import is_hand_edited, recorded_digest  # (SymPy: only when it is needed)
+
+    if recorded_digest(current) is None:
+        return "is not a module symdl generated"
+    if is_hand_edited(current):
+        return "was edited by hand"
+    return None
+
+
 def _finish_derive(args, text: str, what: str) -> int:
     from .cache import write_atomic
 
+    path = Path(args.output) / f"{args.name}.py"
+    why = None if args.force or not path.exists() else _kept_because(path, text)
+    if why:
+        raise UsageError(f"{path} {why}; it is kept (use --force to overwrite it)", path=str(path))
     if args.check_hyper and not args.check:
         raise UsageError("--check-hyper requires --check, got it alone")
     if args.check:
@@ -441,7 +466,9 @@ def _finish_derive(args, text: str, what: str) -> int:
         print(result)
         if not result.ok:
             return EXIT_FAILED
-    path = Path(args.output) / f"{args.name}.py"
+    if path.is_file() and path.read_bytes() == text.encode("utf-8"):
+        print(f"symdl derive: {path} is up to date ({what})")
+        return EXIT_OK
     write_atomic(path, text)
     print(f"symdl derive: wrote {path} ({what})")
     return EXIT_OK
@@ -549,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--outputs", default="", help="outputs (default: the last equation's left side)")
     s.add_argument("-o", "--output", default=".", help="output directory (default: .)")
     s.add_argument("--show", action="store_true", help="also print the derived gradients")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite DIR/NAME.py even if it was edited by hand or is not a symdl module",
+    )
     s.add_argument(
         "--check",
         action="store_true",

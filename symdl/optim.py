@@ -31,6 +31,7 @@ from . import __version__
 from .cache import write_atomic
 from .errors import CodegenError, SpecError, unknown_name
 from .printing import Namer, NumpyPrinter, equation_text
+from .spec import check_module_name
 
 #: Initial value of an array state (``np.zeros_like(param)``).
 ZEROS = "zeros"
@@ -98,6 +99,10 @@ class Optimizer:
         where = f"optimizer {self.name!r}"
         if not self.name.isidentifier():
             raise SpecError(f"{where}: a name requires a Python identifier, got {self.name!r}")
+        try:
+            check_module_name(self.name, "optimizer")
+        except SpecError as err:
+            raise err.with_context(where) from None
         for n, init in self.state.items():
             if not (init == ZEROS or (isinstance(init, int) and not isinstance(init, bool))):
                 raise SpecError(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import sympy as sp
@@ -370,6 +371,25 @@ def _as_pair(eq, k):
 # ---------------------------------------------------------------------------------------------
 
 
+#: Modules that generated code, symdl or their users import, besides the standard library's.
+SHADOWED_MODULES = frozenset({"np", "numpy", "scipy", "torch", "jinja2", "sympy", "symdl"})
+
+
+def check_module_name(name: str, kind: str = "layer") -> None:
+    """A layer's name is its module's name: ``numpy.py`` or ``math.py`` next to a program
+    would be imported instead of NumPy or the standard library's ``math``. Compared ignoring
+    case (``NumPy.py`` shadows ``numpy`` on a case-insensitive file system)."""
+    taken = SHADOWED_MODULES | frozenset(sys.stdlib_module_names)
+    if name.lower() in {m.lower() for m in taken}:
+        raise SpecError(
+            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} name requires a name that shadows "
+            f"no module, got {name!r} ({name}.py "
+            f"would be imported instead of {name.lower()!r}); choose another, such as "
+            f"{name}_{kind}",
+            name=name,
+        )
+
+
 class _UnionFind:
     def __init__(self):
         self.parent: dict = {}
@@ -393,6 +413,7 @@ def _build_spec(layer: Layer) -> Spec:
             f"a layer name requires letters, digits and underscores starting with a letter, "
             f"got {layer.name!r}"
         )
+    check_module_name(layer.name)
     if not layer.equations:
         raise SpecError("a layer requires at least one equation, got none")
     declared = layer.inputs + layer.params + layer.consts

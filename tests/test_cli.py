@@ -513,6 +513,91 @@ def test_derive_as_subprocess(tmp_path):
     assert gradcheck(module).ok
 
 
+# ---- derive never destroys work ----------------------------------------------------------------
+
+TANH = "y[n] = tanh(x[n])"
+
+
+def test_derive_keeps_a_module_edited_by_hand(capsys, tmp_path):
+    argv = ["derive", "act", TANH, "--inputs", "x", "-o", tmp_path]
+    assert run(capsys, *argv)[0] == 0
+    path = tmp_path / "act.py"
+    original = path.read_text(encoding="utf-8")
+    edited = original.replace("np.tanh(", "np.arctan(")
+    assert edited != original
+    path.write_text(edited, encoding="utf-8")
+    code, out, err = run(capsys, *argv)
+    assert_one_line_error(code, out, err, [str(path), "edited by hand", "--force"])
+    assert path.read_text(encoding="utf-8") == edited
+    code, out, err = run(capsys, *argv, "--force")
+    assert code == 0, err
+    assert path.read_text(encoding="utf-8") == original  # --force is not in the header
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["import numpy as np\n\nprint('my own module')\n", "", "\udcff"],
+    ids=["python", "empty", "binary"],
+)
+def test_derive_keeps_a_file_symdl_did_not_write(capsys, tmp_path, content):
+    path = tmp_path / "act.py"
+    data = content.encode("utf-8", "surrogateescape")
+    path.write_bytes(data)
+    code, out, err = run(capsys, "derive", "act", TANH, "--inputs", "x", "-o", tmp_path)
+    assert_one_line_error(code, out, err, [str(path), "not a module symdl generated", "--force"])
+    assert path.read_bytes() == data
+    assert os.listdir(tmp_path) == ["act.py"]
+    code, out, err = run(capsys, "derive", "act", TANH, "--inputs", "x", "-o", tmp_path, "--force")
+    assert code == 0, err
+    assert not is_hand_edited(path.read_text(encoding="utf-8"))
+
+
+def test_derive_replaces_an_unedited_module_and_keeps_an_unchanged_one(capsys, tmp_path):
+    path = tmp_path / "act.py"
+    assert run(capsys, "derive", "act", TANH, "--inputs", "x", "-o", tmp_path)[0] == 0
+    old = 1_000_000_000
+    os.utime(path, ns=(old * 10**9, old * 10**9))
+    before = (path.stat().st_mtime_ns, path.stat().st_ino, path.read_bytes())
+    code, out, err = run(capsys, "derive", "act", TANH, "--inputs", "x", "-o", tmp_path)
+    assert code == 0, err
+    assert "up to date" in out
+    assert (path.stat().st_mtime_ns, path.stat().st_ino, path.read_bytes()) == before
+    code, out, err = run(capsys, "derive", "act", "y[n] = sigmoid(x[n])", "--inputs", "x", "-o", tmp_path)
+    assert code == 0, err
+    assert "wrote" in out
+    assert "sigmoid" in path.read_text(encoding="utf-8")
+
+
+SHADOWING = ["numpy", "np", "sys", "math", "os", "json", "string", "symdl", "sympy", "torch", "scipy", "jinja2", "NumPy"]
+
+
+@pytest.mark.parametrize("name", SHADOWING)
+def test_derive_refuses_a_name_that_shadows_a_module(capsys, tmp_path, name):
+    code, out, err = run(capsys, "derive", name, TANH, "--inputs", "x", "-o", tmp_path)
+    assert_one_line_error(code, out, err, [repr(name), "shadows no module", f"{name}_layer"])
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["numpy", "math"])
+def test_names_that_shadow_a_module_from_python(name):
+    from symdl import derive
+    from symdl.errors import SpecError
+    from symdl.optim import Optimizer
+    from symdl.parse import parse_layer
+    from symdl.scan import scan_layer
+
+    with pytest.raises(SpecError, match=f"layer '{name}': a layer name requires a name that shadows no module"):
+        derive(parse_layer(name, TANH, inputs="x"))
+    cell = parse_layer("cell", "h1[n] = tanh(x[n] + h[n])", inputs="x,h")
+    with pytest.raises(SpecError, match="a sequence name requires a name that shadows no module"):
+        scan_layer(cell, name, per_step="x", state={"h": "h1"})
+    import sympy as sp
+
+    param, grad = sp.symbols("param grad")
+    with pytest.raises(SpecError, match="an optimizer name requires a name that shadows no module"):
+        Optimizer(name, [(param, param - grad)], hyper={})
+
+
 # ---- bad usage and bad input: one line, exit 2, nothing written ------------------------------
 
 # (id, argv with {out} an empty output directory and {file} an existing plain file, fragments
