@@ -157,15 +157,44 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
+def _check_show_options(args, entry) -> None:
+    """show's options that do not apply to ``entry`` are errors, never silently ignored."""
+    asked = [o for o in ("steps", "expand") if getattr(args, o)]
+    if args.stage not in (None, "derive", "code"):
+        asked.append(f"stage {args.stage}")
+    if _is_sequence(entry) and asked:
+        hint = f"--{asked[0]}" + (" SIZES" if asked[0] == "expand" else "")
+        raise UsageError(
+            f"show --{asked[0]} requires a layer, got the sequence {entry.name!r} (a scan of "
+            f"the cell {entry.cell.name!r}: try 'symdl show {entry.cell.name} {hint}')"
+        )
+    if _is_optimizer(entry) and asked:
+        raise UsageError(
+            f"show --{asked[0]} requires a layer, got the optimizer {entry.name!r} (an update "
+            f"rule, nothing is derived: 'symdl show {entry.name}' prints it, --latex as LaTeX, "
+            f"--stage code its module)"
+        )
+    if args.steps and args.expand:
+        raise UsageError("show --steps and --expand require one at a time, got both")
+    if (args.steps or args.expand) and args.stage is not None:
+        raise UsageError(
+            f"show --{asked[0]} requires no --stage (it has its own output), got --stage "
+            f"{args.stage}"
+        )
+
+
 def cmd_show(args) -> int:
     from .derive import derive
     from .latex import formulas
 
     layer = _select([args.name], optimizers=True)[0]
+    _check_show_options(args, layer)
     if _is_optimizer(layer):
         from .optim import optimizer_latex
 
-        if args.latex:
+        if args.stage == "code":
+            print(_render(layer), end="")
+        elif args.latex:
             for key, tex in optimizer_latex(layer).items():
                 print(f"% {key}\n{tex}")
         else:
@@ -224,13 +253,23 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+def _report_format(args) -> tuple[str, Path]:
+    """--format (else the output's suffix: .tex is tex, anything else html) and the output
+    file (default report.html or report.tex)."""
+    fmt = args.format
+    if fmt is None:
+        fmt = "tex" if args.output and Path(args.output).suffix.lower() == ".tex" else "html"
+    return fmt, Path(args.output or f"report.{fmt}")
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
-    if Path(args.output).is_dir():
-        raise UsageError(f"the output file requires a file name, got the directory {args.output!r}")
-    path = write_report(args.output, args.names or None, fmt=args.format, style=args.notation)
-    print(f"symdl report: wrote {path} ({len(args.names) if args.names else 'all'} layers, {args.format})")
+    fmt, output = _report_format(args)
+    if output.is_dir():
+        raise UsageError(f"the output file requires a file name, got the directory {str(output)!r}")
+    path = write_report(output, args.names or None, fmt=fmt, style=args.notation)
+    print(f"symdl report: wrote {path} ({len(args.names) if args.names else 'all'} layers, {fmt})")
     return EXIT_OK
 
 
@@ -518,8 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--stage",
         choices=("spec", "derive", "lower", "code"),
-        default="derive",
-        help="which pipeline stage to dump (default: derive)",
+        default=None,
+        help="which pipeline stage to dump (default: derive); sequences and optimizers have "
+        "derive and code",
     )
     s.add_argument(
         "--steps", action="store_true", help="walk the chain rule step by step, as a textbook does"
@@ -535,8 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="write a formula report (HTML with MathML, or LaTeX)")
     s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
-    s.add_argument("-o", "--output", default="report.html", help="output file (default report.html)")
-    s.add_argument("--format", choices=("html", "tex"), default="html", help="html (default) or tex")
+    s.add_argument(
+        "-o", "--output", default=None, help="output file (default report.html, or report.tex)"
+    )
+    s.add_argument(
+        "--format",
+        choices=("html", "tex"),
+        default=None,
+        help="html or tex (default: tex for an output ending in .tex, else html)",
+    )
     s.add_argument("--notation", choices=("partial", "bar"), default="partial")
     s.set_defaults(func=cmd_report)
 

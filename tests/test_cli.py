@@ -170,6 +170,75 @@ def test_show_unknown_layer_as_subprocess():
     assert "linear" in lines[0].replace("linearr", "") and "softmax" in lines[0]
 
 
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["lstm", "--steps"], ["--steps requires a layer", "sequence 'lstm'", "symdl show lstm_cell --steps"]),
+        (["gru", "--expand", "T=2"], ["--expand requires a layer", "symdl show gru_cell --expand SIZES"]),
+        (["rnn", "--stage", "spec"], ["--stage spec requires a layer", "sequence 'rnn'"]),
+        (["lstm", "--stage", "lower"], ["--stage lower requires a layer"]),
+        (["adam", "--steps"], ["--steps requires a layer", "optimizer 'adam'"]),
+        (["sgd", "--expand", "N=1"], ["--expand requires a layer", "optimizer 'sgd'"]),
+        (["adamw", "--stage", "spec"], ["--stage spec requires a layer", "optimizer 'adamw'"]),
+        (["linear", "--steps", "--expand", "N=1,in=1,out=1"], ["one at a time"]),
+        (["linear", "--steps", "--stage", "code"], ["--steps requires no --stage"]),
+        (["linear", "--expand", "N=1,in=1,out=1", "--stage", "spec"], ["--expand requires no --stage"]),
+    ],
+    ids=[
+        "sequence-steps",
+        "sequence-expand",
+        "sequence-stage-spec",
+        "sequence-stage-lower",
+        "optimizer-steps",
+        "optimizer-expand",
+        "optimizer-stage-spec",
+        "layer-steps-and-expand",
+        "layer-steps-and-stage",
+        "layer-expand-and-stage",
+    ],
+)
+def test_show_options_that_do_not_apply_are_errors(capsys, argv, fragments):
+    code, out, err = run(capsys, "show", *argv)
+    assert_one_line_error(code, out, err, fragments)
+
+
+@pytest.mark.parametrize("name", ["adam", "lstm"])
+def test_show_stage_code_of_optimizers_and_sequences(capsys, name):
+    for stage in ("code", "derive"):
+        code, out, err = run(capsys, "show", name, "--stage", stage)
+        assert code == 0 and err == "", err
+        if stage == "code":
+            namespace: dict = {}
+            exec(compile(out, f"<{name}>", "exec"), namespace)  # noqa: S102 - symdl's own output
+            assert namespace["NAME"] == name
+        else:
+            assert out.startswith(name) and "import numpy" not in out
+
+
+# ---- report --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, written, fmt",
+    [
+        ([], "report.html", "html"),
+        (["--format", "tex"], "report.tex", "tex"),
+        (["-o", "out.tex"], "out.tex", "tex"),
+        (["-o", "out.html"], "out.html", "html"),
+        (["-o", "out.tex", "--format", "html"], "out.tex", "html"),
+    ],
+    ids=["default", "format-tex", "tex-suffix", "html-suffix", "format-wins"],
+)
+def test_report_output_name_follows_the_format(capsys, tmp_path, monkeypatch, argv, written, fmt):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "report", "relu", *argv)
+    assert code == 0, err
+    assert os.listdir(tmp_path) == [written]
+    assert f"wrote {written}" in out and f"{fmt})" in out
+    text = (tmp_path / written).read_text(encoding="utf-8")
+    assert text.startswith(r"\documentclass" if fmt == "tex" else "<!DOCTYPE html>")
+
+
 # ---- generate ------------------------------------------------------------------------------
 
 
