@@ -269,7 +269,8 @@ def cmd_report(args) -> int:
     if output.is_dir():
         raise UsageError(f"the output file requires a file name, got the directory {str(output)!r}")
     path = write_report(output, args.names or None, fmt=fmt, style=args.notation)
-    print(f"symdl report: wrote {path} ({len(args.names) if args.names else 'all'} layers, {fmt})")
+    n = len(args.names or _select([], optimizers=True))
+    print(f"symdl report: wrote {path} ({n} {'entry' if n == 1 else 'entries'}, {fmt})")
     return EXIT_OK
 
 
@@ -336,16 +337,24 @@ def cmd_generate(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .testing import gradcheck
+    """Layers and sequences: a gradcheck against finite differences; optimizers: the generated
+    step against the update equations evaluated one by one (symdl.testing.check_optimizer)."""
+    import numpy as np
+
+    from .testing import check_optimizer, gradcheck
 
     failed = 0
-    layers = _select(args.names)
-    for layer in layers:
-        module = load_module(_render(layer), layer.name)
-        result = gradcheck(module, checks=layer.checks, tol=args.tol)
+    entries = _select(args.names, optimizers=True)
+    for entry in entries:
+        module = load_module(_render(entry), entry.name)
+        with np.errstate(all="ignore"):  # a failure is reported in the result line
+            if _is_optimizer(entry):
+                result = check_optimizer(module, entry, tol=args.tol)
+            else:
+                result = gradcheck(module, checks=entry.checks, tol=args.tol)
         print(result)
         failed += not result.ok
-    print(f"symdl check: {len(layers) - failed} passed, {failed} failed")
+    print(f"symdl check: {len(entries) - failed} passed, {failed} failed")
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -599,7 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("check", help="gradcheck catalogue layers against finite differences")
+    s = sub.add_parser(
+        "check",
+        help="gradcheck catalogue layers and sequences against finite differences; check "
+        "optimizers' steps against their equations",
+    )
     s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
     s.add_argument(
         "--tol", type=_positive_float, default=1e-6, help="max relative error (default 1e-6)"

@@ -239,6 +239,47 @@ def test_report_output_name_follows_the_format(capsys, tmp_path, monkeypatch, ar
     assert text.startswith(r"\documentclass" if fmt == "tex" else "<!DOCTYPE html>")
 
 
+def _xml(page):
+    import xml.etree.ElementTree as ET
+
+    assert page.startswith("<!DOCTYPE html>")
+    return ET.fromstring(page[page.index("<html") :])
+
+
+def test_report_shows_sequences_and_optimizers(capsys, tmp_path):
+    names = ["lstm", "adam", "sgd_momentum", "linear"]
+    code, out, err = run(capsys, "report", *names, "-o", tmp_path / "r.html")
+    assert code == 0, err
+    assert "4 entries, html" in out
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    root = _xml(page)
+    sections = {el.get("id"): el for el in root.iter() if el.tag.endswith("}section")}
+    assert list(sections) == [f"layer-{n}" for n in names]
+
+    def text_of(section):
+        return "".join(section.itertext())
+
+    lstm = text_of(sections["layer-lstm"])
+    assert "The scan of lstm_cell over time" in lstm and "for t in 0, ..., T - 1:" in lstm
+    assert "Derived gradients" in lstm and "at each step, for t = T - 1, ..., 0" in lstm
+    assert "def forward(" in lstm  # the generated module
+    adam = sections["layer-adam"]
+    assert "Update rule, in this order at every step" in text_of(adam)
+    assert "Derived gradients" not in text_of(adam)
+    maths = ["".join(m.itertext()) for m in adam.iter() if m.tag.endswith("}math")]
+    assert maths[0] == "t←t+1" and len(maths) == len(_optimizers()["adam"].updates)
+    assert any(m.startswith("mt=β1") for m in maths), maths  # m_t = beta_1 m_{t-1} + ...
+
+    code, out, err = run(capsys, "report", *names, "--format", "tex", "-o", tmp_path / "r.tex")
+    assert code == 0, err
+    tex = (tmp_path / "r.tex").read_text(encoding="utf-8")
+    for name in names:
+        assert f"\\section{{{name.replace('_', chr(92) + '_')}}}" in tex, name
+    assert r"m_{t} = \beta_{1} m_{t-1}" in tex and r"t \leftarrow t + 1" in tex
+    assert tex.count(r"\begin{equation*}") == tex.count(r"\end{equation*}")
+    assert tex.count(r"\begin{lstlisting}") == tex.count(r"\end{lstlisting}")
+
+
 # ---- generate ------------------------------------------------------------------------------
 
 
@@ -350,6 +391,42 @@ def test_check_two_layers(capsys):
         assert len(mine) == 1, out
         assert "ok" in mine[0] and "FAILED" not in mine[0]
     assert "2 passed, 0 failed" in lines[-1]
+
+
+@pytest.mark.parametrize("name", list(_sequences()) + list(_optimizers()))
+def test_check_sequences_and_optimizers(capsys, name):
+    code, out, err = run(capsys, "check", name)
+    assert code == 0, out + err
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{name}: ok ("), out
+    assert "1 passed, 0 failed" in lines[1]
+    if name in _optimizers():
+        assert "param" in lines[0] and all(s in lines[0] for s in _optimizers()[name].state)
+    else:
+        assert all(a in lines[0] for a in _sequences()[name].args)
+
+
+def test_check_optimizer_finds_a_wrong_step():
+    from symdl.cli import load_module
+    from symdl.optim import optimizer_text
+    from symdl.testing import check_optimizer
+
+    opt = _optimizers()["adam"]
+    text = optimizer_text(opt)
+    assert text.count("beta2 * exp_avg_sq") == 1
+    wrong = load_module(text.replace("beta2 * exp_avg_sq", "beta1 * exp_avg_sq"), "adam")
+    result = check_optimizer(wrong, opt)
+    assert not result.ok
+    assert result.errors["exp_avg_sq"] > 1e-3 and result.errors["param"] > 1e-6
+    assert check_optimizer(load_module(text, "adam"), opt).ok
+
+
+def test_check_defaults_to_everything_listed(capsys):
+    code, out, err = run(capsys, "check")
+    assert code == 0, out + err
+    names = [line.split(":")[0] for line in out.splitlines()[:-1]]
+    assert sorted(names) == sorted(CATALOGUE)
+    assert f"{len(CATALOGUE)} passed, 0 failed" in out.splitlines()[-1]
 
 
 # ---- derive --------------------------------------------------------------------------------
@@ -665,6 +742,53 @@ def test_names_that_shadow_a_module_from_python(name):
     param, grad = sp.symbols("param grad")
     with pytest.raises(SpecError, match="an optimizer name requires a name that shadows no module"):
         Optimizer(name, [(param, param - grad)], hyper={})
+
+
+# ---- every command for every catalogue entry -------------------------------------------------
+
+
+def _catalogue_listed():
+    """The names ``symdl list`` prints, read from its output."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["list"]) == 0
+    return [line.split()[0] for line in out.getvalue().splitlines() if line.strip()]
+
+
+LISTED = _catalogue_listed()
+
+
+@pytest.mark.parametrize("name", LISTED)
+def test_every_command_for_every_listed_entry(capsys, tmp_path, name):
+    """list, show (with each option), generate, check and report work for every entry
+    ``symdl list`` prints, or say in one line (exit 2) why an option does not apply."""
+    must_work = [
+        ["show", name],
+        ["show", name, "--latex"],
+        ["show", name, "--stage", "code"],
+        ["generate", name, "-o", tmp_path / "gen"],
+        ["check", name],
+        ["report", name, "-o", tmp_path / "r.html"],
+        ["report", name, "--format", "tex", "-o", tmp_path / "r.tex"],
+    ]
+    may_refuse = [["show", name, "--steps"], ["show", name, "--stage", "spec"], ["show", name, "--stage", "lower"]]
+    for argv in must_work:
+        code, out, err = run_usage(capsys, argv)
+        assert code == 0, (argv, out, err)
+        assert err == "", (argv, err)
+    assert os.listdir(tmp_path / "gen") == [f"{name}.py"]
+    assert (tmp_path / "r.html").is_file() and (tmp_path / "r.tex").is_file()
+    for argv in may_refuse:
+        code, out, err = run_usage(capsys, argv)
+        if code != 0:
+            assert_one_line_error(code, out, err, [name])
+        else:
+            assert out and err == "", (argv, err)
+    is_layer = name in LAYER_NAMES
+    assert run_usage(capsys, ["show", name, "--steps"])[0] == (0 if is_layer else 2)
 
 
 # ---- bad usage and bad input: one line, exit 2, nothing written ------------------------------
