@@ -1,6 +1,7 @@
-"""The ``symdl`` command line: list, show, generate, check, derive.
+"""The ``symdl`` command line: list, show, generate, check, derive, report.
 
-Exit codes: 0 success, 1 a check failed (stale files, gradient mismatch), 2 bad usage or input.
+Exit codes: 0 success, 1 a check failed (stale files, gradient mismatch), 2 bad usage or input
+(one line on stderr, never a traceback; SYMDL_TRACEBACK=1 shows one for an unexpected error).
 """
 
 from __future__ import annotations
@@ -267,7 +268,9 @@ def cmd_report(args) -> int:
 
     fmt, output = _report_format(args)
     if output.is_dir():
-        raise UsageError(f"the output file requires a file name, got the directory {str(output)!r}")
+        raise UsageError(
+            f"the output file requires a file name, got the directory {str(output)!r}"
+        )
     path = write_report(output, args.names or None, fmt=fmt, style=args.notation)
     n = len(args.names or _select([], optimizers=True))
     print(f"symdl report: wrote {path} ({n} {'entry' if n == 1 else 'entries'}, {fmt})")
@@ -551,11 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    s = sub.add_parser("list", help="list the built-in layers")
+    s = sub.add_parser("list", help="list the built-in layers, sequences and optimizers")
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("show", help="show a layer's equations and derived gradients")
-    s.add_argument("name", help="a catalogue layer name")
+    s.add_argument("name", help="a name symdl list prints")
     s.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
     s.add_argument(
         "--notation",
@@ -583,7 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("report", help="write a formula report (HTML with MathML, or LaTeX)")
-    s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
+    s.add_argument(
+        "names", nargs="*", metavar="NAME", help="names symdl list prints (default: all of them)"
+    )
     s.add_argument(
         "-o", "--output", default=None, help="output file (default report.html, or report.tex)"
     )
@@ -597,7 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("generate", help="generate NumPy modules for catalogue layers")
-    s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
+    s.add_argument(
+        "names", nargs="*", metavar="NAME", help="names symdl list prints (default: all of them)"
+    )
     s.add_argument("-o", "--output", default="generated", help="output directory (default: generated)")
     s.add_argument("--check", action="store_true", help="fail if any file differs from the engine's output")
     s.add_argument("--force", action="store_true", help="overwrite modules edited by hand")
@@ -613,7 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="gradcheck catalogue layers and sequences against finite differences; check "
         "optimizers' steps against their equations",
     )
-    s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
+    s.add_argument(
+        "names", nargs="*", metavar="NAME", help="names symdl list prints (default: all of them)"
+    )
     s.add_argument(
         "--tol", type=_positive_float, default=1e-6, help="max relative error (default 1e-6)"
     )
@@ -632,14 +641,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inputs", default="", help="differentiable inputs, comma separated")
     s.add_argument("--params", default="", help="trainable parameters, comma separated")
     s.add_argument("--consts", default="", help="non-differentiable tensors (targets, indices)")
-    s.add_argument("--hyper", default="", help="hyperparameters with optional defaults: eps=1e-5,lam")
+    s.add_argument(
+        "--hyper",
+        default="",
+        help="hyperparameters with optional defaults: eps=1e-5,lam (one used in an index, "
+        "such as a stride, is an integer)",
+    )
     s.add_argument("--outputs", default="", help="outputs (default: the last equation's left side)")
     s.add_argument("-o", "--output", default=".", help="output directory (default: .)")
     s.add_argument("--show", action="store_true", help="also print the derived gradients")
     s.add_argument(
         "--force",
         action="store_true",
-        help="overwrite DIR/NAME.py even if it was edited by hand or is not a symdl module",
+        help="overwrite NAME.py in the output directory even if it was edited by hand or is "
+        "not a module symdl generated (without it, such a file is kept and nothing written)",
     )
     s.add_argument(
         "--check",

@@ -446,7 +446,9 @@ def _noted(eqs: list[Equation], note: str) -> list[Equation]:
     return [dataclasses.replace(e, note=note) if k == 0 else e for k, e in enumerate(eqs)]
 
 
-def sequence_view(seq, style: str = "partial", *, steps: bool = True, code: bool = True) -> LayerView:
+def sequence_view(
+    seq, style: str = "partial", *, steps: bool = True, code: bool = True
+) -> LayerView:
     """A sequence layer's section: the scan as pseudo-code, the equations of the part hoisted
     out of the time loop and of one step, their derived gradients (one step's backward runs
     for t = T - 1, ..., 0; the hoisted part's once), the chain rule of each part and the
@@ -474,7 +476,7 @@ def sequence_view(seq, style: str = "partial", *, steps: bool = True, code: bool
         P = Printers(hoisted.adjoints, style)
         gradients += _noted(gradient_equations(hoisted, P), "once, after the loop")
     if steps:
-        chain = (derivation_steps(hoisted, style) if hoisted is not None else [])
+        chain = derivation_steps(hoisted, style) if hoisted is not None else []
         chain += derivation_steps(step, style)
     listing = scan_text(seq) + ["", "backward, for t = T - 1, ..., 0, starting from:"]
     listing += [f"    {line}" for line in _bptt_text(seq, seq.parts())]
@@ -530,7 +532,9 @@ class _NamedMathML(MathMLPrinter):
                 text = _greek(m["cmd"]) or m["cmd"]
             node = self.mi(text)
             if m["sub"]:
-                node = self.el("msub", node, self.mn(m["sub"]) if m["sub"].isdigit() else self.mi(m["sub"]))
+                node = self.el(
+                    "msub", node, self.mn(m["sub"]) if m["sub"].isdigit() else self.mi(m["sub"])
+                )
         if time:
             head = self.el("mrow", node) if node.tagName == "msub" else node
             base, minus, k = time.partition("-")
@@ -548,17 +552,27 @@ def optimizer_view(opt, *, code: bool = True) -> LayerView:
     """An optimizer's section: its arguments, state and hyperparameters, the update rule in
     execution order (each equation sees what the ones above it assigned) and the generated
     module. Nothing is derived, so there are no gradients and no chain rule."""
-    from .optim import ZEROS, _display, _equation_line, optimizer_latex, optimizer_text, timed_updates
+    from .optim import (
+        ZEROS,
+        _display,
+        _equation_line,
+        optimizer_latex,
+        optimizer_text,
+        timed_updates,
+    )
 
     arguments = [
         {"name": "param", "role": "parameter, updated", "shape": "any"},
         {"name": "grad", "role": "gradient", "shape": "as param"},
     ]
     for n, init in opt.state.items():
-        shape = "as param, zeros at first" if init == ZEROS else f"scalar step count, {init} at first"
+        shape = (
+            "as param, zeros at first" if init == ZEROS else f"scalar step count, {init} at first"
+        )
         arguments.append({"name": n, "role": "state", "shape": shape})
     arguments += [
-        {"name": n, "role": "hyperparameter", "shape": _hyper_text(v)} for n, v in opt.hyper.items()
+        {"name": n, "role": "hyperparameter", "shape": _hyper_text(v)}
+        for n, v in opt.hyper.items()
     ]
     latex = optimizer_latex(opt)
     forward = []

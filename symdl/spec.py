@@ -1056,8 +1056,10 @@ def _integer_defaults(spec: Spec) -> Spec:
         if isinstance(value, str):  # stride defaults to kernel_size: that one too
             todo += [value] if value in hyper else []
             continue
-        if isinstance(value, sp.Basic) or value is int or (
-            isinstance(value, int) and not isinstance(value, bool)
+        if (
+            isinstance(value, sp.Basic)
+            or value is int
+            or (isinstance(value, int) and not isinstance(value, bool))
         ):
             continue
         if value is None:

@@ -1278,7 +1278,9 @@ def _size_hyper(spec) -> set[str]:
     names: set[str] = set(spec.hyper_dims.values())
     for f in spec.derived.values():
         names |= {s.name for s in f.free_symbols if s.name in spec.hyper}
-    pads = {s.name for widths in spec.pads.values() for w in widths.values() for s in w.free_symbols}
+    pads = {
+        s.name for widths in spec.pads.values() for w in widths.values() for s in w.free_symbols
+    }
     return names - pads
 
 

@@ -154,15 +154,11 @@ def gradcheck(
         given = dict(checks or {}).get("hyper", {})
         missing = [n for n in required_hyperparameters(module) if given.get(n) is None]
         if missing:
-            return GradcheckResult(
-                name,
-                {},
-                tol,
-                [
-                    f"hyperparameter {missing[0]!r} requires a value, got none (it has no "
-                    f"default): give it as checks={{'hyper': {{{missing[0]!r}: ...}}}}"
-                ],
+            problem = (
+                f"hyperparameter {missing[0]!r} requires a value, got none (it has no "
+                f"default): give it as checks={{'hyper': {{{missing[0]!r}: ...}}}}"
             )
+            return GradcheckResult(name, {}, tol, [problem])
         args, kwargs = _inputs_that_fit(module, rng, checks)
     kwargs = dict(kwargs or {})
     args = tuple(np.asarray(a, dtype=np.float64) for a in args)

@@ -173,8 +173,14 @@ def test_show_unknown_layer_as_subprocess():
 @pytest.mark.parametrize(
     "argv, fragments",
     [
-        (["lstm", "--steps"], ["--steps requires a layer", "sequence 'lstm'", "symdl show lstm_cell --steps"]),
-        (["gru", "--expand", "T=2"], ["--expand requires a layer", "symdl show gru_cell --expand SIZES"]),
+        (
+            ["lstm", "--steps"],
+            ["--steps requires a layer", "sequence 'lstm'", "symdl show lstm_cell --steps"],
+        ),
+        (
+            ["gru", "--expand", "T=2"],
+            ["--expand requires a layer", "symdl show gru_cell --expand SIZES"],
+        ),
         (["rnn", "--stage", "spec"], ["--stage spec requires a layer", "sequence 'rnn'"]),
         (["lstm", "--stage", "lower"], ["--stage lower requires a layer"]),
         (["adam", "--steps"], ["--steps requires a layer", "optimizer 'adam'"]),
@@ -182,7 +188,10 @@ def test_show_unknown_layer_as_subprocess():
         (["adamw", "--stage", "spec"], ["--stage spec requires a layer", "optimizer 'adamw'"]),
         (["linear", "--steps", "--expand", "N=1,in=1,out=1"], ["one at a time"]),
         (["linear", "--steps", "--stage", "code"], ["--steps requires no --stage"]),
-        (["linear", "--expand", "N=1,in=1,out=1", "--stage", "spec"], ["--expand requires no --stage"]),
+        (
+            ["linear", "--expand", "N=1,in=1,out=1", "--stage", "spec"],
+            ["--expand requires no --stage"],
+        ),
     ],
     ids=[
         "sequence-steps",
@@ -530,7 +539,9 @@ STRIDED = "y[n,i] = x[n, s*i]"
 
 @pytest.mark.parametrize("hyper", ["s=2.0", "s=2", "s"])
 def test_derive_hyperparameter_in_an_index_is_an_integer(capsys, tmp_path, hyper):
-    code, _out, err = run(capsys, "derive", "strided", STRIDED, "--inputs", "x", "--hyper", hyper, "-o", tmp_path)
+    code, _out, err = run(
+        capsys, "derive", "strided", STRIDED, "--inputs", "x", "--hyper", hyper, "-o", tmp_path
+    )
     assert code == 0, err
     module = import_path(tmp_path / "strided.py")
     default = module.HYPERPARAMETERS["s"]
@@ -541,7 +552,9 @@ def test_derive_hyperparameter_in_an_index_is_an_integer(capsys, tmp_path, hyper
         np.testing.assert_array_equal(y, x[:, ::2])
     if default is not None:
         np.testing.assert_array_equal(module.forward(x)[0], x[:, ::2])
-    with pytest.raises(ValueError, match=r"strided: hyperparameter 's' requires an integer, got 2.5"):
+    with pytest.raises(
+        ValueError, match=r"strided: hyperparameter 's' requires an integer, got 2.5"
+    ):
         module.forward(x, s=2.5)
     assert gradcheck(module, checks={"hyper": {"s": 3}}).ok
 
@@ -549,7 +562,16 @@ def test_derive_hyperparameter_in_an_index_is_an_integer(capsys, tmp_path, hyper
 @pytest.mark.parametrize("default, shown", [("2.5", "2.5"), ("1e-3", "0.001")])
 def test_derive_refuses_a_fractional_default_for_an_index(capsys, tmp_path, default, shown):
     code, out, err = run(
-        capsys, "derive", "strided", STRIDED, "--inputs", "x", "--hyper", f"s={default}", "-o", tmp_path
+        capsys,
+        "derive",
+        "strided",
+        STRIDED,
+        "--inputs",
+        "x",
+        "--hyper",
+        f"s={default}",
+        "-o",
+        tmp_path,
     )
     assert_one_line_error(code, out, err, ["'s'", "integer default", f"got {shown}"])
     assert os.listdir(tmp_path) == []
@@ -561,7 +583,9 @@ SCALED = "y[n,j] = x[n,j]*Dh"
 def test_derive_check_asks_for_a_hyperparameter_without_default(capsys, tmp_path):
     argv = ["derive", "mh", SCALED, "--inputs", "x", "--hyper", "Dh", "--check", "-o", tmp_path]
     code, out, err = run(capsys, *argv)
-    assert_one_line_error(code, out, err, ["'Dh'", "no default", "--check-hyper Dh=", "--hyper Dh="])
+    assert_one_line_error(
+        code, out, err, ["'Dh'", "no default", "--check-hyper Dh=", "--hyper Dh="]
+    )
     assert os.listdir(tmp_path) == []
 
     code, out, err = run(capsys, *argv, "--check-hyper", "Dh=4")
@@ -591,7 +615,19 @@ def test_derive_check_hyper_bad_values(capsys, tmp_path, extra, fragments):
 
 
 def test_derive_check_hyper_requires_check(capsys, tmp_path):
-    argv = ["derive", "mh", SCALED, "--inputs", "x", "--hyper", "Dh", "--check-hyper", "Dh=2", "-o", tmp_path]
+    argv = [
+        "derive",
+        "mh",
+        SCALED,
+        "--inputs",
+        "x",
+        "--hyper",
+        "Dh",
+        "--check-hyper",
+        "Dh=2",
+        "-o",
+        tmp_path,
+    ]
     code, out, err = run(capsys, *argv)
     assert_one_line_error(code, out, err, ["--check-hyper requires --check"])
     assert os.listdir(tmp_path) == []
@@ -599,7 +635,18 @@ def test_derive_check_hyper_requires_check(capsys, tmp_path):
 
 def test_derive_check_hyper_overrides_a_default(capsys, tmp_path):
     # at the default the check passes; at Dh=-1 the log's argument is negative: not finite
-    argv = ["derive", "lg", "y[n] = log(x[n]*x[n] + Dh)", "--inputs", "x", "--hyper", "Dh=1", "--check", "-o", tmp_path]
+    argv = [
+        "derive",
+        "lg",
+        "y[n] = log(x[n]*x[n] + Dh)",
+        "--inputs",
+        "x",
+        "--hyper",
+        "Dh=1",
+        "--check",
+        "-o",
+        tmp_path,
+    ]
     code, out, err = run(capsys, *argv)
     assert code == 0, err
     (tmp_path / "lg.py").unlink()
@@ -611,7 +658,10 @@ def test_derive_check_hyper_overrides_a_default(capsys, tmp_path):
 
 
 def test_gradcheck_names_a_hyperparameter_without_value(capsys, tmp_path):
-    assert run(capsys, "derive", "mh", SCALED, "--inputs", "x", "--hyper", "Dh", "-o", tmp_path)[0] == 0
+    assert (
+        run(capsys, "derive", "mh", SCALED, "--inputs", "x", "--hyper", "Dh", "-o", tmp_path)[0]
+        == 0
+    )
     module = import_path(tmp_path / "mh.py")
     result = gradcheck(module)
     assert not result.ok
@@ -708,13 +758,29 @@ def test_derive_replaces_an_unedited_module_and_keeps_an_unchanged_one(capsys, t
     assert code == 0, err
     assert "up to date" in out
     assert (path.stat().st_mtime_ns, path.stat().st_ino, path.read_bytes()) == before
-    code, out, err = run(capsys, "derive", "act", "y[n] = sigmoid(x[n])", "--inputs", "x", "-o", tmp_path)
+    code, out, err = run(
+        capsys, "derive", "act", "y[n] = sigmoid(x[n])", "--inputs", "x", "-o", tmp_path
+    )
     assert code == 0, err
     assert "wrote" in out
     assert "sigmoid" in path.read_text(encoding="utf-8")
 
 
-SHADOWING = ["numpy", "np", "sys", "math", "os", "json", "string", "symdl", "sympy", "torch", "scipy", "jinja2", "NumPy"]
+SHADOWING = [
+    "numpy",
+    "np",
+    "sys",
+    "math",
+    "os",
+    "json",
+    "string",
+    "symdl",
+    "sympy",
+    "torch",
+    "scipy",
+    "jinja2",
+    "NumPy",
+]
 
 
 @pytest.mark.parametrize("name", SHADOWING)
@@ -732,7 +798,9 @@ def test_names_that_shadow_a_module_from_python(name):
     from symdl.parse import parse_layer
     from symdl.scan import scan_layer
 
-    with pytest.raises(SpecError, match=f"layer '{name}': a layer name requires a name that shadows no module"):
+    with pytest.raises(
+        SpecError, match=f"layer '{name}': a layer name requires a name that shadows no module"
+    ):
         derive(parse_layer(name, TANH, inputs="x"))
     cell = parse_layer("cell", "h1[n] = tanh(x[n] + h[n])", inputs="x,h")
     with pytest.raises(SpecError, match="a sequence name requires a name that shadows no module"):
@@ -740,7 +808,9 @@ def test_names_that_shadow_a_module_from_python(name):
     import sympy as sp
 
     param, grad = sp.symbols("param grad")
-    with pytest.raises(SpecError, match="an optimizer name requires a name that shadows no module"):
+    with pytest.raises(
+        SpecError, match="an optimizer name requires a name that shadows no module"
+    ):
         Optimizer(name, [(param, param - grad)], hyper={})
 
 
@@ -774,7 +844,11 @@ def test_every_command_for_every_listed_entry(capsys, tmp_path, name):
         ["report", name, "-o", tmp_path / "r.html"],
         ["report", name, "--format", "tex", "-o", tmp_path / "r.tex"],
     ]
-    may_refuse = [["show", name, "--steps"], ["show", name, "--stage", "spec"], ["show", name, "--stage", "lower"]]
+    may_refuse = [
+        ["show", name, "--steps"],
+        ["show", name, "--stage", "spec"],
+        ["show", name, "--stage", "lower"],
+    ]
     for argv in must_work:
         code, out, err = run_usage(capsys, argv)
         assert code == 0, (argv, out, err)
@@ -888,7 +962,9 @@ def test_bad_usage_is_one_line_exit_2(capsys, tmp_path, label, argv, fragments):
 
 
 def test_bad_usage_as_subprocess(tmp_path):
-    proc = run_subprocess("derive", "d", "y[n] = x[n]", "--inputs", "x", "-o", tmp_path / "a" / "b", cwd=tmp_path)
+    proc = run_subprocess(
+        "derive", "d", "y[n] = x[n]", "--inputs", "x", "-o", tmp_path / "a" / "b", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     (tmp_path / "plain").write_text("x", encoding="utf-8")
     for argv in (["derive"], ["derive", "d", "y[n] = x[n]", "--inputs", "x", "-o", "plain/sub"]):
