@@ -1,11 +1,13 @@
-"""The ``symdl`` command line: list, show, generate, check, derive.
+"""The ``symdl`` command line: list, show, generate, check, derive, report.
 
-Exit codes: 0 success, 1 a check failed (stale files, gradient mismatch), 2 bad usage or input.
+Exit codes: 0 success, 1 a check failed (stale files, gradient mismatch), 2 bad usage or input
+(one line on stderr, never a traceback; SYMDL_TRACEBACK=1 shows one for an unexpected error).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -16,6 +18,9 @@ from . import __version__
 from .errors import SymdlError, UsageError, unknown_name
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+#: Set to anything but '' or '0' to see the traceback of an unexpected error.
+ENV_TRACEBACK = "SYMDL_TRACEBACK"
 
 
 def _catalogue():
@@ -122,6 +127,24 @@ def _render_cached(layer, use_cache: bool = True) -> str:
     return cache.cached("generate", parts, lambda: (_render(layer), {}), use=use_cache)[0]
 
 
+def _output_dir(path) -> Path:
+    """``path`` as an output directory: an existing file there is an error (before any work)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output directory {str(out)!r} requires a directory, got a file")
+    return out
+
+
+def _os_message(err: OSError) -> str:
+    """``[Errno 2] No such file or directory: 'x'`` as ``cannot write 'x': no such file or
+    directory`` (the command line writes files; it reads none but the ones it writes)."""
+    what = (err.strerror or str(err)).rstrip(".")
+    what = what[:1].lower() + what[1:]
+    if err.filename is None:
+        return f"cannot write the output: {what}"
+    return f"cannot write {str(err.filename)!r}: {what}"
+
+
 # ---- commands ------------------------------------------------------------------------------
 
 
@@ -135,15 +158,44 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
+def _check_show_options(args, entry) -> None:
+    """show's options that do not apply to ``entry`` are errors, never silently ignored."""
+    asked = [o for o in ("steps", "expand") if getattr(args, o)]
+    if args.stage not in (None, "derive", "code"):
+        asked.append(f"stage {args.stage}")
+    if _is_sequence(entry) and asked:
+        hint = f"--{asked[0]}" + (" SIZES" if asked[0] == "expand" else "")
+        raise UsageError(
+            f"show --{asked[0]} requires a layer, got the sequence {entry.name!r} (a scan of "
+            f"the cell {entry.cell.name!r}: try 'symdl show {entry.cell.name} {hint}')"
+        )
+    if _is_optimizer(entry) and asked:
+        raise UsageError(
+            f"show --{asked[0]} requires a layer, got the optimizer {entry.name!r} (an update "
+            f"rule, nothing is derived: 'symdl show {entry.name}' prints it, --latex as LaTeX, "
+            f"--stage code its module)"
+        )
+    if args.steps and args.expand:
+        raise UsageError("show --steps and --expand require one at a time, got both")
+    if (args.steps or args.expand) and args.stage is not None:
+        raise UsageError(
+            f"show --{asked[0]} requires no --stage (it has its own output), got --stage "
+            f"{args.stage}"
+        )
+
+
 def cmd_show(args) -> int:
     from .derive import derive
     from .latex import formulas
 
     layer = _select([args.name], optimizers=True)[0]
+    _check_show_options(args, layer)
     if _is_optimizer(layer):
         from .optim import optimizer_latex
 
-        if args.latex:
+        if args.stage == "code":
+            print(_render(layer), end="")
+        elif args.latex:
             for key, tex in optimizer_latex(layer).items():
                 print(f"% {key}\n{tex}")
         else:
@@ -202,11 +254,26 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+def _report_format(args) -> tuple[str, Path]:
+    """--format (else the output's suffix: .tex is tex, anything else html) and the output
+    file (default report.html or report.tex)."""
+    fmt = args.format
+    if fmt is None:
+        fmt = "tex" if args.output and Path(args.output).suffix.lower() == ".tex" else "html"
+    return fmt, Path(args.output or f"report.{fmt}")
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
-    path = write_report(args.output, args.names or None, fmt=args.format, style=args.notation)
-    print(f"symdl report: wrote {path} ({len(args.names) if args.names else 'all'} layers, {args.format})")
+    fmt, output = _report_format(args)
+    if output.is_dir():
+        raise UsageError(
+            f"the output file requires a file name, got the directory {str(output)!r}"
+        )
+    path = write_report(output, args.names or None, fmt=fmt, style=args.notation)
+    n = len(args.names or _select([], optimizers=True))
+    print(f"symdl report: wrote {path} ({n} {'entry' if n == 1 else 'entries'}, {fmt})")
     return EXIT_OK
 
 
@@ -218,7 +285,7 @@ def cmd_generate(args) -> int:
 
         return is_hand_edited(text)
 
-    out_dir = Path(args.output)
+    out_dir = _output_dir(args.output)
     layers = _select(args.names, optimizers=True)
     start = time.perf_counter()
     rendered = {}
@@ -260,7 +327,7 @@ def cmd_generate(args) -> int:
     written = 0
     for name, text in rendered.items():
         path = out_dir / f"{name}.py"
-        if path.exists() and path.read_text(encoding="utf-8") == text:
+        if path.is_file() and path.read_bytes() == text.encode("utf-8"):
             continue
         write_atomic(path, text)
         written += 1
@@ -273,16 +340,24 @@ def cmd_generate(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .testing import gradcheck
+    """Layers and sequences: a gradcheck against finite differences; optimizers: the generated
+    step against the update equations evaluated one by one (symdl.testing.check_optimizer)."""
+    import numpy as np
+
+    from .testing import check_optimizer, gradcheck
 
     failed = 0
-    layers = _select(args.names)
-    for layer in layers:
-        module = load_module(_render(layer), layer.name)
-        result = gradcheck(module, checks=layer.checks, tol=args.tol)
+    entries = _select(args.names, optimizers=True)
+    for entry in entries:
+        module = load_module(_render(entry), entry.name)
+        with np.errstate(all="ignore"):  # a failure is reported in the result line
+            if _is_optimizer(entry):
+                result = check_optimizer(module, entry, tol=args.tol)
+            else:
+                result = gradcheck(module, checks=entry.checks, tol=args.tol)
         print(result)
         failed += not result.ok
-    print(f"symdl check: {len(layers) - failed} passed, {failed} failed")
+    print(f"symdl check: {len(entries) - failed} passed, {failed} failed")
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -290,8 +365,14 @@ def cmd_derive(args) -> int:
     from . import cache
 
     argv = sys.argv[1:] if args.argv is None else args.argv
-    # the header records the command; --no-cache does not change the text, so it is left out
-    command = shlex.join(["symdl", *(a for a in argv if a != "--no-cache")])
+    if not args.scan:
+        alone = [o for o in ("state", "stack") if getattr(args, o)]
+        if alone:
+            raise UsageError(f"--{alone[0]} requires --scan (the per-step inputs), got it alone")
+    _output_dir(args.output)
+    # the header records the command; --no-cache and --force do not change the text, so they
+    # are left out
+    command = shlex.join(["symdl", *(a for a in argv if a not in ("--no-cache", "--force"))])
     options = ("equations", "inputs", "params", "consts", "hyper", "outputs")
     options += ("scan", "state", "stack")
 
@@ -358,17 +439,87 @@ def _pairs(text: str, option: str) -> dict[str, str]:
     return out
 
 
+def _check_values(args, module) -> dict[str, object]:
+    """The hyperparameter values --check runs the module with: --check-hyper, else defaults;
+    a hyperparameter without either is a usage error naming it."""
+    import ast
+    import math
+
+    from .testing import required_hyperparameters
+
+    known = getattr(module, "HYPERPARAMETERS", {})
+    values: dict[str, object] = {}
+    for item in args.check_hyper.replace(" ", "").split(","):
+        if not item:
+            continue
+        name, eq, text = item.partition("=")
+        try:
+            value = ast.literal_eval(text) if eq else None
+        except (ValueError, SyntaxError):
+            value = None
+        if not isinstance(value, (bool, int, float)) or not math.isfinite(value):
+            raise UsageError(f"--check-hyper requires NAME=NUMBER pairs, got {item!r}")
+        if name not in known:
+            listed = ", ".join(known) if known else "none"
+            raise UsageError(
+                f"--check-hyper requires hyperparameters of the layer ({listed}), got {name!r}"
+            )
+        values[name] = value
+
+    for name in required_hyperparameters(module):
+        if name not in values:
+            raise UsageError(
+                f"--check requires a value of hyperparameter {name!r}, which has no default: "
+                f"give one with --check-hyper {name}=VALUE (or a default with --hyper "
+                f"{name}=VALUE)"
+            )
+    return values
+
+
+def _kept_because(path: Path, text: str) -> str | None:
+    """Why the file at ``path`` may not be replaced by ``text`` (None: it may): it is not a
+    module symdl generated, or it is one edited by hand since."""
+    if not path.is_file():
+        return "is not a file"
+    try:
+        current = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return "is not a module symdl generated"
+    if current == text:
+        return None
+    from .codegen import is_hand_edited, recorded_digest  # (SymPy: only when it is needed)
+
+    if recorded_digest(current) is None:
+        return "is not a module symdl generated"
+    if is_hand_edited(current):
+        return "was edited by hand"
+    return None
+
+
 def _finish_derive(args, text: str, what: str) -> int:
     from .cache import write_atomic
 
+    path = Path(args.output) / f"{args.name}.py"
+    why = None if args.force or not path.exists() else _kept_because(path, text)
+    if why:
+        raise UsageError(f"{path} {why}; it is kept (use --force to overwrite it)", path=str(path))
+    if args.check_hyper and not args.check:
+        raise UsageError("--check-hyper requires --check, got it alone")
     if args.check:
+        import numpy as np
+
         from .testing import gradcheck
 
-        result = gradcheck(load_module(text, args.name))
+        module = load_module(text, args.name)
+        values = _check_values(args, module)
+        with np.errstate(all="ignore"):  # a failure is reported in the result line
+            result = gradcheck(module, checks={"hyper": values})
         print(result)
         if not result.ok:
             return EXIT_FAILED
-    path = Path(args.output) / f"{args.name}.py"
+    if path.is_file() and path.read_bytes() == text.encode("utf-8"):
+        print(f"symdl derive: {path} is up to date ({what})")
+        return EXIT_OK
     write_atomic(path, text)
     print(f"symdl derive: wrote {path} ({what})")
     return EXIT_OK
@@ -377,8 +528,25 @@ def _finish_derive(args, text: str, what: str) -> int:
 # ---- parser ----------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's error format: one line, exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"requires a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"requires a positive finite number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="symdl",
         description="Deep-learning layers as equations: gradients derived, NumPy modules generated.",
     )
@@ -386,11 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    s = sub.add_parser("list", help="list the built-in layers")
+    s = sub.add_parser("list", help="list the built-in layers, sequences and optimizers")
     s.set_defaults(func=cmd_list)
 
     s = sub.add_parser("show", help="show a layer's equations and derived gradients")
-    s.add_argument("name", help="a catalogue layer name")
+    s.add_argument("name", help="a name symdl list prints")
     s.add_argument("--latex", action="store_true", help="print LaTeX instead of plain text")
     s.add_argument(
         "--notation",
@@ -401,8 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--stage",
         choices=("spec", "derive", "lower", "code"),
-        default="derive",
-        help="which pipeline stage to dump (default: derive)",
+        default=None,
+        help="which pipeline stage to dump (default: derive); sequences and optimizers have "
+        "derive and code",
     )
     s.add_argument(
         "--steps", action="store_true", help="walk the chain rule step by step, as a textbook does"
@@ -417,14 +586,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("report", help="write a formula report (HTML with MathML, or LaTeX)")
-    s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
-    s.add_argument("-o", "--output", default="report.html", help="output file (default report.html)")
-    s.add_argument("--format", choices=("html", "tex"), default="html", help="html (default) or tex")
+    s.add_argument(
+        "names", nargs="*", metavar="NAME", help="names symdl list prints (default: all of them)"
+    )
+    s.add_argument(
+        "-o", "--output", default=None, help="output file (default report.html, or report.tex)"
+    )
+    s.add_argument(
+        "--format",
+        choices=("html", "tex"),
+        default=None,
+        help="html or tex (default: tex for an output ending in .tex, else html)",
+    )
     s.add_argument("--notation", choices=("partial", "bar"), default="partial")
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("generate", help="generate NumPy modules for catalogue layers")
-    s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
+    s.add_argument(
+        "names", nargs="*", metavar="NAME", help="names symdl list prints (default: all of them)"
+    )
     s.add_argument("-o", "--output", default="generated", help="output directory (default: generated)")
     s.add_argument("--check", action="store_true", help="fail if any file differs from the engine's output")
     s.add_argument("--force", action="store_true", help="overwrite modules edited by hand")
@@ -435,9 +615,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("check", help="gradcheck catalogue layers against finite differences")
-    s.add_argument("names", nargs="*", metavar="NAME", help="layers (default: the whole catalogue)")
-    s.add_argument("--tol", type=float, default=1e-6, help="max relative error (default 1e-6)")
+    s = sub.add_parser(
+        "check",
+        help="gradcheck catalogue layers and sequences against finite differences; check "
+        "optimizers' steps against their equations",
+    )
+    s.add_argument(
+        "names", nargs="*", metavar="NAME", help="names symdl list prints (default: all of them)"
+    )
+    s.add_argument(
+        "--tol", type=_positive_float, default=1e-6, help="max relative error (default 1e-6)"
+    )
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser(
@@ -453,11 +641,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--inputs", default="", help="differentiable inputs, comma separated")
     s.add_argument("--params", default="", help="trainable parameters, comma separated")
     s.add_argument("--consts", default="", help="non-differentiable tensors (targets, indices)")
-    s.add_argument("--hyper", default="", help="hyperparameters with optional defaults: eps=1e-5,lam")
+    s.add_argument(
+        "--hyper",
+        default="",
+        help="hyperparameters with optional defaults: eps=1e-5,lam (one used in an index, "
+        "such as a stride, is an integer)",
+    )
     s.add_argument("--outputs", default="", help="outputs (default: the last equation's left side)")
     s.add_argument("-o", "--output", default=".", help="output directory (default: .)")
     s.add_argument("--show", action="store_true", help="also print the derived gradients")
-    s.add_argument("--check", action="store_true", help="gradcheck before writing")
+    s.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite NAME.py in the output directory even if it was edited by hand or is "
+        "not a module symdl generated (without it, such a file is kept and nothing written)",
+    )
+    s.add_argument(
+        "--check",
+        action="store_true",
+        help="gradcheck before writing (exit 1 and nothing written if it fails)",
+    )
+    s.add_argument(
+        "--check-hyper",
+        default="",
+        metavar="VALUES",
+        help="hyperparameter values for --check, e.g. Dh=4,eps=0.1: required for a "
+        "hyperparameter without a default, optional for the others",
+    )
     s.add_argument(
         "--scan",
         default="",
@@ -482,18 +692,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is cmd_derive and argv is not None:
         args.argv = list(argv)
+    prefix = f"symdl {args.command}: error:"
     try:
         return args.func(args)
     except SymdlError as err:
-        print(f"symdl {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prefix} {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # pragma: no cover
         return EXIT_OK
+    except OSError as err:  # an output path that cannot be written
+        print(f"{prefix} {_one_line(_os_message(err))}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as err:  # a bug in symdl: still one line, the traceback on request
+        if os.environ.get(ENV_TRACEBACK, "").strip() not in ("", "0"):
+            raise
+        print(
+            f"symdl {args.command}: internal error: {type(err).__name__}: {_one_line(err)} "
+            f"(set {ENV_TRACEBACK}=1 to see the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,7 @@ from . import __version__
 from .cache import write_atomic
 from .errors import CodegenError, SpecError, unknown_name
 from .printing import Namer, NumpyPrinter, equation_text
+from .spec import check_module_name
 
 #: Initial value of an array state (``np.zeros_like(param)``).
 ZEROS = "zeros"
@@ -98,6 +99,10 @@ class Optimizer:
         where = f"optimizer {self.name!r}"
         if not self.name.isidentifier():
             raise SpecError(f"{where}: a name requires a Python identifier, got {self.name!r}")
+        try:
+            check_module_name(self.name, "optimizer")
+        except SpecError as err:
+            raise err.with_context(where) from None
         for n, init in self.state.items():
             if not (init == ZEROS or (isinstance(init, int) and not isinstance(init, bool))):
                 raise SpecError(
@@ -515,14 +520,38 @@ def _default_text(value) -> str:
     return repr(value if isinstance(value, bool) else float(value))
 
 
+def timed_updates(opt: Optimizer) -> list[tuple[sp.Symbol, sp.Expr, dict, str | None]]:
+    """Each update ``(lhs, rhs, times, lhs_time)`` with the time subscript of every name in
+    ``rhs`` (``"t-1"`` for an array before its update in this step, ``"t"`` after it and for
+    the gradient and array intermediates, None for scalars) and of the target (None for the
+    step counter's own update, written ``t \\leftarrow t + 1``)."""
+    state_arrays = {"param", *(n for n, v in opt.state.items() if v == ZEROS)}
+    updated: set[str] = set()
+
+    def time(name: str) -> str | None:
+        if name in state_arrays:
+            return "t" if name in updated else "t-1"
+        if name == "grad" or (name in opt.intermediates and opt.symbols[name] in opt.arrays):
+            return "t"
+        return None
+
+    out = []
+    for lhs, rhs in opt.updates:
+        times = {s.name: time(s.name) for s in rhs.free_symbols}
+        if lhs.name in opt.state and lhs.name not in state_arrays:
+            out.append((lhs, rhs, times, None))
+        else:
+            updated.add(lhs.name)
+            out.append((lhs, rhs, times, time(lhs.name)))
+    return out
+
+
 def optimizer_latex(opt: Optimizer) -> dict[str, str]:
     """LaTeX of each update equation, keyed by its target: ``m_{t} = \\beta_{1} m_{t-1} + ...``.
 
     Arrays carry ``_{t-1}`` before their update in the step and ``_{t}`` after; the step
     counter's own update is written ``t \\leftarrow t + 1``.
     """
-    state_arrays = {"param", *(n for n, v in opt.state.items() if v == ZEROS)}
-    updated: set[str] = set()
     out: dict[str, str] = {}
 
     def tex_of(name: str, time: str | None) -> str:
@@ -530,22 +559,13 @@ def optimizer_latex(opt: Optimizer) -> dict[str, str]:
         base = opt.tex.get(name) or rf"\mathrm{{{escaped}}}"
         return f"{base}_{{{time}}}" if time else base
 
-    def current(name: str) -> str:
-        sym = opt.symbols[name]
-        if name in state_arrays:
-            return tex_of(name, "t" if name in updated else "t-1")
-        if name == "grad" or (name in opt.intermediates and sym in opt.arrays):
-            return tex_of(name, "t")
-        return tex_of(name, None)
-
-    for lhs, rhs in opt.updates:
-        names = {s: current(s.name) for s in rhs.free_symbols}
+    for lhs, rhs, times, lhs_time in timed_updates(opt):
+        names = {s: tex_of(s.name, times[s.name]) for s in rhs.free_symbols}
         body = sp.latex(_display(rhs), symbol_names=names, order="none")
-        if lhs.name in opt.state and lhs.name not in state_arrays:
+        if lhs.name in opt.state and lhs_time is None:
             out[lhs.name] = f"{tex_of(lhs.name, None)} \\leftarrow {body}"
         else:
-            updated.add(lhs.name)
-            out[lhs.name] = f"{current(lhs.name)} = {body}"
+            out[lhs.name] = f"{tex_of(lhs.name, lhs_time)} = {body}"
     return out
 
 

@@ -379,6 +379,8 @@ def _hyper(value) -> dict[str, object]:
         name, eq, default = item.partition("=")
         if not name.isidentifier():
             raise ParseError(f"a hyperparameter requires an identifier name, got {name!r}")
+        if name in out:
+            raise ParseError(f"hyperparameter {name!r} requires one declaration, got it twice")
         if eq:
             try:
                 num = ast.literal_eval(default)

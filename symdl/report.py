@@ -14,8 +14,10 @@ import html
 import io
 import keyword
 import math
+import re
 import tokenize
 import types
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -28,6 +30,8 @@ from .derive import Derivation, derive
 from .errors import SymdlError, unknown_name
 from .spec import Layer
 from .steps import (
+    Equation,
+    MathMLPrinter,
     Printers,
     Step,
     derivation_steps,
@@ -341,6 +345,9 @@ class LayerView:
     plot: Curve | None
     expansion: list | None = None
     expansion_header: str = ""
+    equations_title: str = "Equations"
+    listing_title: str = ""
+    listing: list[str] = dataclasses.field(default_factory=list)  # pseudo-code (a scan)
 
     @property
     def code_html(self) -> Markup:
@@ -395,6 +402,201 @@ def layer_view(
         view.expansion = e.equations(style)
         view.expansion_header = e.header()
     return view
+
+
+def _entries(names_or_items) -> list:
+    """Catalogue names (layers, sequences, optimizers: everything ``symdl list`` prints),
+    :class:`Layer` s, :class:`Derivation` s, sequences or optimizers; None or empty: the
+    whole catalogue. Layers come back derived."""
+    from .layers import catalogue
+    from .layers.sequences import catalogue as sequences
+    from .optim import Optimizer
+    from .optim import catalogue as optimizers
+    from .scan import Sequence
+
+    known = {**catalogue(), **sequences(), **optimizers()}
+    if names_or_items is None or isinstance(names_or_items, (str, Layer, Derivation)):
+        items = [] if names_or_items is None else [names_or_items]
+    else:
+        items = list(names_or_items)
+    out = []
+    for item in items or list(known.values()):
+        if isinstance(item, str):
+            if item not in known:
+                raise unknown_name("layer", item, known, SymdlError)
+            item = known[item]
+        keep = isinstance(item, (Derivation, Sequence, Optimizer))
+        out.append(item if keep else derive(item))
+    return out
+
+
+def _view(item, style: str, *, steps: bool, code: bool) -> LayerView:
+    from .optim import Optimizer
+    from .scan import Sequence
+
+    if isinstance(item, Sequence):
+        return sequence_view(item, style, steps=steps, code=code)
+    if isinstance(item, Optimizer):
+        return optimizer_view(item, code=code)
+    return layer_view(item, style, steps=steps, code=code)
+
+
+def _noted(eqs: list[Equation], note: str) -> list[Equation]:
+    """``eqs`` with ``note`` on the first one (it says where the group runs)."""
+    return [dataclasses.replace(e, note=note) if k == 0 else e for k, e in enumerate(eqs)]
+
+
+def sequence_view(
+    seq, style: str = "partial", *, steps: bool = True, code: bool = True
+) -> LayerView:
+    """A sequence layer's section: the scan as pseudo-code, the equations of the part hoisted
+    out of the time loop and of one step, their derived gradients (one step's backward runs
+    for t = T - 1, ..., 0; the hoisted part's once), the chain rule of each part and the
+    generated module."""
+    from .scan import _bptt_text, scan_text, sequence_source
+
+    hoisted, step = seq.derivations()
+    source = sequence_source(seq, "symdl/layers/sequences.py", f"symdl generate {seq.name}")
+    module = _load(source, seq.name)
+    roles = {n: "input, one per time step" for n in seq.per_step}
+    roles.update({n: "initial state" for n in seq.initial.values()})
+    roles.update({n: "param" for n in seq.params})
+    arguments = [
+        {"name": n, "role": roles.get(n, "input"), "shape": ", ".join(module.SHAPES[n])}
+        for n in module.ARGS
+    ]
+    forward, gradients, chain = [], [], []
+    if hoisted is not None:
+        P = Printers(hoisted.adjoints, style)
+        forward += _noted(forward_equations(hoisted, P), "all time steps at once, before the loop")
+    P = Printers(step.adjoints, style)
+    forward += _noted(forward_equations(step, P), "at each time step t")
+    gradients += _noted(gradient_equations(step, P), "at each step, for t = T - 1, ..., 0")
+    if hoisted is not None:
+        P = Printers(hoisted.adjoints, style)
+        gradients += _noted(gradient_equations(hoisted, P), "once, after the loop")
+    if steps:
+        chain = derivation_steps(hoisted, style) if hoisted is not None else []
+        chain += derivation_steps(step, style)
+    listing = scan_text(seq) + ["", "backward, for t = T - 1, ..., 0, starting from:"]
+    listing += [f"    {line}" for line in _bptt_text(seq, seq.parts())]
+    return LayerView(
+        name=seq.name,
+        anchor=f"layer-{seq.name}",
+        doc=seq.doc,
+        arguments=arguments,
+        forward=forward,
+        gradients=gradients,
+        steps=chain,
+        code=source if code else "",
+        plot=None,
+        listing_title=f"The scan of {seq.cell.name} over time",
+        listing=listing,
+    )
+
+
+def _greek(name: str) -> str | None:
+    """``lambda`` -> λ, ``Delta`` -> Δ (None for a name that is no Greek letter)."""
+    case = "CAPITAL" if name[:1].isupper() else "SMALL"
+    letter = name.upper().replace("LAMBDA", "LAMDA")  # Unicode's spelling
+    try:
+        return unicodedata.lookup(f"GREEK {case} LETTER {letter}")
+    except KeyError:
+        return None
+
+
+_TEX_NAME = re.compile(
+    r"^(?:\\tilde\{(?P<tilde>\w)\}|\\mathrm\{(?P<rm>[^{}]+)\}|\\(?P<cmd>[A-Za-z]+)|(?P<plain>\w+))"
+    r"(?:_\{(?P<sub>[^{}]+)\})?$"
+)
+
+
+class _NamedMathML(MathMLPrinter):
+    """MathML of an optimizer's update: each symbol shown as its LaTeX name says (a Greek
+    letter, a tilde, a subscript) with its time subscript (``m_{t-1}``)."""
+
+    def __init__(self, tex: dict[str, str], times: dict[str, str | None]):
+        super().__init__({}, "partial")
+        self._settings["order"] = "none"
+        self.tex, self.times = tex, times
+
+    def name(self, name: str, time: str | None):
+        m = _TEX_NAME.match(self.tex.get(name, ""))
+        if m is None:
+            node = self.mi(name)
+        else:
+            text = m["plain"] or (m["rm"] or "").replace("\\_", "_")
+            if m["tilde"]:
+                text = m["tilde"] + "\u0303"
+            elif m["cmd"]:
+                text = _greek(m["cmd"]) or m["cmd"]
+            node = self.mi(text)
+            if m["sub"]:
+                node = self.el(
+                    "msub", node, self.mn(m["sub"]) if m["sub"].isdigit() else self.mi(m["sub"])
+                )
+        if time:
+            head = self.el("mrow", node) if node.tagName == "msub" else node
+            base, minus, k = time.partition("-")
+            sub = self.row(self.mi(base), self.mo("−"), self.mn(k)) if minus else self.mi(time)
+            node = self.el("msub", head, sub)
+        return node
+
+    def _print_Symbol(self, sym, style="plain"):
+        return self.name(sym.name, self.times.get(sym.name))
+
+    _print_Dummy = _print_Symbol
+
+
+def optimizer_view(opt, *, code: bool = True) -> LayerView:
+    """An optimizer's section: its arguments, state and hyperparameters, the update rule in
+    execution order (each equation sees what the ones above it assigned) and the generated
+    module. Nothing is derived, so there are no gradients and no chain rule."""
+    from .optim import (
+        ZEROS,
+        _display,
+        _equation_line,
+        optimizer_latex,
+        optimizer_text,
+        timed_updates,
+    )
+
+    arguments = [
+        {"name": "param", "role": "parameter, updated", "shape": "any"},
+        {"name": "grad", "role": "gradient", "shape": "as param"},
+    ]
+    for n, init in opt.state.items():
+        shape = (
+            "as param, zeros at first" if init == ZEROS else f"scalar step count, {init} at first"
+        )
+        arguments.append({"name": n, "role": "state", "shape": shape})
+    arguments += [
+        {"name": n, "role": "hyperparameter", "shape": _hyper_text(v)}
+        for n, v in opt.hyper.items()
+    ]
+    latex = optimizer_latex(opt)
+    forward = []
+    for lhs, rhs, times, lhs_time in timed_updates(opt):
+        printer = _NamedMathML(opt.tex, times)
+        counter = lhs.name in opt.state and lhs_time is None
+        node = printer.row(
+            printer.name(lhs.name, lhs_time),
+            printer.mo("←" if counter else "="),
+            printer._print(_display(rhs)),
+        )
+        forward.append(Equation(_equation_line(lhs, rhs), latex[lhs.name], printer.math(node)))
+    return LayerView(
+        name=opt.name,
+        anchor=f"layer-{opt.name}",
+        doc=opt.doc,
+        arguments=arguments,
+        forward=forward,
+        gradients=[],
+        steps=[],
+        code=optimizer_text(opt) if code else "",
+        plot=None,
+        equations_title="Update rule, in this order at every step",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,9 +662,10 @@ def report_html(
     code: bool = True,
 ) -> str:
     """One self-contained HTML page (MathML formulas, inline SVG plots, inline CSS; no
-    JavaScript, no network) with a table of contents and one section per layer.
-    ``names_or_layers``: catalogue names, Layers or Derivations (default: the catalogue)."""
-    views = [layer_view(d, style, steps=steps, code=code) for d in _derivations(names_or_layers)]
+    JavaScript, no network) with a table of contents and one section per layer, sequence or
+    optimizer. ``names_or_layers``: catalogue names, Layers, Derivations, sequences or
+    optimizers (default: everything ``symdl list`` prints)."""
+    views = [_view(e, style, steps=steps, code=code) for e in _entries(names_or_layers)]
     text = (
         _html_env()
         .get_template("report.html.j2")
@@ -481,7 +684,7 @@ def report_tex(
 ) -> str:
     """A standalone LaTeX document (article; amsmath, listings, tikz, hyperref) with the same
     content as :func:`report_html`."""
-    views = [layer_view(d, style, steps=steps, code=code) for d in _derivations(names_or_layers)]
+    views = [_view(e, style, steps=steps, code=code) for e in _entries(names_or_layers)]
     text = (
         _tex_env()
         .get_template("report.tex.j2")

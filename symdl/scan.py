@@ -41,6 +41,7 @@ from .spec import (
     Assign,
     Layer,
     _names,
+    check_module_name,
     free_indices,
     is_index,
     occurrence_indices,
@@ -174,6 +175,10 @@ def _validate(seq: Sequence) -> None:
         raise SpecError(
             f"{where}: a layer name requires letters, digits and underscores, got {seq.name!r}"
         )
+    try:
+        check_module_name(seq.name, "sequence")
+    except SpecError as err:
+        raise err.with_context(where) from None
     defined = [tensor_name(lhs) or lhs.name for lhs, _ in cell.equations]
     for n in seq.per_step:
         if n not in cell.inputs:

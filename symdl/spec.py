@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import sympy as sp
@@ -352,7 +353,7 @@ class Layer:
         """Validate the equations and return the :class:`Spec` (computed once)."""
         if self._spec is None:
             try:
-                self._spec = _build_spec(self)
+                self._spec = _integer_defaults(_build_spec(self))
             except SpecError as err:
                 raise err.with_context(f"layer {self.name!r}") from None
         return self._spec
@@ -373,6 +374,25 @@ def _as_pair(eq, k):
 # ---------------------------------------------------------------------------------------------
 # Building the spec
 # ---------------------------------------------------------------------------------------------
+
+
+#: Modules that generated code, symdl or their users import, besides the standard library's.
+SHADOWED_MODULES = frozenset({"np", "numpy", "scipy", "torch", "jinja2", "sympy", "symdl"})
+
+
+def check_module_name(name: str, kind: str = "layer") -> None:
+    """A layer's name is its module's name: ``numpy.py`` or ``math.py`` next to a program
+    would be imported instead of NumPy or the standard library's ``math``. Compared ignoring
+    case (``NumPy.py`` shadows ``numpy`` on a case-insensitive file system)."""
+    taken = SHADOWED_MODULES | frozenset(sys.stdlib_module_names)
+    if name.lower() in {m.lower() for m in taken}:
+        raise SpecError(
+            f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} name requires a name that shadows "
+            f"no module, got {name!r} ({name}.py "
+            f"would be imported instead of {name.lower()!r}); choose another, such as "
+            f"{name}_{kind}",
+            name=name,
+        )
 
 
 class _UnionFind:
@@ -398,6 +418,7 @@ def _build_spec(layer: Layer) -> Spec:
             f"a layer name requires letters, digits and underscores starting with a letter, "
             f"got {layer.name!r}"
         )
+    check_module_name(layer.name)
     if not layer.equations:
         raise SpecError("a layer requires at least one equation, got none")
     declared = layer.inputs + layer.params + layer.consts
@@ -1130,3 +1151,61 @@ def _check_rank(name, rank, ell, where, ranks, has_ell):
         raise SpecError(f"tensor {name!r} requires '...' everywhere or nowhere, got both ({where})")
     ranks[name] = rank
     has_ell[name] = bool(ell)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer hyperparameters
+# ---------------------------------------------------------------------------------------------
+
+
+def integer_hyper(spec: Spec) -> set[str]:
+    """Hyperparameters that set sizes or index maps (a stride, a padding, a window size, a
+    number of heads): the generated module slices arrays with them, so they are integers."""
+    names: set[str] = set(spec.hyper_dims.values())
+    for widths in spec.pads.values():
+        for w in widths.values():
+            names |= {s.name for s in w.free_symbols}
+    for f in list(spec.derived.values()) + [b for _, b in spec.bounds]:
+        names |= {s.name for s in f.free_symbols if s.name in spec.hyper}
+    for a in spec.assigns:
+        for occ in occurrences(a.expr, spec.tensors):
+            for ix in occurrence_indices(occ):
+                if is_affine(ix):
+                    names |= {s.name for s in ix.free_symbols if s.name in spec.hyper}
+    return names & set(spec.hyper)
+
+
+def _integer_defaults(spec: Spec) -> Spec:
+    """``spec`` with an int default for every :func:`integer_hyper` (and every hyperparameter
+    one of them defaults to by name): none (required) becomes ``int`` (a required integer) and
+    an integral float such as 2.0 becomes 2; any other default (2.5, True) is an error."""
+    hyper = dict(spec.hyper)
+    todo, seen, changed = sorted(integer_hyper(spec)), set(), False
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        value = hyper[name]
+        if isinstance(value, str):  # stride defaults to kernel_size: that one too
+            todo += [value] if value in hyper else []
+            continue
+        if (
+            isinstance(value, sp.Basic)
+            or value is int
+            or (isinstance(value, int) and not isinstance(value, bool))
+        ):
+            continue
+        if value is None:
+            hyper[name], changed = int, True
+            continue
+        if isinstance(value, float) and math.isfinite(value) and value == int(value):
+            hyper[name], changed = int(value), True
+            continue
+        raise SpecError(
+            f"hyperparameter {name!r} sets a size or an index position, which requires an "
+            f"integer default, got {value!r}",
+            name=name,
+            default=value,
+        )
+    return dataclasses.replace(spec, hyper=hyper) if changed else spec

@@ -43,6 +43,7 @@ from .spec import (
     ELL,
     Assign,
     Dim,
+    integer_hyper,
     is_affine,
     is_index,
     occurrence_indices,
@@ -1268,18 +1269,19 @@ class Expansion:
 
 def _structural_hyper(spec) -> set[str]:
     """Hyperparameters that set sizes or index maps: they need numbers to expand."""
+    return integer_hyper(spec)
+
+
+def _size_hyper(spec) -> set[str]:
+    """Hyperparameters in size formulas or index ranges (a stride, a kernel size) but not
+    padding widths: they must be at least 1 (the generated module checks the same)."""
     names: set[str] = set(spec.hyper_dims.values())
-    for widths in spec.pads.values():
-        for w in widths.values():
-            names |= {s.name for s in w.free_symbols}
-    for f in list(spec.derived.values()) + [b for _, b in spec.bounds]:
+    for f in spec.derived.values():
         names |= {s.name for s in f.free_symbols if s.name in spec.hyper}
-    for a in spec.assigns:
-        for occ in occurrences(a.expr, spec.tensors):
-            for ix in occurrence_indices(occ):
-                if is_affine(ix):
-                    names |= {s.name for s in ix.free_symbols if s.name in spec.hyper}
-    return names & set(spec.hyper)
+    pads = {
+        s.name for widths in spec.pads.values() for w in widths.values() for s in w.free_symbols
+    }
+    return names - pads
 
 
 def _sizes_and_hyper(spec, sizes, hyper):
@@ -1310,6 +1312,8 @@ def _sizes_and_hyper(spec, sizes, hyper):
             )
         if isinstance(v, bool) or float(v) != int(float(v)) or int(float(v)) < 0:
             raise ExpandError(f"hyperparameter {k!r} requires a non-negative integer, got {v!r}")
+        if k in _size_hyper(spec) and int(float(v)) < 1:  # a stride, a window size: 0 divides
+            raise ExpandError(f"hyperparameter {k!r} requires a positive integer, got {v!r}")
         hv[k] = int(float(v))
     hsubs = {sp.Symbol(k, real=True): hv[k] for k in structural}
     for k, v in hv.items():  # flags (causal) are numbers too: their conditions then fold

@@ -9,6 +9,7 @@ so a failure is labelled "forward" or "gradient of ARG".
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Mapping
 
 import numpy as np
@@ -98,6 +99,16 @@ def random_inputs(module, rng, checks: Mapping | None = None, sizes=None, dtype=
     return args, kwargs
 
 
+def required_hyperparameters(module) -> tuple[str, ...]:
+    """The hyperparameters ``module.forward`` has no default for (keyword-only, required)."""
+    hyper = getattr(module, "HYPERPARAMETERS", {})
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - a builtin or C function
+        return ()
+    return tuple(p.name for p in params if p.name in hyper and p.default is p.empty)
+
+
 def _inputs_that_fit(module, rng, checks):
     """Random inputs; when a window does not fit them (a convolution's kernel larger than its
     input), try again with small parameter dimensions and large input dimensions."""
@@ -105,7 +116,7 @@ def _inputs_that_fit(module, rng, checks):
     try:
         module.forward(*args, **kwargs)
         return args, kwargs
-    except ValueError:
+    except (ValueError, TypeError):  # (a TypeError is reported by gradcheck's own call)
         pass
     params = set(getattr(module, "PARAMS", ()))
     sizes = {}
@@ -140,6 +151,14 @@ def gradcheck(
     rng = np.random.default_rng(0) if rng is None else rng
     name = getattr(module, "NAME", getattr(module, "__name__", "module"))
     if args is None:
+        given = dict(checks or {}).get("hyper", {})
+        missing = [n for n in required_hyperparameters(module) if given.get(n) is None]
+        if missing:
+            problem = (
+                f"hyperparameter {missing[0]!r} requires a value, got none (it has no "
+                f"default): give it as checks={{'hyper': {{{missing[0]!r}: ...}}}}"
+            )
+            return GradcheckResult(name, {}, tol, [problem])
         args, kwargs = _inputs_that_fit(module, rng, checks)
     kwargs = dict(kwargs or {})
     args = tuple(np.asarray(a, dtype=np.float64) for a in args)
@@ -182,6 +201,72 @@ def gradcheck(
             scale = max(abs(numeric), abs(analytic), 1e-8)
             worst = max(worst, abs(numeric - analytic) / scale)
         errors[argname] = worst
+    return GradcheckResult(name, errors, tol, problems)
+
+
+# ---- optimizers: the generated step against the equations ----------------------------------------
+
+
+def reference_step(opt, param, grad, state: Mapping, hyper: Mapping) -> tuple:
+    """One step of the optimizer ``opt`` computed from its equations alone: each update
+    evaluated in order with SymPy's ``lambdify`` (NumPy), nothing from the generated module's
+    hoisting, in-place forms or association. ``state`` maps state names to values; returns
+    ``(param, state)``."""
+    import sympy as sp
+
+    env = {"param": param, "grad": grad, **state, **hyper}
+    for lhs, rhs in opt.updates:
+        names = sorted(rhs.free_symbols, key=lambda s: s.name)
+        fn = sp.lambdify(names, rhs, modules="numpy")
+        env[lhs.name] = fn(*(env[s.name] for s in names))
+    return env["param"], {n: env[n] for n in opt.state}
+
+
+def _rel_diff(a, b) -> float:
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    scale = max(float(np.max(np.abs(b), initial=0.0)), 1e-300)
+    return float(np.max(np.abs(a - b), initial=0.0)) / scale
+
+
+def check_optimizer(
+    module, opt, *, rng=None, shape=(3, 4), steps: int = 6, tol: float = 1e-6, cases=None
+) -> GradcheckResult:
+    """Check a generated optimizer module (``init_state``, ``step``, ``step_inplace``) against
+    :func:`reference_step` in float64: for each hyperparameter set of ``cases`` (default
+    ``opt.checks["cases"]``, else the defaults), ``steps`` steps from a random ``param`` with
+    random gradients; the error of ``param`` and of each state is the largest difference
+    relative to the reference, over every step of both functions."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    name = getattr(module, "NAME", opt.name)
+    cases = list(cases if cases is not None else opt.checks.get("cases") or [{}])
+    errors: dict[str, float] = {n: 0.0 for n in ["param", *opt.state]}
+    problems: list[str] = []
+    for case in cases:
+        hyper = {k: v for k, v in opt.hyper.items() if v is not None}
+        hyper.update(case)
+        missing = [k for k in opt.hyper if k not in hyper]
+        if missing:
+            problems.append(f"hyperparameter {missing[0]!r} requires a value, got none")
+            continue
+        p = rng.standard_normal(shape)
+        state = tuple(module.init_state(p))
+        ref = {n: (np.zeros_like(p) if v == "zeros" else v) for n, v in opt.state.items()}
+        q, q_state = p.copy(), tuple(np.copy(s) if isinstance(s, np.ndarray) else s for s in state)
+        ref_p = p.copy()
+        try:
+            for _ in range(steps):
+                g = rng.standard_normal(shape)
+                p, *state = module.step(p, g, *state, **case)
+                q_state = module.step_inplace(q, g, *q_state, **case)
+                ref_p, ref = reference_step(opt, ref_p, g, ref, hyper)
+                for got_p, got_state in ((p, state), (q, q_state)):
+                    errors["param"] = max(errors["param"], _rel_diff(got_p, ref_p))
+                    for n, value in zip(opt.state, got_state):
+                        errors[n] = max(errors[n], _rel_diff(value, ref[n]))
+        except Exception as err:  # noqa: BLE001 - reported, not hidden
+            problems.append(f"step raised {type(err).__name__}: {err} (hyperparameters {case})")
     return GradcheckResult(name, errors, tol, problems)
 
 

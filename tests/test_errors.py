@@ -113,6 +113,36 @@ def test_bad_equations_through_cli(capsys, tmp_path, in_tmp_cwd, label, text, op
     _no_canary(in_tmp_cwd, out_dir)
 
 
+@pytest.mark.parametrize(
+    "text, hyper, message",
+    [
+        (
+            "y[n,i] = x[n, s*i]",
+            {"s": 2.5},
+            "'s' sets a size or an index position, which requires an integer default, got 2.5",
+        ),
+        (
+            "y[n,i] = x[n, i + s]",
+            {"s": True},
+            "'s' sets a size or an index position, which requires an integer default, got True",
+        ),
+        ("y[n,i] = x[n, s*i]", {"s": float}, "'s' sets a size or an index position"),
+    ],
+)
+def test_fractional_default_of_an_index_hyperparameter(text, hyper, message):
+    layer = parse_layer("strided", text, inputs="x", hyper=hyper)
+    with pytest.raises(SymdlError, match=message) as exc:
+        derive(layer)
+    assert str(exc.value).startswith("layer 'strided': ")
+
+
+def test_integral_float_default_of_an_index_hyperparameter_is_an_int():
+    spec = parse_layer(
+        "strided", "y[n,i] = q*x[n, s*i + p]", inputs="x", hyper="s=2.0,p,q=0.5"
+    ).spec()
+    assert spec.hyper == {"s": 2, "p": int, "q": 0.5} and type(spec.hyper["s"]) is int
+
+
 def test_syntax_error_gives_line_and_column():
     with pytest.raises(ParseError) as exc:
         parse_layer("bad", "y[n] = x[n]\nz[n] = exp(y[n]", inputs="x")
