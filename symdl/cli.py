@@ -245,6 +245,7 @@ def cmd_show(args) -> int:
         print("# backward")
         for line in low.backward:
             print(line.code)
+        print(_pass_table(d))
         return EXIT_OK
     if args.latex:
         for key, tex in formulas(d, style=args.notation).items():
@@ -252,6 +253,18 @@ def cmd_show(args) -> int:
     else:
         print(repr(d))
     return EXIT_OK
+
+
+def _pass_table(d) -> str:
+    """The passes of the lowering in pipeline order: on or off, what each one does, and the
+    lines of forward and backward code with it against without it."""
+    from .lower import pass_effects
+
+    rows = ["# passes (pipeline order), and the lines of forward/backward code with -> without"]
+    for p, on, changed, with_, without in pass_effects(d):
+        change = f"{with_[0]}/{with_[1]} -> {without[0]}/{without[1]}" if changed else "-"
+        rows.append(f"#   {'on ' if on else 'off'} {p.stage:<8} {p.name:<18} {change:<14} {p.summary}")
+    return "\n".join(rows)
 
 
 def _report_format(args) -> tuple[str, Path]:

@@ -2564,6 +2564,32 @@ def lower(derivation: Derivation, options: dict | None = None, keep=()) -> Lower
         raise err.with_context(f"layer {derivation.spec.name!r}") from None
 
 
+def pass_effects(derivation: Derivation) -> list[tuple]:
+    """What each pass of the derive, lower and schedule stages changes in ``derivation``'s
+    lowering: ``(pass, on, changed, (forward, backward) lines with the pass on, the same with
+    it off)`` in pipeline order, each pass flipped alone from the switches in effect."""
+    from .passes import passes
+
+    def counts(low: Lowered) -> tuple[int, int]:
+        return tuple(
+            sum(1 + line.code.count("\n") for line in lines if line.code.strip())
+            for lines in (low.forward, low.backward)
+        )
+
+    base = lower(derivation)
+    now = counts(base)
+    out = []
+    for p in passes(LOWERING):
+        on = OPTIMIZATIONS[p.name]
+        flipped = lower(derivation, {p.name: not on})
+        same = [ln.code for ln in flipped.forward + flipped.backward] == [
+            ln.code for ln in base.forward + base.backward
+        ]
+        other = now if same else counts(flipped)
+        out.append((p, on, not same, now if on else other, other if on else now))
+    return out
+
+
 def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     spec = d.spec
     if {**OPTIMIZATIONS, **(options or {})}["affine_cache"]:

@@ -137,3 +137,16 @@ def test_the_table_is_the_switches():
     off = resolve({"fuse": False}, OPTIMIZATIONS)
     assert not any(off[n] for n in ("blocked", "hoist", "masked_inplace", "merge_terms"))
     assert resolve({"blocked": False}, OPTIMIZATIONS)["hoist"] is False
+
+
+def test_show_lists_the_passes_and_what_each_changed(capsys):
+    from symdl.cli import main
+    from symdl.passes import LOWERING, passes
+
+    assert main(["show", "linear", "--stage", "lower"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[3]: line for line in out.splitlines() if line.startswith("#   ")}
+    assert list(rows) == [p.name for p in passes(LOWERING)]
+    assert "3/3 -> 3/3" in rows["matmul"]  # x @ weight.T against an einsum: same lines, changed
+    assert rows["output_reuse"].split()[4] == "-"  # nothing to reuse in a linear layer
+    assert rows["grouped_matmul"].split()[1] == "off"
