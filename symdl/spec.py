@@ -413,401 +413,20 @@ class _UnionFind:
 
 
 def _build_spec(layer: Layer) -> Spec:
-    if not _IDENT.match(layer.name or ""):
-        raise SpecError(
-            f"a layer name requires letters, digits and underscores starting with a letter, "
-            f"got {layer.name!r}"
-        )
-    check_module_name(layer.name)
-    if not layer.equations:
-        raise SpecError("a layer requires at least one equation, got none")
-    declared = layer.inputs + layer.params + layer.consts
-    for n in declared + tuple(layer.hyper):
-        if not _IDENT.match(n):
-            raise SpecError(f"a name requires an identifier, got {n!r}")
-    seen: set[str] = set()
-    for n in declared + tuple(layer.hyper):
-        if n in seen:
-            raise SpecError(f"each name requires one role, got {n!r} declared twice")
-        seen.add(n)
-    if not (layer.inputs or layer.params):
-        raise SpecError("a layer requires at least one input or parameter, got none")
-    from .printing import RESERVED
-
-    for n in layer.consts + tuple(layer.hyper):
-        if n in RESERVED:
-            raise SpecError(
-                f"keyword argument {n!r} requires a name the generated module does not use "
-                f"itself (it is reserved: a Python keyword, numpy's np, or a local such as "
-                f"cache, dout, sizes, dtype), got {n!r}"
-            )
-
-    ranks: dict[str, int] = {}
-    has_ell: dict[str, bool] = {}
-    defined: list[str] = []
-    gather_consts: set[str] = set()
-
-    def where(k):
-        return f"equation {k + 1}"
-
-    # ---- validate each equation ---------------------------------------------------------
-    for k, (lhs, rhs) in enumerate(layer.equations):
-        if isinstance(lhs, sp.Indexed):
-            tname, lhs_idx = tensor_name(lhs), tuple(lhs.indices)
-        elif isinstance(lhs, sp.Symbol) and not is_index(lhs):
-            tname, lhs_idx = lhs.name, ()
-        else:
-            raise SpecError(
-                f"the left side of {where(k)} requires a tensor like y[n, o] or a scalar name, "
-                f"got {sp.sstr(lhs)}"
-            )
-        if not _IDENT.match(tname):
-            raise SpecError(f"a tensor name requires an identifier, got {tname!r} in {where(k)}")
-        if tname in declared or tname in layer.hyper:
-            raise SpecError(
-                f"{where(k)} assigns {tname!r}, which requires a new name: it is declared as "
-                f"an argument or hyperparameter"
-            )
-        if tname in defined:
-            raise SpecError(
-                f"each tensor requires one defining equation, got {tname!r} assigned again in "
-                f"{where(k)}"
-            )
-        for p, ix in enumerate(lhs_idx):
-            if not is_index(ix):
-                raise SpecError(
-                    f"the left side of {where(k)} requires plain index symbols, got "
-                    f"{sp.sstr(ix)} at position {p + 1} of {tname}"
-                )
-        if len(set(lhs_idx)) != len(lhs_idx):
-            raise SpecError(
-                f"the left side of {where(k)} requires distinct indices, got "
-                f"{sp.sstr(lhs)}"
-            )
-        known = set(declared) | set(defined)
-        _check_expr(rhs, k, known, layer, ranks, has_ell, gather_consts)
-        free = free_indices(rhs)
-        extra = free - set(lhs_idx)
-        if extra:
-            names = ", ".join(sorted(s.name for s in extra))
-            raise SpecError(
-                f"index {names} in {where(k)} requires a place on the left side or a "
-                f"Sum(..., {names}) around it, got it on the right side only"
-            )
-        ranks[tname] = len(lhs_idx)
-        has_ell[tname] = ELL in lhs_idx
-        defined.append(tname)
-
-    for n in layer.keep:
-        if n not in defined:
-            raise SpecError(f"keep names {n!r}, which requires a tensor defined by an equation")
-    for n in declared:
-        if n not in ranks:
-            raise SpecError(f"argument {n!r} requires a use in the equations, got none")
-    pad_widths = {w for info in layer.pad.values() for w in dict(info.get("axes", {})).values()}
-    in_formulas = {s.name for f in layer.dims.values() for s in sp.sympify(f).free_symbols}
-    for n in layer.hyper:
-        if n in pad_widths or n in layer.ranges.values() or n in in_formulas:
-            continue
-        if any(v == n for v in layer.hyper.values() if isinstance(v, str)):
-            continue
-        used = any(
-            sp.Symbol(n, real=True) in rhs.free_symbols or n in {s.name for s in rhs.free_symbols}
-            for _, rhs in layer.equations
-        )
-        if not used:
-            raise SpecError(f"hyperparameter {n!r} requires a use in the equations, got none")
-
-    outputs = layer.outputs if layer.outputs is not None else (defined[-1],)
-    if not outputs:
-        raise SpecError("a layer requires at least one output, got none")
-    for o in outputs:
-        if o not in defined:
-            raise SpecError(
-                f"output {o!r} requires a tensor defined by an equation; defined: "
-                f"{', '.join(defined)}"
-            )
-
-    # ---- A-normal form ------------------------------------------------------------------
-    taken = set(declared) | set(defined) | set(layer.hyper)
-    counter = [0]
-
-    def fresh() -> str:
-        while f"t{counter[0]}" in taken:
-            counter[0] += 1
-        name = f"t{counter[0]}"
-        taken.add(name)
-        counter[0] += 1
-        return name
-
-    assigns: list[Assign] = []
-    for k, (lhs, rhs) in enumerate(layer.equations):
-        tname = tensor_name(lhs) or lhs.name
-        lhs_idx = tuple(lhs.indices) if isinstance(lhs, sp.Indexed) else ()
-
-        def hoist(expr, context, k=k):
-            """Replace each reduction inside ``expr`` by a fresh intermediate."""
-            if isinstance(expr, _Reduction):
-                inner_context = tuple(context) + tuple(expr.indices)
-                body = hoist(expr.body, inner_context)
-                free = ordered(free_indices(body) - set(expr.indices), context)
-                name = fresh()
-                op = "sum" if isinstance(expr, IndexSum) else "max"
-                assigns.append(Assign(name, free, op, body, tuple(expr.indices), k))
-                ranks[name] = len(free)
-                has_ell[name] = ELL in free
-                return sp.IndexedBase(name, real=True)[free] if free else sp.Symbol(name, real=True)
-            if not expr.args or isinstance(expr, (sp.Indexed, Size)):
-                return expr
-            return expr.func(*[hoist(a, context) for a in expr.args])
-
-        if isinstance(rhs, _Reduction) and set(free_indices(rhs)) == set(lhs_idx):
-            body = hoist(rhs.body, lhs_idx + tuple(rhs.indices))
-            op = "sum" if isinstance(rhs, IndexSum) else "max"
-            assigns.append(Assign(tname, lhs_idx, op, body, tuple(rhs.indices), k))
-        else:
-            assigns.append(Assign(tname, lhs_idx, "map", hoist(rhs, lhs_idx), (), k))
-
+    """Validate ``layer`` and build its :class:`Spec`, one stage after the other."""
+    declared = _check_names(layer)
+    ranks, has_ell, defined, gather_consts = _check_equations(layer, declared)
+    outputs = _check_uses(layer, declared, ranks, defined)
+    assigns = _a_normal_form(layer, declared, defined, ranks, has_ell)
     assigns, zero_pads = _padded_reads(assigns, layer, ranks)
     _check_lower_bounds(assigns, layer, ranks)
-
-    # ---- dimensions -----------------------------------------------------------------------
-    # Symbols used in an affine position are sized by constraints, not by equality: in
-    # y[b, i] = x[b, i + 1] - x[b, i], i ranges over one less than x's axis.
-    # An axis read through an affine position anywhere takes its plain reads as constraints
-    # too (gi[b, j] beside gi[b, H + j]: j ranges over part of the axis); every other axis of
-    # the tensor is an equality (x[n, c, t + k] and w[c, k] share C).
-    affine: dict[int, set] = {}
-    affine_axes: set[tuple[str, int]] = set()  # (tensor, axis) read affinely in some equation
-    for a in assigns:
-        for occ in occurrences(a.expr, ranks):
-            for p, ix in enumerate(occurrence_indices(occ)):
-                if is_affine(ix):
-                    affine.setdefault(a.scope, set()).update(position_symbols(ix))
-                    affine_axes.add((occurrence_name(occ), p))
-    constraints: list[tuple] = []  # (scope, symbol, tensor, axis, coeff, others, const)
-    uf = _UnionFind()
-    for a in assigns:
-        uf.find(("I", a.scope, ELL)) if ELL in a.all_indices else None
-        for p, ix in enumerate(a.indices):
-            uf.union(("T", a.target, p), ("I", a.scope, ix))
-        for occ in occurrences(a.expr, ranks):
-            oname = occurrence_name(occ)
-            for p, ix in enumerate(occurrence_indices(occ)):
-                if is_index(ix) and (oname, p) not in affine_axes:
-                    uf.union(("T", oname, p), ("I", a.scope, ix))
-                elif is_index(ix):
-                    constraints.append((a.scope, ix, oname, p, sp.S.One, (), sp.S.Zero))
-                elif isinstance(ix, sp.Indexed):  # a gather c[n, ...]: its own axes
-                    cname = tensor_name(ix)
-                    for q, jx in enumerate(ix.indices):
-                        uf.union(("T", cname, q), ("I", a.scope, jx))
-                else:
-                    terms, const = affine_terms(ix)
-                    for coeff, sym in terms:
-                        others = tuple((c, o) for c, o in terms if o != sym)
-                        constraints.append((a.scope, sym, oname, p, coeff, others, const))
-                        uf.find(("I", a.scope, sym))
-        for ix in a.reduce:
-            uf.find(("I", a.scope, ix))
-    for sym_name, hname in layer.ranges.items():
-        shape_dims = {d for dims in layer.shapes.values() for d in dims}
-        if hname not in layer.hyper and hname not in layer.dims and hname not in shape_dims:
-            raise SpecError(
-                f"the range of index {sym_name!r} requires a hyperparameter or a named "
-                f"dimension formula, got {hname!r}"
-            )
-        for key in [k for k in list(uf.parent) if k[0] == "I" and k[2].name == sym_name]:
-            uf.union(("H", hname), key)
-    for hname in set(layer.ranges.values()):  # a range named after an argument's dimension
-        for t, dims in layer.shapes.items():
-            for p, dname in enumerate(dims):
-                if dname == hname and t in ranks:
-                    uf.union(("H", hname), ("T", t, p))
-    # one shared batch shape for every '...'
-    ell_keys = [key for key in list(uf.parent) if key[0] == "I" and key[2] == ELL]
-    for key in ell_keys[1:]:
-        uf.union(ell_keys[0], key)
-
-    # names: declared shapes first, then "..." for the batch dims, then the index letter
-    names: dict = {}
-    for t, dims in layer.shapes.items():
-        if t not in ranks:
-            raise SpecError(f"shapes names {t!r}, which requires a tensor of the layer, got none")
-        if len(dims) != ranks[t]:
-            raise SpecError(
-                f"the shape of {t!r} requires {ranks[t]} dimension names (its rank in the "
-                f"equations), got {len(dims)}: {dims}"
-            )
-        for p, d in enumerate(dims):
-            root = uf.find(("T", t, p))
-            if root in names and names[root] != d:
-                raise SpecError(
-                    f"dimension {d!r} of {t!r} (position {p + 1}) and dimension "
-                    f"{names[root]!r} must be equal by the equations, which requires one name, "
-                    f"got two"
-                )
-            names[root] = d
-    for hname in set(layer.ranges.values()):
-        root = uf.find(("H", hname))
-        if root in names and names[root] != hname:
-            raise SpecError(
-                f"dimension {names[root]!r} and hyperparameter {hname!r} must be equal by the "
-                f"equations, which requires one name, got two"
-            )
-        names[root] = hname
-    if ell_keys:
-        root = uf.find(ell_keys[0])
-        if root in names and names[root] != "...":
-            raise SpecError(f"'...' requires the name '...', got {names[root]!r}")
-        names[root] = "..."
-    used_names = set(names.values())
-    for a in assigns:
-        for ix in a.all_indices:
-            root = uf.find(("I", a.scope, ix))
-            if root not in names:
-                base = ix.name.upper()
-                cand, n = base, 2
-                while cand in used_names:
-                    cand, n = f"{base}{n}", n + 1
-                names[root] = cand
-                used_names.add(cand)
-    for t in ranks:
-        for p in range(ranks[t]):
-            root = uf.find(("T", t, p))
-            if root not in names:  # an axis no index touches: the gathered axis of a table
-                base = f"{t}{p}".upper()
-                cand, n = base, 2
-                while cand in used_names:
-                    cand, n = f"{base}_{n}", n + 1
-                names[root] = cand
-                used_names.add(cand)
-
-    index_dims: dict = {}
-    for a in assigns:
-        for ix in a.all_indices:
-            index_dims[(a.scope, ix)] = names[uf.find(("I", a.scope, ix))]
-        for occ in occurrences(a.expr, ranks):
-            for ix in occurrence_indices(occ):
-                for s in position_symbols(ix):
-                    index_dims[(a.scope, s)] = names[uf.find(("I", a.scope, s))]
-
-    tensors_: dict[str, TensorInfo] = {}
-    for t, r in ranks.items():
-        dims = tuple(names[uf.find(("T", t, p))] for p in range(r))
-        if t in layer.inputs:
-            role = "input"
-        elif t in layer.params:
-            role = "param"
-        elif t in layer.consts:
-            role = "const"
-        else:
-            role = "intermediate"
-        kind = "int" if (t in gather_consts or t in layer.int_consts) else "float"
-        tensors_[t] = TensorInfo(t, role, r, dims, kind)
-    for t in layer.masks:
-        if t not in layer.consts or tensors_[t].kind != "float":
-            raise SpecError(f"masks names {t!r}, which requires a floating-point constant")
-
-    # padding of arguments
-    pads: dict[str, dict[int, sp.Expr]] = {}
-    pad_values: dict[str, float] = {}
-    for t, info in layer.pad.items():
-        if t not in declared:
-            raise SpecError(f"pad names {t!r}, which requires an argument of the layer")
-        widths = {}
-        for axis, width in dict(info.get("axes", {})).items():
-            if not (isinstance(axis, int) and 0 <= axis < ranks[t]):
-                raise SpecError(f"pad of {t!r} requires axes in [0, {ranks[t]}), got {axis!r}")
-            if isinstance(width, str):
-                if width not in layer.hyper:
-                    raise SpecError(f"pad width of {t!r} requires a hyperparameter, got {width!r}")
-                widths[axis] = sp.Symbol(width, real=True)
-            else:
-                widths[axis] = sp.Integer(width)
-        pads[t] = widths
-        pad_values[t] = float(info.get("value", 0.0))
-    for t, widths in zero_pads.items():
-        pads.setdefault(t, {}).update(widths)
-        pad_values.setdefault(t, 0.0)
-
-    def axis_size(t, p):
-        size = dim_symbol(tensors_[t].dims[p])
-        if p in pads.get(t, {}):
-            size = size + 2 * pads[t][p]
-        return size
-
-    # every dimension comes from an argument's shape, a hyperparameter, or affine constraints
-    provided = {d for t in declared for d in tensors_[t].dims} | set(layer.ranges.values())
-    by_dim: dict[str, list] = {}
-    for scope, sym, t, p, coeff, others, const in constraints:
-        by_dim.setdefault(index_dims[(scope, sym)], []).append((scope, t, p, coeff, others, const))
-    derived: dict[str, sp.Expr] = {d: f for d, f in layer.dims.items()}
-    bounds: list[tuple[str, sp.Expr]] = []
-    # a stacked dimension ("2*H") given by an argument whose base (H) no argument gives: the
-    # base is its quotient
-    for d in sorted(provided):
-        factor, _, base = d.partition("*")
-        if base and factor.isdigit() and base not in provided and base not in derived:
-            derived[base] = sp.floor(Dim(d) / int(factor))
-            provided = provided | {base}  # (_bind_shapes checks the multiple at run time)
-    pending = [d for d in by_dim if d not in provided]
-    known = set(provided)
-    while pending:
-        progress = False
-        for dname in list(pending):
-            cons = by_dim[dname]
-            needed = {index_dims[(sc, o)] for sc, _, _, _, others, _ in cons for _, o in others}
-            if not needed <= known:
-                continue
-            options = []
-            for scope, t, p, coeff, others, const in cons:
-                reach = sum((c * (dim_symbol(index_dims[(scope, o)]) - 1) for c, o in others), sp.S.Zero)
-                options.append(sp.floor((axis_size(t, p) - 1 - const - reach) / coeff) + 1)
-            derived[dname] = sp.Min(*options) if len(options) > 1 else options[0]
-            known.add(dname)
-            pending.remove(dname)
-            progress = True
-        if not progress:
-            raise SpecError(
-                f"the range of dimension {pending[0]!r} requires the sizes of the other indices "
-                f"in its affine positions, got a cycle"
-            )
-    # a size derived from one plain position is just that axis's size: one name, not two
-    aliases = {
-        d: f.name
-        for d, f in derived.items()
-        if isinstance(f, Dim) and d not in layer.dims and d not in layer.shapes.get("", ())
-    }
-    if aliases:
-        for d in aliases:
-            del derived[d]
-        index_dims = {key: aliases.get(v, v) for key, v in index_dims.items()}
-        by_dim = {aliases.get(d, d): cons for d, cons in by_dim.items() if d not in aliases}
-        tensors_ = {
-            t: dataclasses.replace(info, dims=tuple(aliases.get(x, x) for x in info.dims))
-            for t, info in tensors_.items()
-        }
-
-    def stacked(expr):  # "4*H" is four times H
-        reps = {}
-        for sym in expr.free_symbols:
-            factor, _, base = sym.name.partition("*")
-            if isinstance(sym, Dim) and base and factor.isdigit():
-                reps[sym] = int(factor) * Dim(base)
-        return expr.xreplace(reps)
-
-    for dname, cons in by_dim.items():
-        if dname in provided:
-            for scope, t, p, coeff, others, const in cons:
-                if any(index_dims[(scope, o)] in derived for _, o in others):
-                    continue  # implied: the derived size was chosen to satisfy it
-                reach = sum((c * (dim_symbol(index_dims[(scope, o)]) - 1) for c, o in others), sp.S.Zero)
-                bound = sp.floor((axis_size(t, p) - 1 - const - reach) / coeff) + 1
-                slack = sp.simplify(stacked(bound) - dim_symbol(dname))
-                if slack.is_nonnegative or (dname, bound) in bounds:
-                    continue  # always true, or already checked
-                bounds.append((dname, bound))
+    affine, constraints, uf = _index_classes(layer, assigns, ranks)
+    names, index_dims = _dimension_names(layer, assigns, ranks, uf)
+    tensors_ = _tensor_infos(layer, ranks, names, uf, gather_consts)
+    pads, pad_values = _argument_pads(layer, declared, ranks, zero_pads)
+    derived, bounds, index_dims, tensors_, known = _derived_sizes(
+        layer, declared, tensors_, pads, constraints, index_dims
+    )
     for a in assigns:
         for ix in a.all_indices:
             d = index_dims[(a.scope, ix)]
@@ -881,6 +500,447 @@ def _build_spec(layer: Layer) -> Spec:
     )
 
 
+def _check_names(layer: Layer) -> tuple[str, ...]:
+    """The layer's, its arguments' and its hyperparameters' names; the declared arguments."""
+    if not _IDENT.match(layer.name or ""):
+        raise SpecError(
+            f"a layer name requires letters, digits and underscores starting with a letter, "
+            f"got {layer.name!r}"
+        )
+    check_module_name(layer.name)
+    if not layer.equations:
+        raise SpecError("a layer requires at least one equation, got none")
+    declared = layer.inputs + layer.params + layer.consts
+    for n in declared + tuple(layer.hyper):
+        if not _IDENT.match(n):
+            raise SpecError(f"a name requires an identifier, got {n!r}")
+    seen: set[str] = set()
+    for n in declared + tuple(layer.hyper):
+        if n in seen:
+            raise SpecError(f"each name requires one role, got {n!r} declared twice")
+        seen.add(n)
+    if not (layer.inputs or layer.params):
+        raise SpecError("a layer requires at least one input or parameter, got none")
+    from .printing import RESERVED
+
+    for n in layer.consts + tuple(layer.hyper):
+        if n in RESERVED:
+            raise SpecError(
+                f"keyword argument {n!r} requires a name the generated module does not use "
+                f"itself (it is reserved: a Python keyword, numpy's np, or a local such as "
+                f"cache, dout, sizes, dtype), got {n!r}"
+            )
+    return declared
+
+
+def _check_equations(layer: Layer, declared) -> tuple[dict, dict, list, set]:
+    """Each equation checked; the rank of each tensor, whether it has '...', the tensors
+    defined in order, and the integer constants used as gathers."""
+    ranks: dict[str, int] = {}
+    has_ell: dict[str, bool] = {}
+    defined: list[str] = []
+    gather_consts: set[str] = set()
+
+    def where(k):
+        return f"equation {k + 1}"
+
+    # ---- validate each equation ---------------------------------------------------------
+    for k, (lhs, rhs) in enumerate(layer.equations):
+        if isinstance(lhs, sp.Indexed):
+            tname, lhs_idx = tensor_name(lhs), tuple(lhs.indices)
+        elif isinstance(lhs, sp.Symbol) and not is_index(lhs):
+            tname, lhs_idx = lhs.name, ()
+        else:
+            raise SpecError(
+                f"the left side of {where(k)} requires a tensor like y[n, o] or a scalar name, "
+                f"got {sp.sstr(lhs)}"
+            )
+        if not _IDENT.match(tname):
+            raise SpecError(f"a tensor name requires an identifier, got {tname!r} in {where(k)}")
+        if tname in declared or tname in layer.hyper:
+            raise SpecError(
+                f"{where(k)} assigns {tname!r}, which requires a new name: it is declared as "
+                f"an argument or hyperparameter"
+            )
+        if tname in defined:
+            raise SpecError(
+                f"each tensor requires one defining equation, got {tname!r} assigned again in "
+                f"{where(k)}"
+            )
+        for p, ix in enumerate(lhs_idx):
+            if not is_index(ix):
+                raise SpecError(
+                    f"the left side of {where(k)} requires plain index symbols, got "
+                    f"{sp.sstr(ix)} at position {p + 1} of {tname}"
+                )
+        if len(set(lhs_idx)) != len(lhs_idx):
+            raise SpecError(
+                f"the left side of {where(k)} requires distinct indices, got {sp.sstr(lhs)}"
+            )
+        known = set(declared) | set(defined)
+        _check_expr(rhs, k, known, layer, ranks, has_ell, gather_consts)
+        free = free_indices(rhs)
+        extra = free - set(lhs_idx)
+        if extra:
+            names = ", ".join(sorted(s.name for s in extra))
+            raise SpecError(
+                f"index {names} in {where(k)} requires a place on the left side or a "
+                f"Sum(..., {names}) around it, got it on the right side only"
+            )
+        ranks[tname] = len(lhs_idx)
+        has_ell[tname] = ELL in lhs_idx
+        defined.append(tname)
+    return ranks, has_ell, defined, gather_consts
+
+
+def _check_uses(layer: Layer, declared, ranks: dict, defined: list) -> tuple[str, ...]:
+    """Every argument and hyperparameter used, every kept tensor and output defined; the
+    outputs."""
+    for n in layer.keep:
+        if n not in defined:
+            raise SpecError(f"keep names {n!r}, which requires a tensor defined by an equation")
+    for n in declared:
+        if n not in ranks:
+            raise SpecError(f"argument {n!r} requires a use in the equations, got none")
+    pad_widths = {w for info in layer.pad.values() for w in dict(info.get("axes", {})).values()}
+    in_formulas = {s.name for f in layer.dims.values() for s in sp.sympify(f).free_symbols}
+    for n in layer.hyper:
+        if n in pad_widths or n in layer.ranges.values() or n in in_formulas:
+            continue
+        if any(v == n for v in layer.hyper.values() if isinstance(v, str)):
+            continue
+        used = any(
+            sp.Symbol(n, real=True) in rhs.free_symbols or n in {s.name for s in rhs.free_symbols}
+            for _, rhs in layer.equations
+        )
+        if not used:
+            raise SpecError(f"hyperparameter {n!r} requires a use in the equations, got none")
+
+    outputs = layer.outputs if layer.outputs is not None else (defined[-1],)
+    if not outputs:
+        raise SpecError("a layer requires at least one output, got none")
+    for o in outputs:
+        if o not in defined:
+            raise SpecError(
+                f"output {o!r} requires a tensor defined by an equation; defined: "
+                f"{', '.join(defined)}"
+            )
+    return outputs
+
+
+def _a_normal_form(layer: Layer, declared, defined: list, ranks: dict, has_ell: dict) -> list:
+    """Each reduction inside an equation hoisted into an assignment of its own (A-normal form):
+    every assignment is elementwise over its free indices or one reduction of an elementwise
+    body. Records the new intermediates' ranks."""
+    taken = set(declared) | set(defined) | set(layer.hyper)
+    counter = [0]
+
+    def fresh() -> str:
+        while f"t{counter[0]}" in taken:
+            counter[0] += 1
+        name = f"t{counter[0]}"
+        taken.add(name)
+        counter[0] += 1
+        return name
+
+    assigns: list[Assign] = []
+    for k, (lhs, rhs) in enumerate(layer.equations):
+        tname = tensor_name(lhs) or lhs.name
+        lhs_idx = tuple(lhs.indices) if isinstance(lhs, sp.Indexed) else ()
+
+        def hoist(expr, context, k=k):
+            """Replace each reduction inside ``expr`` by a fresh intermediate."""
+            if isinstance(expr, _Reduction):
+                inner_context = tuple(context) + tuple(expr.indices)
+                body = hoist(expr.body, inner_context)
+                free = ordered(free_indices(body) - set(expr.indices), context)
+                name = fresh()
+                op = "sum" if isinstance(expr, IndexSum) else "max"
+                assigns.append(Assign(name, free, op, body, tuple(expr.indices), k))
+                ranks[name] = len(free)
+                has_ell[name] = ELL in free
+                return (
+                    sp.IndexedBase(name, real=True)[free] if free else sp.Symbol(name, real=True)
+                )
+            if not expr.args or isinstance(expr, (sp.Indexed, Size)):
+                return expr
+            return expr.func(*[hoist(a, context) for a in expr.args])
+
+        if isinstance(rhs, _Reduction) and set(free_indices(rhs)) == set(lhs_idx):
+            body = hoist(rhs.body, lhs_idx + tuple(rhs.indices))
+            op = "sum" if isinstance(rhs, IndexSum) else "max"
+            assigns.append(Assign(tname, lhs_idx, op, body, tuple(rhs.indices), k))
+        else:
+            assigns.append(Assign(tname, lhs_idx, "map", hoist(rhs, lhs_idx), (), k))
+    return assigns
+
+
+def _index_classes(layer: Layer, assigns: list, ranks: dict) -> tuple[dict, list, _UnionFind]:
+    """Which axes and indices must have one size (a union-find over them), and the affine
+    constraints on the others; the index symbols in affine positions, by equation."""
+    # Symbols used in an affine position are sized by constraints, not by equality: in
+    # y[b, i] = x[b, i + 1] - x[b, i], i ranges over one less than x's axis.
+    # An axis read through an affine position anywhere takes its plain reads as constraints
+    # too (gi[b, j] beside gi[b, H + j]: j ranges over part of the axis); every other axis of
+    # the tensor is an equality (x[n, c, t + k] and w[c, k] share C).
+    affine: dict[int, set] = {}
+    affine_axes: set[tuple[str, int]] = set()  # (tensor, axis) read affinely in some equation
+    for a in assigns:
+        for occ in occurrences(a.expr, ranks):
+            for p, ix in enumerate(occurrence_indices(occ)):
+                if is_affine(ix):
+                    affine.setdefault(a.scope, set()).update(position_symbols(ix))
+                    affine_axes.add((occurrence_name(occ), p))
+    constraints: list[tuple] = []  # (scope, symbol, tensor, axis, coeff, others, const)
+    uf = _UnionFind()
+    for a in assigns:
+        uf.find(("I", a.scope, ELL)) if ELL in a.all_indices else None
+        for p, ix in enumerate(a.indices):
+            uf.union(("T", a.target, p), ("I", a.scope, ix))
+        for occ in occurrences(a.expr, ranks):
+            oname = occurrence_name(occ)
+            for p, ix in enumerate(occurrence_indices(occ)):
+                if is_index(ix) and (oname, p) not in affine_axes:
+                    uf.union(("T", oname, p), ("I", a.scope, ix))
+                elif is_index(ix):
+                    constraints.append((a.scope, ix, oname, p, sp.S.One, (), sp.S.Zero))
+                elif isinstance(ix, sp.Indexed):  # a gather c[n, ...]: its own axes
+                    cname = tensor_name(ix)
+                    for q, jx in enumerate(ix.indices):
+                        uf.union(("T", cname, q), ("I", a.scope, jx))
+                else:
+                    terms, const = affine_terms(ix)
+                    for coeff, sym in terms:
+                        others = tuple((c, o) for c, o in terms if o != sym)
+                        constraints.append((a.scope, sym, oname, p, coeff, others, const))
+                        uf.find(("I", a.scope, sym))
+        for ix in a.reduce:
+            uf.find(("I", a.scope, ix))
+    for sym_name, hname in layer.ranges.items():
+        shape_dims = {d for dims in layer.shapes.values() for d in dims}
+        if hname not in layer.hyper and hname not in layer.dims and hname not in shape_dims:
+            raise SpecError(
+                f"the range of index {sym_name!r} requires a hyperparameter or a named "
+                f"dimension formula, got {hname!r}"
+            )
+        for key in [k for k in list(uf.parent) if k[0] == "I" and k[2].name == sym_name]:
+            uf.union(("H", hname), key)
+    for hname in set(layer.ranges.values()):  # a range named after an argument's dimension
+        for t, dims in layer.shapes.items():
+            for p, dname in enumerate(dims):
+                if dname == hname and t in ranks:
+                    uf.union(("H", hname), ("T", t, p))
+    # one shared batch shape for every '...'
+    ell_keys = [key for key in list(uf.parent) if key[0] == "I" and key[2] == ELL]
+    for key in ell_keys[1:]:
+        uf.union(ell_keys[0], key)
+    return affine, constraints, uf
+
+
+def _dimension_names(layer: Layer, assigns: list, ranks: dict, uf: _UnionFind) -> tuple:
+    """A name for each class of equal sizes: declared shapes first, then "..." for the batch
+    dimensions, then the index letter; and the dimension of each index in each equation."""
+    ell_keys = [key for key in list(uf.parent) if key[0] == "I" and key[2] == ELL]
+    names: dict = {}
+    for t, dims in layer.shapes.items():
+        if t not in ranks:
+            raise SpecError(f"shapes names {t!r}, which requires a tensor of the layer, got none")
+        if len(dims) != ranks[t]:
+            raise SpecError(
+                f"the shape of {t!r} requires {ranks[t]} dimension names (its rank in the "
+                f"equations), got {len(dims)}: {dims}"
+            )
+        for p, d in enumerate(dims):
+            root = uf.find(("T", t, p))
+            if root in names and names[root] != d:
+                raise SpecError(
+                    f"dimension {d!r} of {t!r} (position {p + 1}) and dimension "
+                    f"{names[root]!r} must be equal by the equations, which requires one name, "
+                    f"got two"
+                )
+            names[root] = d
+    for hname in set(layer.ranges.values()):
+        root = uf.find(("H", hname))
+        if root in names and names[root] != hname:
+            raise SpecError(
+                f"dimension {names[root]!r} and hyperparameter {hname!r} must be equal by the "
+                f"equations, which requires one name, got two"
+            )
+        names[root] = hname
+    if ell_keys:
+        root = uf.find(ell_keys[0])
+        if root in names and names[root] != "...":
+            raise SpecError(f"'...' requires the name '...', got {names[root]!r}")
+        names[root] = "..."
+    used_names = set(names.values())
+    for a in assigns:
+        for ix in a.all_indices:
+            root = uf.find(("I", a.scope, ix))
+            if root not in names:
+                base = ix.name.upper()
+                cand, n = base, 2
+                while cand in used_names:
+                    cand, n = f"{base}{n}", n + 1
+                names[root] = cand
+                used_names.add(cand)
+    for t in ranks:
+        for p in range(ranks[t]):
+            root = uf.find(("T", t, p))
+            if root not in names:  # an axis no index touches: the gathered axis of a table
+                base = f"{t}{p}".upper()
+                cand, n = base, 2
+                while cand in used_names:
+                    cand, n = f"{base}_{n}", n + 1
+                names[root] = cand
+                used_names.add(cand)
+
+    index_dims: dict = {}
+    for a in assigns:
+        for ix in a.all_indices:
+            index_dims[(a.scope, ix)] = names[uf.find(("I", a.scope, ix))]
+        for occ in occurrences(a.expr, ranks):
+            for ix in occurrence_indices(occ):
+                for s in position_symbols(ix):
+                    index_dims[(a.scope, s)] = names[uf.find(("I", a.scope, s))]
+    return names, index_dims
+
+
+def _tensor_infos(layer: Layer, ranks: dict, names: dict, uf: _UnionFind, gather_consts) -> dict:
+    """Each tensor's role, rank, dimension names and kind."""
+    tensors_: dict[str, TensorInfo] = {}
+    for t, r in ranks.items():
+        dims = tuple(names[uf.find(("T", t, p))] for p in range(r))
+        if t in layer.inputs:
+            role = "input"
+        elif t in layer.params:
+            role = "param"
+        elif t in layer.consts:
+            role = "const"
+        else:
+            role = "intermediate"
+        kind = "int" if (t in gather_consts or t in layer.int_consts) else "float"
+        tensors_[t] = TensorInfo(t, role, r, dims, kind)
+    for t in layer.masks:
+        if t not in layer.consts or tensors_[t].kind != "float":
+            raise SpecError(f"masks names {t!r}, which requires a floating-point constant")
+    return tensors_
+
+
+def _argument_pads(layer: Layer, declared, ranks: dict, zero_pads: dict) -> tuple[dict, dict]:
+    """The padding of arguments: declared pads and zero padding from negative offsets."""
+    pads: dict[str, dict[int, sp.Expr]] = {}
+    pad_values: dict[str, float] = {}
+    for t, info in layer.pad.items():
+        if t not in declared:
+            raise SpecError(f"pad names {t!r}, which requires an argument of the layer")
+        widths = {}
+        for axis, width in dict(info.get("axes", {})).items():
+            if not (isinstance(axis, int) and 0 <= axis < ranks[t]):
+                raise SpecError(f"pad of {t!r} requires axes in [0, {ranks[t]}), got {axis!r}")
+            if isinstance(width, str):
+                if width not in layer.hyper:
+                    raise SpecError(f"pad width of {t!r} requires a hyperparameter, got {width!r}")
+                widths[axis] = sp.Symbol(width, real=True)
+            else:
+                widths[axis] = sp.Integer(width)
+        pads[t] = widths
+        pad_values[t] = float(info.get("value", 0.0))
+    for t, widths in zero_pads.items():
+        pads.setdefault(t, {}).update(widths)
+        pad_values.setdefault(t, 0.0)
+    return pads, pad_values
+
+
+def _derived_sizes(
+    layer: Layer, declared, tensors_: dict, pads: dict, constraints: list, index_dims: dict
+):
+    """The size of each dimension no argument gives, from the affine constraints (the output
+    size of a convolution), and the run-time bounds on the sizes arguments give."""
+
+    def axis_size(t, p):
+        size = dim_symbol(tensors_[t].dims[p])
+        if p in pads.get(t, {}):
+            size = size + 2 * pads[t][p]
+        return size
+
+    # every dimension comes from an argument's shape, a hyperparameter, or affine constraints
+    provided = {d for t in declared for d in tensors_[t].dims} | set(layer.ranges.values())
+    by_dim: dict[str, list] = {}
+    for scope, sym, t, p, coeff, others, const in constraints:
+        by_dim.setdefault(index_dims[(scope, sym)], []).append((scope, t, p, coeff, others, const))
+    derived: dict[str, sp.Expr] = {d: f for d, f in layer.dims.items()}
+    bounds: list[tuple[str, sp.Expr]] = []
+    # a stacked dimension ("2*H") given by an argument whose base (H) no argument gives: the
+    # base is its quotient
+    for d in sorted(provided):
+        factor, _, base = d.partition("*")
+        if base and factor.isdigit() and base not in provided and base not in derived:
+            derived[base] = sp.floor(Dim(d) / int(factor))
+            provided = provided | {base}  # (_bind_shapes checks the multiple at run time)
+    pending = [d for d in by_dim if d not in provided]
+    known = set(provided)
+    while pending:
+        progress = False
+        for dname in list(pending):
+            cons = by_dim[dname]
+            needed = {index_dims[(sc, o)] for sc, _, _, _, others, _ in cons for _, o in others}
+            if not needed <= known:
+                continue
+            options = []
+            for scope, t, p, coeff, others, const in cons:
+                reach = sum(
+                    (c * (dim_symbol(index_dims[(scope, o)]) - 1) for c, o in others), sp.S.Zero
+                )
+                options.append(sp.floor((axis_size(t, p) - 1 - const - reach) / coeff) + 1)
+            derived[dname] = sp.Min(*options) if len(options) > 1 else options[0]
+            known.add(dname)
+            pending.remove(dname)
+            progress = True
+        if not progress:
+            raise SpecError(
+                f"the range of dimension {pending[0]!r} requires the sizes of the other indices "
+                f"in its affine positions, got a cycle"
+            )
+    # a size derived from one plain position is just that axis's size: one name, not two
+    aliases = {
+        d: f.name
+        for d, f in derived.items()
+        if isinstance(f, Dim) and d not in layer.dims and d not in layer.shapes.get("", ())
+    }
+    if aliases:
+        for d in aliases:
+            del derived[d]
+        index_dims = {key: aliases.get(v, v) for key, v in index_dims.items()}
+        by_dim = {aliases.get(d, d): cons for d, cons in by_dim.items() if d not in aliases}
+        tensors_ = {
+            t: dataclasses.replace(info, dims=tuple(aliases.get(x, x) for x in info.dims))
+            for t, info in tensors_.items()
+        }
+
+    def stacked(expr):  # "4*H" is four times H
+        reps = {}
+        for sym in expr.free_symbols:
+            factor, _, base = sym.name.partition("*")
+            if isinstance(sym, Dim) and base and factor.isdigit():
+                reps[sym] = int(factor) * Dim(base)
+        return expr.xreplace(reps)
+
+    for dname, cons in by_dim.items():
+        if dname in provided:
+            for scope, t, p, coeff, others, const in cons:
+                if any(index_dims[(scope, o)] in derived for _, o in others):
+                    continue  # implied: the derived size was chosen to satisfy it
+                reach = sum(
+                    (c * (dim_symbol(index_dims[(scope, o)]) - 1) for c, o in others), sp.S.Zero
+                )
+                bound = sp.floor((axis_size(t, p) - 1 - const - reach) / coeff) + 1
+                slack = sp.simplify(stacked(bound) - dim_symbol(dname))
+                if slack.is_nonnegative or (dname, bound) in bounds:
+                    continue  # always true, or already checked
+                bounds.append((dname, bound))
+    return derived, bounds, index_dims, tensors_, known
+
+
 def dim_symbol(name: str) -> sp.Symbol:
     """The symbol standing for the size of dimension ``name`` (a positive integer)."""
     return Dim(name)
@@ -907,7 +967,9 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
                     f"{expr.op_name} in {where} requires index symbols to reduce over, got "
                     f"{sp.sstr(ix)}"
                 )
-        _check_expr(expr.body, k, known, layer, ranks, has_ell, gather_consts, bound + expr.indices)
+        _check_expr(
+            expr.body, k, known, layer, ranks, has_ell, gather_consts, bound + expr.indices
+        )
         return
     if isinstance(expr, sp.Indexed):
         name = tensor_name(expr)
@@ -940,7 +1002,9 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
             _check_affine(ix, p, name, where, layer)
             continue
         if len(set(i for i in idx if is_index(i))) != len([i for i in idx if is_index(i)]):
-            raise SpecError(f"a tensor occurrence requires distinct indices, got {sp.sstr(expr)} in {where}")
+            raise SpecError(
+                f"a tensor occurrence requires distinct indices, got {sp.sstr(expr)} in {where}"
+            )
         return
     if isinstance(expr, sp.Symbol):
         if is_index(expr) or isinstance(expr, Dim):
@@ -958,7 +1022,9 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
         )
     if isinstance(expr, Size):
         if not is_index(expr.args[0]):
-            raise SpecError(f"Size in {where} requires an index symbol, got {sp.sstr(expr.args[0])}")
+            raise SpecError(
+                f"Size in {where} requires an index symbol, got {sp.sstr(expr.args[0])}"
+            )
         return
     if isinstance(expr, (sp.Number, sp.NumberSymbol)) or expr in (sp.true, sp.false):
         if expr.has(sp.zoo, sp.oo, sp.nan, -sp.oo) or (
@@ -973,11 +1039,18 @@ def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
                 f"sheet, got an unknown function"
             )
     elif isinstance(expr, (sp.Add, sp.Mul, sp.Pow, sp.Tuple)) or isinstance(
-        expr, (sp.core.relational.Relational, sp.logic.boolalg.BooleanFunction, sp.functions.elementary.piecewise.ExprCondPair)
+        expr,
+        (
+            sp.core.relational.Relational,
+            sp.logic.boolalg.BooleanFunction,
+            sp.functions.elementary.piecewise.ExprCondPair,
+        ),
     ):
         pass
     else:
-        raise SpecError(f"{where} requires known operations, got {type(expr).__name__}: {sp.sstr(expr)}")
+        raise SpecError(
+            f"{where} requires known operations, got {type(expr).__name__}: {sp.sstr(expr)}"
+        )
     for a in expr.args:
         _check_expr(a, k, known, layer, ranks, has_ell, gather_consts, bound)
 
@@ -1090,7 +1163,9 @@ def _padded_reads(assigns: list, layer: Layer, ranks: dict) -> tuple[list, dict]
                 if not is_affine(ix):
                     continue
                 _, const = affine_terms(ix)
-                below = -sum((t for t in sp.Add.make_args(const) if _negative(t, layer)), sp.S.Zero)
+                below = -sum(
+                    (t for t in sp.Add.make_args(const) if _negative(t, layer)), sp.S.Zero
+                )
                 if below == 0:
                     continue
                 where = f"index position {p + 1} of {name} in equation {a.scope + 1}"
@@ -1148,7 +1223,9 @@ def _check_rank(name, rank, ell, where, ranks, has_ell):
             f"{where} and {ranks[name]} before"
         )
     if name in has_ell and has_ell[name] != ell:
-        raise SpecError(f"tensor {name!r} requires '...' everywhere or nowhere, got both ({where})")
+        raise SpecError(
+            f"tensor {name!r} requires '...' everywhere or nowhere, got both ({where})"
+        )
     ranks[name] = rank
     has_ell[name] = bool(ell)
 
