@@ -153,93 +153,127 @@ def derive(layer: Layer | Spec) -> Derivation:
 
 
 def _derive(spec: Spec) -> Derivation:
-    tensors = dict(spec.tensors)
-    forward = list(spec.assigns)
-    all_names = set(tensors) | set(spec.hyper) | set(spec.dims)
+    return _Deriver(spec).run()
 
-    # which tensors depend on a differentiable argument (stop_gradient cuts the dependence)
-    needs = set(spec.args)
-    for a in forward:
-        live = _strip_stop_gradient(a.expr)
-        if any(occurrence_name(o) in needs for o in occurrences(live, tensors)):
-            needs.add(a.target)
-    for o in spec.outputs:
-        if o not in needs:
-            raise DeriveError(
-                f"output {o!r} requires a dependence on an input or parameter to be "
-                f"differentiated, got none"
-            )
 
-    # adjoint names: "d" + name, unless that collides with a user name
-    adjoints: dict[str, str] = {}
+class _Deriver:
+    """Reverse mode over a spec's straight-line program, one step per method: which tensors
+    need a gradient, arg-max masks for Max, long products split, function applications the
+    backward shares hoisted into the forward, then each assignment's local partials turned
+    into adjoint contributions in reverse order."""
 
-    def adjoint_name(t: str) -> str:
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.tensors = dict(spec.tensors)
+        self.forward = list(spec.assigns)
+        self.all_names = set(self.tensors) | set(spec.hyper) | set(spec.dims)
+        self.counter = 0
+        self.masks: dict[str, str] = {}
+        self.hoisted: dict[tuple[int, sp.Expr], sp.Expr] = {}
+        # which tensors depend on a differentiable argument (stop_gradient cuts the dependence)
+        self.needs = set(spec.args)
+        for a in self.forward:
+            live = _strip_stop_gradient(a.expr)
+            if any(occurrence_name(o) in self.needs for o in occurrences(live, self.tensors)):
+                self.needs.add(a.target)
+        for o in spec.outputs:
+            if o not in self.needs:
+                raise DeriveError(
+                    f"output {o!r} requires a dependence on an input or parameter to be "
+                    f"differentiated, got none"
+                )
+        # adjoint names: "d" + name, unless that collides with a user name
+        self.adjoints: dict[str, str] = {}
+        for t in self.tensors:
+            self.adjoints[t] = self.adjoint_name(t)
+
+    def run(self) -> Derivation:
+        self.add_argmax_masks()
+        split: list[Assign] = []
+        for a in self.forward:
+            a = self.split_products(a, split) if a.target in self.needs else a
+            split.append(a)
+        self.forward = split
+        partials = self.raw_partials()
+        if self.hoist_shared(partials):
+            partials = self.raw_partials()
+        backward = self.backward_program(partials)
+        return self.result(backward)
+
+    def adjoint_name(self, t: str) -> str:
         cand = f"d{t}"
-        while cand in all_names or cand in tensors or cand in adjoints.values():
+        while cand in self.all_names or cand in self.tensors or cand in self.adjoints.values():
             cand = f"grad_{cand}"
         return cand
 
-    for t in tensors:
-        adjoints[t] = adjoint_name(t)
+    def fresh(self) -> str:
+        while f"t{self.counter}" in self.tensors or f"t{self.counter}" in self.all_names:
+            self.counter += 1
+        name = f"t{self.counter}"
+        self.counter += 1
+        return name
+
+    def intermediate(self, name: str, idx: tuple, scope: int, differentiable: bool) -> None:
+        """Register a new intermediate tensor ``name`` over ``idx`` (of equation ``scope``)."""
+        dims = tuple(self.spec.index_dims[(scope, i)] for i in idx)
+        self.tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")
+        if differentiable:
+            self.needs.add(name)
+        self.adjoints[name] = self.adjoint_name(name)
 
     # ---- local partials ---------------------------------------------------------------------
-    def active_targets(forward):
+    def active_targets(self) -> set[str]:
         """Tensors whose adjoint is reached from an output (stop_gradient cuts the path)."""
-        active = set(spec.outputs)
-        for a in reversed(forward):
+        active = set(self.spec.outputs)
+        for a in reversed(self.forward):
             if a.target in active:
-                for o in occurrences(_strip_stop_gradient(a.expr), tensors):
-                    if occurrence_name(o) in needs:
+                for o in occurrences(_strip_stop_gradient(a.expr), self.tensors):
+                    if occurrence_name(o) in self.needs:
                         active.add(occurrence_name(o))
         return active
 
-    # a Max on the gradient path routes its gradient to the first arg-max: the forward
-    # records a mask of that position (an "argmax" assignment over all of the Max's indices)
-    masks: dict[str, str] = {}
-    active = active_targets(forward)
-    with_masks: list[Assign] = []
-    for a in forward:
-        with_masks.append(a)
-        if a.op == "max" and a.target in needs and a.target in active:
-            name = "argmax_" + a.target
-            while name in tensors or name in all_names:
-                name = "_" + name
-            idx = a.all_indices
-            dims = tuple(spec.index_dims[(a.scope, i)] for i in idx)
-            tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")
-            with_masks.append(Assign(name, idx, "argmax", a.expr, a.reduce, a.scope))
-            masks[a.target] = name
-    forward = with_masks
+    def add_argmax_masks(self) -> None:
+        """A Max on the gradient path routes its gradient to the first arg-max: the forward
+        records a mask of that position (an "argmax" assignment over all of the Max's
+        indices)."""
+        active = self.active_targets()
+        with_masks: list[Assign] = []
+        for a in self.forward:
+            with_masks.append(a)
+            if a.op == "max" and a.target in self.needs and a.target in active:
+                name = "argmax_" + a.target
+                while name in self.tensors or name in self.all_names:
+                    name = "_" + name
+                idx = a.all_indices
+                dims = tuple(self.spec.index_dims[(a.scope, i)] for i in idx)
+                self.tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")
+                with_masks.append(Assign(name, idx, "argmax", a.expr, a.reduce, a.scope))
+                self.masks[a.target] = name
+        self.forward = with_masks
 
-    def raw_partials(forward):
-        out = []  # (position, assign, occurrence, partial)
-        active = active_targets(forward)
-        for pos, a in enumerate(forward):
-            if a.target not in needs or a.target not in active or a.op == "argmax":
+    def raw_partials(self) -> list:
+        """``(position, assign, occurrence, partial)`` of every occurrence on a gradient path."""
+        out = []
+        active = self.active_targets()
+        for pos, a in enumerate(self.forward):
+            if a.target not in self.needs or a.target not in active or a.op == "argmax":
                 continue
-            for occ in occurrences(a.expr, tensors):
-                if occurrence_name(occ) not in needs:
+            for occ in occurrences(a.expr, self.tensors):
+                if occurrence_name(occ) not in self.needs:
                     continue
                 p = local_partial(a.expr, occ)
                 if a.op == "max":  # d max_J body / d body[J] = [J is the first arg-max]
-                    p = p * _indexed(masks[a.target], a.all_indices)
+                    p = p * _indexed(self.masks[a.target], a.all_indices)
                 if p != 0:
                     out.append((pos, a, occ, p))
         return out
 
-    counter = [0]
-
-    def fresh():
-        while f"t{counter[0]}" in tensors or f"t{counter[0]}" in all_names:
-            counter[0] += 1
-        name = f"t{counter[0]}"
-        counter[0] += 1
-        return name
-
     # ---- long products: the derivative of a product of k factors that depend on an argument
     # is a sum of k products of k - 1 factors (quadratic in k); split the product into named
     # partial products of at most MAX_FACTORS factors each, so every local partial stays small
-    def split_products(a: Assign, out: list) -> Assign:
+    def split_products(self, a: Assign, out: list) -> Assign:
+        needs, tensors = self.needs, self.tensors
+
         def long_products(node):
             if isinstance(node, sp.Piecewise):  # branch values stay inside their branch
                 return []
@@ -259,140 +293,132 @@ def _derive(spec: Spec) -> Derivation:
                 for chunk in chunks:
                     body = sp.Mul(*chunk)
                     idx = ordered(free_indices(body), a.all_indices)
-                    name = fresh()
-                    dims = tuple(spec.index_dims[(a.scope, i)] for i in idx)
-                    tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")
-                    needs.add(name)
-                    adjoints[name] = adjoint_name(name)
+                    name = self.fresh()
+                    self.intermediate(name, idx, a.scope, True)
                     out.append(Assign(name, idx, "map", body, (), a.scope))
                     live.append(_indexed(name, idx))
             done[node] = sp.Mul(*rest, *live)
         return dataclasses.replace(a, expr=a.expr.xreplace(done)) if done else a
 
-    split: list[Assign] = []
-    for a in forward:
-        a = split_products(a, split) if a.target in needs else a
-        split.append(a)
-    forward = split
-
-    partials = raw_partials(forward)
-
     # ---- hoist function applications the backward shares with the forward -------------------
-    hoisted: dict[tuple[int, sp.Expr], sp.Expr] = {}
+    def hoist_shared(self, partials: list) -> bool:
+        """Each function application of a forward assignment that its equation's partials read
+        too becomes an intermediate of its own; whether any did."""
+        new_forward: list[Assign] = []
+        for a in self.forward:
+            expr = a.expr
+            if a.target in self.needs:
+                same_scope = [p for (_, b, _, p) in partials if b.scope == a.scope]
+                for node in _function_nodes(expr, self.tensors):
+                    if a.op == "map" and node == expr:
+                        continue  # the whole right side: reused through the target itself
+                    if not any(p.has(node) for p in same_scope):
+                        continue
+                    key = (a.scope, node)
+                    if key not in self.hoisted:
+                        idx = ordered(free_indices(node), a.all_indices)
+                        name = self.fresh()
+                        self.intermediate(
+                            name, idx, a.scope, _depends(node, self.needs, self.tensors)
+                        )
+                        self.hoisted[key] = _indexed(name, idx)
+                        new_forward.append(Assign(name, idx, "map", node, (), a.scope))
+                    expr = expr.xreplace({node: self.hoisted[key]})
+            new_forward.append(dataclasses.replace(a, expr=expr))
+        self.forward = new_forward
+        return bool(self.hoisted)
 
-    new_forward: list[Assign] = []
-    for a in forward:
-        expr = a.expr
-        if a.target in needs:
-            same_scope = [p for (_, b, _, p) in partials if b.scope == a.scope]
-            for node in _function_nodes(expr, tensors):
-                if a.op == "map" and node == expr:
-                    continue  # the whole right side: reused through the target itself
-                if not any(p.has(node) for p in same_scope):
-                    continue
-                key = (a.scope, node)
-                if key not in hoisted:
-                    idx = ordered(free_indices(node), a.all_indices)
-                    name = fresh()
-                    dims = tuple(spec.index_dims[(a.scope, i)] for i in idx)
-                    tensors[name] = TensorInfo(name, "intermediate", len(idx), dims, "float")
-                    needs.add(name) if _depends(node, needs, tensors) else None
-                    adjoints[name] = adjoint_name(name)
-                    hoisted[key] = _indexed(name, idx)
-                    new_forward.append(Assign(name, idx, "map", node, (), a.scope))
-                expr = expr.xreplace({node: hoisted[key]})
-        new_forward.append(dataclasses.replace(a, expr=expr))
-    forward = new_forward
-    if hoisted:
-        partials = raw_partials(forward)
-
-    # reuse: the right side of a forward map assignment -> its target
-    reuse: dict[int, dict[sp.Expr, sp.Expr]] = {}
-    for a in forward:
-        if a.op == "map" and not isinstance(a.expr, (sp.Indexed, sp.Symbol, sp.Number)):
-            reuse.setdefault(a.scope, {})[a.expr] = _indexed(a.target, a.indices)
-    for (scope, node), ref in hoisted.items():
-        reuse.setdefault(scope, {})[node] = ref
-
-    # longest expressions first so an outer match wins over its inner parts
-    reuse_order = {
-        scope: sorted(table, key=lambda e: (-sp.count_ops(e), sp.default_sort_key(e)))
-        for scope, table in reuse.items()
-    }
-
-    def rewrite(p, scope):
-        table = reuse.get(scope, {})
-        for src in reuse_order.get(scope, ()):
-            p = p.xreplace({src: table[src]}) if p.has(src) else p
-            if src.is_Pow and not src.exp.is_integer:
-                p = _reuse_power(p, src, table[src])
-        return p
+    def reuse_tables(self):
+        """The right side of each forward map assignment -> its target (and each hoisted
+        application -> its intermediate), by equation, longest expressions first so an outer
+        match wins over its inner parts."""
+        reuse: dict[int, dict[sp.Expr, sp.Expr]] = {}
+        for a in self.forward:
+            if a.op == "map" and not isinstance(a.expr, (sp.Indexed, sp.Symbol, sp.Number)):
+                reuse.setdefault(a.scope, {})[a.expr] = _indexed(a.target, a.indices)
+        for (scope, node), ref in self.hoisted.items():
+            reuse.setdefault(scope, {})[node] = ref
+        order = {
+            scope: sorted(table, key=lambda e: (-sp.count_ops(e), sp.default_sort_key(e)))
+            for scope, table in reuse.items()
+        }
+        return reuse, order
 
     # ---- the backward program, in reverse order of the forward assignments -------------------
-    by_pos: dict[int, list] = {}
-    for pos, a, occ, p in partials:
-        by_pos.setdefault(pos, []).append((occ, p))
+    def backward_program(self, partials: list) -> list:
+        reuse, reuse_order = self.reuse_tables()
 
-    backward: list[Contribution] = []
-    started: set[str] = set(spec.outputs)
-    first_seen: set[str] = set()
-    for pos in range(len(forward) - 1, -1, -1):
-        a = forward[pos]
-        if a.target not in started or pos not in by_pos:
-            continue
-        dT = _indexed(adjoints[a.target], a.indices)
-        over = a.all_indices
-        for occ, p in by_pos[pos]:
-            A = occurrence_name(occ)
-            p = rewrite(p, a.scope)
-            body = dT if p == 1 else dT * p
-            lhs = occurrence_indices(occ)
-            reduce = tuple(i for i in over if i not in plain_indices(occ))
-            first = A not in first_seen and A not in spec.outputs
-            first_seen.add(A)
-            started.add(A)
-            backward.append(
-                Contribution(
-                    target=adjoints[A],
-                    tensor=A,
-                    lhs=lhs,
-                    body=body,
-                    reduce=reduce,
-                    over=over,
-                    scope=a.scope,
-                    first=first,
-                    source=pos,
-                    partial=p,
-                    occurrence=occ,
-                    outs=a.indices,
+        def rewrite(p, scope):
+            table = reuse.get(scope, {})
+            for src in reuse_order.get(scope, ()):
+                p = p.xreplace({src: table[src]}) if p.has(src) else p
+                if src.is_Pow and not src.exp.is_integer:
+                    p = _reuse_power(p, src, table[src])
+            return p
+
+        by_pos: dict[int, list] = {}
+        for pos, a, occ, p in partials:
+            by_pos.setdefault(pos, []).append((occ, p))
+        backward: list[Contribution] = []
+        started: set[str] = set(self.spec.outputs)
+        self.first_seen: set[str] = set()
+        for pos in range(len(self.forward) - 1, -1, -1):
+            a = self.forward[pos]
+            if a.target not in started or pos not in by_pos:
+                continue
+            dT = _indexed(self.adjoints[a.target], a.indices)
+            over = a.all_indices
+            for occ, p in by_pos[pos]:
+                A = occurrence_name(occ)
+                p = rewrite(p, a.scope)
+                reduce = tuple(i for i in over if i not in plain_indices(occ))
+                first = A not in self.first_seen and A not in self.spec.outputs
+                self.first_seen.add(A)
+                started.add(A)
+                backward.append(
+                    Contribution(
+                        target=self.adjoints[A],
+                        tensor=A,
+                        lhs=occurrence_indices(occ),
+                        body=dT if p == 1 else dT * p,
+                        reduce=reduce,
+                        over=over,
+                        scope=a.scope,
+                        first=first,
+                        source=pos,
+                        partial=p,
+                        occurrence=occ,
+                        outs=a.indices,
+                    )
                 )
-            )
+        return backward
 
-    grads = {n: (adjoints[n] if n in first_seen else None) for n in spec.args}
-
-    referenced: set[str] = set()
-    for c in backward:
-        for occ in occurrences(c.body, tensors):
-            referenced.add(occurrence_name(occ))
-        for ix in c.lhs:
-            if isinstance(ix, sp.Indexed):  # a gather's index tensor
-                referenced.add(occurrence_name(ix))
-    referenced |= set(spec.keep)
-    cached = tuple(
-        t
-        for t in list(spec.args) + list(spec.consts) + [a.target for a in forward]
-        if t in referenced
-    )
-    return Derivation(
-        spec=spec,
-        forward=forward,
-        backward=backward,
-        tensors=tensors,
-        adjoints=adjoints,
-        grads=grads,
-        cached=cached,
-        needs_grad=frozenset(needs),
-    )
+    def result(self, backward: list) -> Derivation:
+        spec = self.spec
+        grads = {n: (self.adjoints[n] if n in self.first_seen else None) for n in spec.args}
+        referenced: set[str] = set()
+        for c in backward:
+            for occ in occurrences(c.body, self.tensors):
+                referenced.add(occurrence_name(occ))
+            for ix in c.lhs:
+                if isinstance(ix, sp.Indexed):  # a gather's index tensor
+                    referenced.add(occurrence_name(ix))
+        referenced |= set(spec.keep)
+        cached = tuple(
+            t
+            for t in list(spec.args) + list(spec.consts) + [a.target for a in self.forward]
+            if t in referenced
+        )
+        return Derivation(
+            spec=spec,
+            forward=self.forward,
+            backward=backward,
+            tensors=self.tensors,
+            adjoints=self.adjoints,
+            grads=grads,
+            cached=cached,
+            needs_grad=frozenset(self.needs),
+        )
 
 
 def reuse_outputs(d: Derivation, keep=()) -> Derivation:
