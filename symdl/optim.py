@@ -571,7 +571,7 @@ def optimizer_latex(opt: Optimizer) -> dict[str, str]:
 
 def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
     """The complete, formatted and hash-stamped text of the generated module for ``opt``."""
-    from .codegen import _environment, format_source, stamp  # Jinja2 and ruff: only when rendering
+    from .codegen import environment, format_source, stamp  # Jinja2 and ruff: only when rendering
     from .runtime import Runtime
 
     em = _Emitter(opt)
@@ -666,7 +666,7 @@ def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
         "has_arrays": any(v == ZEROS for v in opt.state.values()),
         "helpers": rt.sources(),
     }
-    text = _environment().get_template("optimizer.py.j2").render(**context)
+    text = environment().get_template("optimizer.py.j2").render(**context)
     return stamp(format_source(text))
 
 

@@ -945,7 +945,8 @@ def sequence_source(
     """The complete text of the generated sequence module (nothing is written). ``options``
     switches scan optimizations (:data:`OPTIMIZATIONS`) and lowering ones
     (:data:`symdl.lower.OPTIMIZATIONS`) off or on."""
-    from .codegen import _environment, _shape_expr, bind_shapes, float_args, format_source, stamp
+    from .codegen import environment, format_source, stamp
+    from .prologue import bind_shapes, float_args, shape_expr
     from .derive import derive
     from .latex import backward_text, forward_text
     from .lower import OPTIMIZATIONS as LOWER_OPTIMIZATIONS
@@ -1026,7 +1027,7 @@ def sequence_source(
 
     def shape(ds, used):
         used.update(ds)
-        return _shape_expr(ds, dvar)
+        return shape_expr(ds, dvar)
 
     def shape_plus(ds, used):  # a leading "T + 1"
         text = shape((TIME_DIM,) + tuple(ds[1:]), used)
@@ -1341,7 +1342,7 @@ def sequence_source(
     body.append(f"return {outs[0] if len(outs) == 1 else _tuple(outs)}, cache")
     fdims = [d for d in dim_order if d in fused or d in bused]  # the cache keeps bdims
     pre += bind_shapes(rt, [(n, var[n], arg_dims[n]) for n in seq.args], fdims, dvar)
-    from .codegen import _int_formula
+    from .prologue import int_formula
 
     names = {d: dvar[d] for d in dim_order}
     seen_bounds = []
@@ -1355,8 +1356,8 @@ def sequence_source(
                     raise SpecError(
                         f"scan {seq.name!r}: a bound on {dname!r} requires bound sizes"
                     )
-            text = _int_formula(formula, names)
-            shown = _int_formula(formula, {k: k for k in names})
+            text = int_formula(formula, names)
+            shown = int_formula(formula, {k: k for k in names})
             pre.append(
                 f"if {dvar[dname]} > {text}:\n    raise ValueError("
                 f'f"{{NAME}}: dimension {dname!r} = {{{dvar[dname]}}} requires at most {shown} = '
@@ -1522,7 +1523,7 @@ def sequence_source(
         "helpers": rt.sources(),
         "extras": extras_,
     }
-    text = _environment().get_template("scan.py.j2").render(**context)
+    text = environment().get_template("scan.py.j2").render(**context)
     return stamp(format_source(text))
 
 
