@@ -2591,14 +2591,104 @@ def pass_effects(derivation: Derivation) -> list[tuple]:
 
 
 def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
+    """The pipeline of one layer: the derive stage's rewrites, the forward and the backward
+    lowered, the gradients returned, then the schedule and the module description."""
     spec = d.spec
-    if {**OPTIMIZATIONS, **(options or {})}["affine_cache"]:
-        d = cache_affine(d)
-    if {**OPTIMIZATIONS, **(options or {})}["output_reuse"]:
-        d = reuse_outputs(d, keep)
+    d = _derive_stage(d, {**OPTIMIZATIONS, **(options or {})}, keep)
     lw = Lowerer(d, options)
+    fwd = _forward_phase(lw, d)
+    forward_needs_dtype = lw.flags["dtype"]
+    d, same = _backward_phase(lw, d, keep)
+    grads = _gradients(lw, d, same)
+    bwd = lw.phase
+    for name in lw.special:  # None on the plain path: read only inside the branches
+        pattern = re.compile(rf"\b{re.escape(lw.var[name])}\b")
+        if any(pattern.search(ln.code) and ln.branches is None for ln in fwd.lines + bwd.lines):
+            raise _Unspecialized(name)
+    for o in spec.outputs:
+        bwd.dims.update(d.tensors[o].dims)
+    for n in spec.args:
+        bwd.dims.update(d.tensors[n].dims)
+    backward_needs_dtype = lw.flags["dtype"]
+    return _assemble(lw, d, fwd, bwd, grads, keep, forward_needs_dtype or backward_needs_dtype)
 
-    # forward
+
+def _assemble(lw, d, fwd, bwd, grads, keep, needs_dtype) -> Lowered:
+    """What is cached, the fused and blocked schedule of both functions, and the module
+    description."""
+    spec = d.spec
+
+    def info(n):
+        t = d.tensors[n]
+        return ArgInfo(n, lw.var[n], t.kind, t.dims, t.role)
+
+    has_ell = any("..." in d.tensors[n].dims for n in list(spec.args) + list(spec.consts))
+    cache = [(n, lw.var[n]) for n in d.cached]
+    if lw.matrices:  # windows kept as matrices: their bases only where the backward reads them
+        code = "\n".join(ln.code for ln in bwd.lines if not ln.code.lstrip().startswith("#"))
+        code += "\n" + "\n".join(text for _, text in grads)
+
+        def read(var):
+            return re.search(rf"\b{re.escape(var)}\b", code) is not None
+
+        bases = set(lw.matrix_base.values())
+        cache = [(n, v) for n, v in cache if n not in bases or n in spec.keep or read(v)]
+        cache += [(v, v) for v, _ in lw.matrices.values() if read(v)]
+    cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
+    if lw.options["fuse"]:  # write into dead buffers: never cached, returned or caller-owned
+        kept = {v for _, v in cache} | {lw.var[o] for o in spec.outputs}
+        finish(fwd.lines, kept, lw.shapes, lw.options["temporary_slices"])
+        returned = {w for _, text in grads for w in re.findall(r"[A-Za-z_]\w*", text)}
+        returned |= {lw.var[d.adjoints[o]] for o in spec.outputs} | {lw.v(a) for a in keep}
+        finish(bwd.lines, returned, lw.shapes, lw.options["temporary_slices"])
+        # long chains over large arrays: block by block in cache (after the buffers are chosen)
+        hoist = lw.options["hoist"]
+        if lw.options["blocked"] and (block(fwd.lines, hoist) | block(bwd.lines, hoist)):
+            lw.helpers.add("_cache_blocks")
+            code = "\n".join(ln.code for ln in fwd.lines + bwd.lines) + str(grads)
+            if "_sigmoid(" not in code:  # (its passes written out in the blocks)
+                lw.helpers.discard("_sigmoid")
+    dims_order = [x for x in spec.dims]
+    return Lowered(
+        derivation=d,
+        args=[info(n) for n in spec.args],
+        consts=[info(n) for n in spec.consts],
+        hyper=[(n, lw.var[n], v) for n, v in spec.hyper.items()],
+        outputs=[(o, lw.var[o], d.tensors[o].dims) for o in spec.outputs],
+        dim_vars=lw.dim_vars,
+        forward=fwd.lines,
+        backward=bwd.lines,
+        forward_dims=[x for x in dims_order if x in fwd.dims],
+        backward_dims=[x for x in dims_order if x in bwd.dims],
+        cache=cache,
+        grads=grads,
+        dout_vars=[lw.var[d.adjoints[o]] for o in spec.outputs],
+        helpers=set(lw.helpers),
+        needs_dtype=needs_dtype,
+        has_ell=has_ell,
+        index_ranges=dict(spec.gathers),
+        deferred=set(lw.deferred),
+        adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
+        tensor_vars={n: lw.var[n] for n in d.tensors},
+    )
+
+
+
+def _derive_stage(d: Derivation, options: dict, keep=()) -> Derivation:
+    """The passes of the derive stage that rewrite the derivation as a whole (see
+    :mod:`symdl.passes`): cached values in the form the backward reads them, then the backward
+    through later forward values."""
+    if options["affine_cache"]:
+        d = cache_affine(d)
+    if options["output_reuse"]:
+        d = reuse_outputs(d, keep)
+    return d
+
+
+def _forward_phase(lw: Lowerer, d: Derivation) -> _Phase:
+    """The forward's statements, each assignment lowered knowing which tensors are dead after
+    it."""
+    spec = d.spec
     lw.phase = _Phase()
     live = set(spec.outputs) | set(d.cached) | set(spec.args) | set(spec.consts)
     dead_after = []
@@ -2614,9 +2704,14 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
     fwd = lw.phase
     for o in spec.outputs:
         fwd.dims.update(d.tensors[o].dims)
-    forward_needs_dtype = lw.flags["dtype"]
 
-    # backward
+    return fwd
+
+
+def _backward_phase(lw: Lowerer, d: Derivation, keep=()) -> tuple[Derivation, dict]:
+    """The backward's statements: contributions merged, shared factors and duplicate adjoints
+    found, stacked and tiled adjoints, scatters moved later; the derivation as lowered and the
+    duplicate adjoints (name -> the adjoint it equals)."""
     lw.phase = _Phase()
     lw.in_forward = False
     lw.views = {}
@@ -2676,6 +2771,13 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
                 lw.lower_contribution(c, defined)
         for dup in complete.get(k, ()):  # the same array under the duplicate's name
             lw.alias[lw.var[dup]] = lw.v(same[dup])
+    return d, same
+
+
+def _gradients(lw: Lowerer, d: Derivation, same: dict) -> list:
+    """``(argument, text)`` of each gradient returned: zeros where none flows, a copy where two
+    arguments share one array, padded axes cropped back."""
+    spec = d.spec
     grads = []
     returned: set[str] = set()
     for n in spec.args:
@@ -2703,71 +2805,7 @@ def _lower(d: Derivation, options: dict | None = None, keep=()) -> Lowered:
                     parts.pop()
                 text = f"{text}[{', '.join(parts)}]"
             grads.append((n, text))
-    bwd = lw.phase
-    for name in lw.special:  # None on the plain path: read only inside the branches
-        pattern = re.compile(rf"\b{re.escape(lw.var[name])}\b")
-        if any(pattern.search(ln.code) and ln.branches is None for ln in fwd.lines + bwd.lines):
-            raise _Unspecialized(name)
-    for o in spec.outputs:
-        bwd.dims.update(d.tensors[o].dims)
-    for n in spec.args:
-        bwd.dims.update(d.tensors[n].dims)
-    backward_needs_dtype = lw.flags["dtype"]
-
-    def info(n):
-        t = d.tensors[n]
-        return ArgInfo(n, lw.var[n], t.kind, t.dims, t.role)
-
-    has_ell = any("..." in d.tensors[n].dims for n in list(spec.args) + list(spec.consts))
-    cache = [(n, lw.var[n]) for n in d.cached]
-    if lw.matrices:  # windows kept as matrices: their bases only where the backward reads them
-        code = "\n".join(ln.code for ln in bwd.lines if not ln.code.lstrip().startswith("#"))
-        code += "\n" + "\n".join(text for _, text in grads)
-
-        def read(var):
-            return re.search(rf"\b{re.escape(var)}\b", code) is not None
-
-        bases = set(lw.matrix_base.values())
-        cache = [(n, v) for n, v in cache if n not in bases or n in spec.keep or read(v)]
-        cache += [(v, v) for v, _ in lw.matrices.values() if read(v)]
-    cache += [(n, lw.var[n]) for n in spec.hyper if n in bwd.hyper]
-    if lw.options["fuse"]:  # write into dead buffers: never cached, returned or caller-owned
-        kept = {v for _, v in cache} | {lw.var[o] for o in spec.outputs}
-        finish(fwd.lines, kept, lw.shapes, lw.options["temporary_slices"])
-        returned = {w for _, text in grads for w in re.findall(r"[A-Za-z_]\w*", text)}
-        returned |= {lw.var[d.adjoints[o]] for o in spec.outputs} | {lw.v(a) for a in keep}
-        finish(bwd.lines, returned, lw.shapes, lw.options["temporary_slices"])
-        # long chains over large arrays: block by block in cache (after the buffers are chosen)
-        hoist = lw.options["hoist"]
-        if lw.options["blocked"] and (block(fwd.lines, hoist) | block(bwd.lines, hoist)):
-            lw.helpers.add("_cache_blocks")
-            code = "\n".join(ln.code for ln in fwd.lines + bwd.lines) + str(grads)
-            if "_sigmoid(" not in code:  # (its passes written out in the blocks)
-                lw.helpers.discard("_sigmoid")
-    dims_order = [x for x in spec.dims]
-    return Lowered(
-        derivation=d,
-        args=[info(n) for n in spec.args],
-        consts=[info(n) for n in spec.consts],
-        hyper=[(n, lw.var[n], v) for n, v in spec.hyper.items()],
-        outputs=[(o, lw.var[o], d.tensors[o].dims) for o in spec.outputs],
-        dim_vars=lw.dim_vars,
-        forward=fwd.lines,
-        backward=bwd.lines,
-        forward_dims=[x for x in dims_order if x in fwd.dims],
-        backward_dims=[x for x in dims_order if x in bwd.dims],
-        cache=cache,
-        grads=grads,
-        dout_vars=[lw.var[d.adjoints[o]] for o in spec.outputs],
-        helpers=set(lw.helpers),
-        needs_dtype=forward_needs_dtype or backward_needs_dtype,
-        has_ell=has_ell,
-        index_ranges=dict(spec.gathers),
-        deferred=set(lw.deferred),
-        adjoint_vars={c.target: lw.v(c.target) for c in d.backward},
-        tensor_vars={n: lw.var[n] for n in d.tensors},
-    )
-
+    return grads
 
 def _ordered_product(text: str, out: str) -> str | None:
     """``(a @ b).transpose(...)`` (a stack of matrix products, its result axes permuted) as
