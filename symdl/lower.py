@@ -1526,55 +1526,9 @@ class Lowerer:
             return
         frame = plain_indices(occ)
         if c.target in self.tiled and var not in self.alias:  # one block, assigned once
-            if c.first:
-                self.flags["dtype"] = True
-                self.emit(f"{var} = np.empty({self.shape_of(c.tensor)}, dtype=dtype)")
-                self.owned.add(var)
-            slices = self.window_slices(c.tensor, list(occ.indices), {}, c.scope)
-            target = f"{var}[{', '.join(slices)}]"
-            text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
-            free = tuple(s for ix in occ.indices for s in position_symbols(ix))
-            held = self.memo.get(text) if self.options["share"] else None
-            if held is not None or text.isidentifier() or tuple(frame) != free:
-                self.emit(f"{target} = {self.align(held or text, tuple(frame), free)}", comment)
-            else:
-                self.emit(_assign_into(target, text), comment)
-                self.memo[text] = target
+            self.scatter_tiled(c, var, comment, frame)
             return
-        red = tuple(i for i in c.over if i not in frame)
-        positions = list(occ.indices)
-        loop: list = []
-        for ix in positions:
-            syms = position_symbols(ix)
-            if is_affine(ix) and len(syms) > 1:
-                terms, _ = affine_terms(ix)
-                # h in h*D + d picks a block: loop over the blocks, slice within one; else
-                # slice along the output index (i in stride*i + p) and loop over the rest
-                blocks = [s for coeff, s in terms if any(isinstance(f, Dim) for f in coeff.free_symbols)]
-                inner = [s for s in syms if s not in blocks]
-                if blocks and len(inner) == 1:
-                    primary = inner[0]
-                else:
-                    primary = next((s for s in syms if s in c.outs), syms[0])
-                loop += [s for s in syms if s != primary and s not in loop]
-        free = [s for ix in positions for s in position_symbols(ix) if s not in loop]
-        simple = len(free) == len(set(free)) and all(
-            not isinstance(ix, sp.Indexed)
-            and len([s for s in position_symbols(ix) if s not in loop]) <= 1
-            for ix in positions
-        )
-        offsets = self.options["offset_scatter"] and simple and bool(loop)
-        if offsets:
-            # the kernel offsets outermost among the window's symbols: each offset's slice of
-            # the values is a contiguous block, and a contraction yields them in that order
-            rest = [s for s in frame if s not in loop]
-            cut = next(
-                (k for k, s in enumerate(rest) if any(
-                    s in position_symbols(ix) and set(position_symbols(ix)) & set(loop)
-                    for ix in positions)),
-                len(rest),
-            )
-            frame = tuple(rest[:cut]) + tuple(s for s in frame if s in loop) + tuple(rest[cut:])
+        red, positions, loop, free, simple, offsets, frame = self.scatter_plan(c, frame)
         per_offset = offsets and not red and self.offset_ok(c.body, loop, c.scope)
         loop_syms: dict = {}
         for s in loop:  # one name per index, reused by every loop over it
@@ -1662,6 +1616,124 @@ class Lowerer:
             self.alias.pop(var, None)
             self.owned.add(var)
 
+    def scatter_tiled(self, c: Contribution, var: str, comment: str, frame: tuple):
+        """A contribution that writes one block of an adjoint its contributions tile (see
+        tiles()): the block assigned once, ``out=`` its slice where the values allow."""
+        occ = c.occurrence
+        if c.first:
+            self.flags["dtype"] = True
+            self.emit(f"{var} = np.empty({self.shape_of(c.tensor)}, dtype=dtype)")
+            self.owned.add(var)
+        slices = self.window_slices(c.tensor, list(occ.indices), {}, c.scope)
+        target = f"{var}[{', '.join(slices)}]"
+        text = self.full(self.elementwise(c.body, frame, c.scope), c.body, frame, c.scope)
+        free = tuple(s for ix in occ.indices for s in position_symbols(ix))
+        held = self.memo.get(text) if self.options["share"] else None
+        if held is not None or text.isidentifier() or tuple(frame) != free:
+            self.emit(f"{target} = {self.align(held or text, tuple(frame), free)}", comment)
+        else:
+            self.emit(_assign_into(target, text), comment)
+            self.memo[text] = target
+
+    def scatter_plan(self, c: Contribution, frame: tuple):
+        """How a window adjoint is added: the summed indices, the positions, the kernel offsets
+        looped over, the other symbols, whether each position is a plain slice (else one
+        np.add.at), whether the offsets go outermost, and the values' frame."""
+        occ = c.occurrence
+        red = tuple(i for i in c.over if i not in frame)
+        positions = list(occ.indices)
+        loop: list = []
+        for ix in positions:
+            syms = position_symbols(ix)
+            if is_affine(ix) and len(syms) > 1:
+                terms, _ = affine_terms(ix)
+                # h in h*D + d picks a block: loop over the blocks, slice within one; else
+                # slice along the output index (i in stride*i + p) and loop over the rest
+                blocks = [s for coeff, s in terms if any(isinstance(f, Dim) for f in coeff.free_symbols)]
+                inner = [s for s in syms if s not in blocks]
+                if blocks and len(inner) == 1:
+                    primary = inner[0]
+                else:
+                    primary = next((s for s in syms if s in c.outs), syms[0])
+                loop += [s for s in syms if s != primary and s not in loop]
+        free = [s for ix in positions for s in position_symbols(ix) if s not in loop]
+        simple = len(free) == len(set(free)) and all(
+            not isinstance(ix, sp.Indexed)
+            and len([s for s in position_symbols(ix) if s not in loop]) <= 1
+            for ix in positions
+        )
+        offsets = self.options["offset_scatter"] and simple and bool(loop)
+        if offsets:
+            # the kernel offsets outermost among the window's symbols: each offset's slice of
+            # the values is a contiguous block, and a contraction yields them in that order
+            rest = [s for s in frame if s not in loop]
+            cut = next(
+                (k for k, s in enumerate(rest) if any(
+                    s in position_symbols(ix) and set(position_symbols(ix)) & set(loop)
+                    for ix in positions)),
+                len(rest),
+            )
+            frame = tuple(rest[:cut]) + tuple(s for s in frame if s in loop) + tuple(rest[cut:])
+        return red, positions, loop, free, simple, offsets, frame
+
+    def gather_form(self, c: Contribution):
+        """The parts of a contribution that :meth:`gather_affine` lowers as a gather, as
+        ``(info, pads, slot, const, w, i, a_factors, b_factors, a_idx, rows)``; None when it
+        does not have that form."""
+        occ, scope = c.occurrence, c.scope
+        if not isinstance(occ, sp.Indexed) or c.target in self.regions or ELL in c.over:
+            return None
+        info = self.tensors[c.tensor]
+        pads = self.spec.pads.get(c.tensor, {})
+        slot, seen = None, set()
+        for p, ix in enumerate(occ.indices):
+            if is_index(ix):
+                if p in pads or self.spec.index_dims.get((scope, ix)) != info.dims[p] or ix in seen:
+                    return None
+                seen.add(ix)
+            elif isinstance(ix, sp.Indexed) or slot is not None:
+                return None
+            else:
+                slot = p
+        if slot is None:
+            return None
+        terms, const = affine_terms(occ.indices[slot])
+        syms = [sym for _, sym in terms]
+        if (
+            len(terms) != 2
+            or any(coeff != 1 for coeff, _ in terms)
+            or set(syms) & seen
+            or any(is_index(s) for s in const.free_symbols)
+        ):
+            return None
+        if any(occurrence_name(o) in self.argidx for o in occurrences(c.body, self.arrays)):
+            return None
+        factors = sp.Mul.make_args(c.body)
+        # the offset: an index the forward assignment sums over (a kernel offset) first
+        for w, i in sorted([syms, syms[::-1]], key=lambda pair: pair[0] in c.outs):
+            a_factors = [f for f in factors if w in free_indices(f)]
+            a_idx = set().union(*(free_indices(f) for f in a_factors))
+            b_factors = [f for f in factors if not free_indices(f) <= a_idx]
+            b_idx = set().union(*(free_indices(f) for f in b_factors))
+            if a_factors and i in b_idx and w not in b_idx:
+                break
+        else:
+            return None
+        a_factors = [f for f in factors if f not in b_factors]
+        # one stack of matrix-vector products: nothing summed besides the offsets (a
+        # convolution's dx, summed over channels too, keeps the scatter of one matrix
+        # product's values: faster there), every index of the adjoint in the window, the band
+        # over the window's indices only, and one index (the rows) the band does not carry
+        lhs_plain = [ix for ix in occ.indices if is_index(ix)]
+        rows = [ix for ix in lhs_plain if ix not in a_idx]
+        if c.reduce or not set(lhs_plain) <= b_idx or not a_idx <= set(lhs_plain) | {i, w}:
+            return None
+        if i not in a_idx:
+            rows.append(None)  # the adjoint's own position: the band does not vary along it
+        if not rows:
+            return None
+        return info, pads, slot, const, w, i, a_factors, b_factors, a_idx, rows
+
     def gather_affine(self, c: Contribution, var: str, comment: str) -> bool:
         """The adjoint of a sliding read ``x[n, i + w + k, d]`` (one position the sum of two
         indices with unit coefficients, every other a plain index) as a gather: with ``s`` the
@@ -1673,58 +1745,11 @@ class Lowerer:
         the offsets gives the adjoint (before: one slice-add over the whole adjoint per
         offset). Out-of-range positions read the zero padding. Returns False (nothing
         emitted) when the contribution does not have that form."""
+        form = self.gather_form(c)
+        if form is None:
+            return False
+        info, pads, slot, const, w, i, a_factors, b_factors, a_idx, rows = form
         occ, scope = c.occurrence, c.scope
-        if not isinstance(occ, sp.Indexed) or c.target in self.regions or ELL in c.over:
-            return False
-        info = self.tensors[c.tensor]
-        pads = self.spec.pads.get(c.tensor, {})
-        slot, seen = None, set()
-        for p, ix in enumerate(occ.indices):
-            if is_index(ix):
-                if p in pads or self.spec.index_dims.get((scope, ix)) != info.dims[p] or ix in seen:
-                    return False
-                seen.add(ix)
-            elif isinstance(ix, sp.Indexed) or slot is not None:
-                return False
-            else:
-                slot = p
-        if slot is None:
-            return False
-        terms, const = affine_terms(occ.indices[slot])
-        syms = [sym for _, sym in terms]
-        if (
-            len(terms) != 2
-            or any(coeff != 1 for coeff, _ in terms)
-            or set(syms) & seen
-            or any(is_index(s) for s in const.free_symbols)
-        ):
-            return False
-        if any(occurrence_name(o) in self.argidx for o in occurrences(c.body, self.arrays)):
-            return False
-        factors = sp.Mul.make_args(c.body)
-        # the offset: an index the forward assignment sums over (a kernel offset) first
-        for w, i in sorted([syms, syms[::-1]], key=lambda pair: pair[0] in c.outs):
-            a_factors = [f for f in factors if w in free_indices(f)]
-            a_idx = set().union(*(free_indices(f) for f in a_factors))
-            b_factors = [f for f in factors if not free_indices(f) <= a_idx]
-            b_idx = set().union(*(free_indices(f) for f in b_factors))
-            if a_factors and i in b_idx and w not in b_idx:
-                break
-        else:
-            return False
-        a_factors = [f for f in factors if f not in b_factors]
-        # one stack of matrix-vector products: nothing summed besides the offsets (a
-        # convolution's dx, summed over channels too, keeps the scatter of one matrix
-        # product's values: faster there), every index of the adjoint in the window, the band
-        # over the window's indices only, and one index (the rows) the band does not carry
-        lhs_plain = [ix for ix in occ.indices if is_index(ix)]
-        rows = [ix for ix in lhs_plain if ix not in a_idx]
-        if c.reduce or not set(lhs_plain) <= b_idx or not a_idx <= set(lhs_plain) | {i, w}:
-            return False
-        if i not in a_idx:
-            rows.append(None)  # the adjoint's own position: the band does not vary along it
-        if not rows:
-            return False
         # sizes: the offsets (W), the read's index (T) and the adjoint's axis (S, padded)
         W = dim_symbol(self.spec.index_dims[(scope, w)])
         T = dim_symbol(self.spec.index_dims[(scope, i)])
