@@ -11,23 +11,18 @@ import ast
 import hashlib
 import os
 import subprocess
-from pathlib import Path
 
-import jinja2
 import sympy as sp
 from sympy.printing.str import StrPrinter
 
 from . import __version__
 from .cache import write_atomic  # noqa: F401 - re-exported: symdl.codegen.write_atomic
-from .derive import Derivation, derive
+from .derive import Derivation, backward_text, derive, forward_text
 from .errors import CodegenError
-from .latex import backward_text, formulas, forward_text
+from .latex import formulas
 from .lower import Lowered, lower
 from .runtime import Runtime, extras, snippet
-
-TEMPLATES = Path(__file__).resolve().parent / "templates"
-if not TEMPLATES.is_dir():  # a source checkout: templates/ beside the package
-    TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+from .templating import environment
 
 HASH_PREFIX = "# sha256: "
 
@@ -88,40 +83,9 @@ class _IntPrinter(StrPrinter):
         return text
 
 
-def _int_formula(expr, names) -> str:
+def int_formula(expr, names) -> str:
+    """An integer size formula as Python text (``floor(a/b)`` -> ``a // b``, ``Min`` -> ``min``)."""
     return _IntPrinter(names).doprint(expr)
-
-
-def _pyrepr(value) -> str:
-    return repr(value)
-
-
-def _rawstr(text: str) -> str:
-    if '"' not in text and not text.endswith("\\"):
-        return f'r"{text}"'
-    return repr(text)
-
-
-_ENVIRONMENT: jinja2.Environment | None = None
-
-
-def _environment() -> jinja2.Environment:
-    """The Jinja environment of the module templates, built once (templates are compiled on
-    first use and kept; a template file changed on disk is reloaded)."""
-    global _ENVIRONMENT
-    if _ENVIRONMENT is None:
-        env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-            undefined=jinja2.StrictUndefined,
-            autoescape=False,
-        )
-        env.filters["pyrepr"] = _pyrepr
-        env.filters["rawstr"] = _rawstr
-        _ENVIRONMENT = env
-    return _ENVIRONMENT
 
 
 def _const_call(rt, name: str, var: str, spec) -> str:
@@ -145,7 +109,7 @@ def _coefficient_hypers(spec) -> set[str]:
     return out
 
 
-def _shape_expr(dims, dim_vars, batch=False) -> str:
+def shape_expr(dims, dim_vars, batch=False) -> str:
     """The shape tuple of a tensor: ``(N, C, batch)`` flattened, or with ``batch=True`` the
     full shape ``(N, C) + batch_shape``."""
 
@@ -324,7 +288,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         pre.append(f"{dv['...']} = int(np.prod(batch_shape))")
         for a in bound:
             if "..." in a.dims:
-                pre.append(f"{a.var} = {a.var}.reshape({_shape_expr(a.dims, dv)})")
+                pre.append(f"{a.var} = {a.var}.reshape({shape_expr(a.dims, dv)})")
     for c in lowered.consts:
         if c.name in lowered.index_ranges:
             dim = lowered.index_ranges[c.name]
@@ -369,7 +333,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         if widths:
             pairs = []
             for p in range(len(a.dims)):
-                w = _int_formula(widths[p], names) if p in widths else "0"
+                w = int_formula(widths[p], names) if p in widths else "0"
                 pairs.append(f"({w}, {w})")
             value = spec.pad_values.get(a.name, 0.0)
             value_text = {float("-inf"): "-np.inf", float("inf"): "np.inf"}.get(value, repr(value))
@@ -379,28 +343,28 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         if c.name in lowered.deferred:
             continue  # filled by the statement that reads it, when it runs
         fill = repr(float(spec.optional[c.name]))
-        shape = _shape_expr(c.dims, dv)
+        shape = shape_expr(c.dims, dv)
         pre.append(f"if {c.var} is None:\n    {c.var} = np.full({shape}, {fill}, dtype=dtype)")
     for var, default, name in expr_defaults:
         text = _float_formula(default, names)
         pre.append(f"{var} = {text} if {var} is None else {number(rt, name, var, 'float')}")
     for dname, formula in spec.derived.items():
-        text = _int_formula(formula, names)
+        text = int_formula(formula, names)
         pre.append(f"{dv[dname]} = {text}")
-        shown = _int_formula(formula, {k: k for k in names})
+        shown = int_formula(formula, {k: k for k in names})
         pre.append(
             f"if {dv[dname]} < 1:\n    raise ValueError("
             f'f"{{NAME}}: dimension {dname!r} = {shown} = {{{dv[dname]}}} requires at least 1: '
             f'the window does not fit the input")'
         )
     for relation, message in spec.asserts:
-        text = _int_formula(relation, names)
+        text = int_formula(relation, names)
         pre.append(
             f"if not ({text}):\n    raise ValueError(f\"{{NAME}}: {message}\")"
         )
     for dname, formula in spec.bounds:
-        text = _int_formula(formula, names)
-        shown = _int_formula(formula, {k: k for k in names})
+        text = int_formula(formula, names)
+        shown = int_formula(formula, {k: k for k in names})
         pre.append(
             f"if {dv[dname]} > {text}:\n    raise ValueError("
             f'f"{{NAME}}: dimension {dname!r} = {{{dv[dname]}}} requires at most {shown} = '
@@ -415,7 +379,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         if not dims:
             reshapes.append(f"{var} = np.asarray({var}, dtype=dtype)")
         elif "..." in dims:
-            reshapes.append(f"{var} = {var}.reshape({_shape_expr(dims, dv, batch=True)})")
+            reshapes.append(f"{var} = {var}.reshape({shape_expr(dims, dv, batch=True)})")
         out_vars.append(var)
     # cache keys are the variables' own names, which never collide with "sizes" or "dtype"
     cache_items = [f'"{v}": {v}' for k, v in lowered.cache]
@@ -446,15 +410,15 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
     else:
         douts = ["dout"]
     for (name, var, dims), dvar, src in zip(lowered.outputs, lowered.dout_vars, douts):
-        shape = _shape_expr(dims, dv, batch=True) if dims else "()"
+        shape = shape_expr(dims, dv, batch=True) if dims else "()"
         bpre.append(f"{dvar} = " + rt.call("_check_dout", f'"{name}", {src}, {shape}, dtype'))
         if "..." in dims:
-            bpre.append(f"{dvar} = {dvar}.reshape({_shape_expr(dims, dv)})")
+            bpre.append(f"{dvar} = {dvar}.reshape({shape_expr(dims, dv)})")
 
     rets = []
     for (name, text), a in zip(lowered.grads, lowered.args):
         if "..." in a.dims:
-            text = f"{text}.reshape({_shape_expr(a.dims, dv, batch=True)})"
+            text = f"{text}.reshape({shape_expr(a.dims, dv, batch=True)})"
         rets.append(text)
     returns = rets[0] + "," if len(rets) == 1 else ", ".join(rets)
 
@@ -500,7 +464,7 @@ def module_source(lowered: Lowered, source: str, command: str) -> str:
         helpers=helpers,
         extras=extras_,
     )
-    text = _environment().get_template("module.py.j2").render(**context)
+    text = environment().get_template("module.py.j2").render(**context)
     text = format_source(text)
     return stamp(text)
 

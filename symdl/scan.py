@@ -40,7 +40,6 @@ from .passes import defaults
 from .spec import (
     Assign,
     Layer,
-    _names,
     check_module_name,
     free_indices,
     is_index,
@@ -50,6 +49,7 @@ from .spec import (
     ordered,
     tensor_name,
 )
+from .spec import split_names as _names
 
 TIME_DIM = "T"
 
@@ -945,13 +945,14 @@ def sequence_source(
     """The complete text of the generated sequence module (nothing is written). ``options``
     switches scan optimizations (:data:`OPTIMIZATIONS`) and lowering ones
     (:data:`symdl.lower.OPTIMIZATIONS`) off or on."""
-    from .codegen import _environment, _shape_expr, bind_shapes, float_args, format_source, stamp
-    from .derive import derive
-    from .latex import backward_text, forward_text
+    from .codegen import bind_shapes, float_args, format_source, stamp
+    from .codegen import shape_expr as _shape_expr
+    from .derive import backward_text, derive, forward_text
     from .lower import OPTIMIZATIONS as LOWER_OPTIMIZATIONS
     from .lower import _identifier
     from .printing import Namer
     from .runtime import Runtime, extras, snippet
+    from .templating import environment as _environment
 
     options = dict(options or {})
     unknown = set(options) - set(OPTIMIZATIONS) - set(LOWER_OPTIMIZATIONS)
@@ -1341,7 +1342,7 @@ def sequence_source(
     body.append(f"return {outs[0] if len(outs) == 1 else _tuple(outs)}, cache")
     fdims = [d for d in dim_order if d in fused or d in bused]  # the cache keeps bdims
     pre += bind_shapes(rt, [(n, var[n], arg_dims[n]) for n in seq.args], fdims, dvar)
-    from .codegen import _int_formula
+    from .codegen import int_formula as _int_formula
 
     names = {d: dvar[d] for d in dim_order}
     seen_bounds = []
@@ -1619,7 +1620,7 @@ def sequence_formulas(seq: Sequence, style: str = "partial", fold: bool = True) 
 
 def report(seq: Sequence) -> str:
     """Plain text for ``symdl show``: the scan, its split, and the derived gradients."""
-    from .latex import backward_text, forward_text
+    from .derive import backward_text, forward_text
 
     hoisted, step = seq.derivations()
     lines = [f"{seq.name}: {seq.doc}" if seq.doc else seq.name]
