@@ -16,7 +16,7 @@ _LAZY = {
     "SymdlError": (".errors", "SymdlError"),
     "generate": (".codegen", "generate_source"),
     "parse": (".parse", "parse_layer"),
-    "catalogue": (".layers", "catalogue"),
+    "catalogue": (".registry", "layers"),
     "gradcheck": (".testing", "gradcheck"),
 }
 

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import __version__
+from .templating import TEMPLATES
 
 ENV_DIR = "SYMDL_CACHE_DIR"
 ENV_OFF = "SYMDL_NO_CACHE"
@@ -89,8 +90,7 @@ def cache_dir() -> Path:
 
 
 def _templates() -> Path:
-    inside = PACKAGE / "templates"  # an installed package; a source checkout has them beside it
-    return inside if inside.is_dir() else PACKAGE.parent / "templates"
+    return TEMPLATES
 
 
 def _files_digest(root: Path, pattern: str, skip: tuple[str, ...] = ()) -> str:

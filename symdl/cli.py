@@ -11,11 +11,10 @@ import os
 import shlex
 import sys
 import time
-import types
 from pathlib import Path
 
-from . import __version__
-from .errors import SymdlError, UsageError, unknown_name
+from . import __version__, registry
+from .errors import SymdlError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -23,108 +22,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ENV_TRACEBACK = "SYMDL_TRACEBACK"
 
 
-def _catalogue():
-    from .layers import catalogue
-
-    return catalogue()
-
-
-def _source_of(layer) -> str:
-    from .layers import FAMILIES
-
-    for family in FAMILIES:
-        if layer in family.LAYERS:
-            return family.__name__.replace(".", "/") + ".py"
-    return f"the layer {layer.name!r}"
-
-
-def _optimizers():
-    from .optim import catalogue
-
-    return catalogue()
-
-
-def _sequences():
-    from .layers.sequences import catalogue
-
-    return catalogue()
-
-
-def _select(names, optimizers=False):
-    """Catalogue entries by name: layers and sequences (and optimizers when allowed)."""
-    layers = dict(_catalogue())
-    layers.update(_sequences())
-    if optimizers:
-        layers.update(_optimizers())
+def _entries(names) -> list:
+    """The catalogue entries ``names`` (none: all of them, in ``symdl list`` order)."""
     if not names:
-        return list(layers.values())
-    unknown = [n for n in names if n not in layers]
-    if unknown:
-        raise unknown_name("layer", unknown[0], layers, SymdlError)
-    return [layers[n] for n in names]
-
-
-def _is_optimizer(entry) -> bool:
-    from .optim import Optimizer
-
-    return isinstance(entry, Optimizer)
-
-
-def _is_sequence(entry) -> bool:
-    from .scan import Sequence
-
-    return isinstance(entry, Sequence)
-
-
-def load_module(source: str, name: str) -> types.ModuleType:
-    """Import generated module text (symdl's own output) as a module object."""
-    module = types.ModuleType(name)
-    module.__file__ = f"<symdl:{name}>"
-    exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - generated code
-    return module
-
-
-def _render(layer, command: str | None = None) -> str:
-    from .codegen import generate_source
-
-    if _is_optimizer(layer):
-        from .optim import optimizer_text
-
-        return optimizer_text(layer, command)
-    if _is_sequence(layer):
-        from .layers.sequences import SOURCE
-        from .scan import sequence_source
-
-        return sequence_source(layer, SOURCE, command or f"symdl generate {layer.name}")
-    return generate_source(layer, _source_of(layer), command or f"symdl generate {layer.name}")
-
-
-def _entry_source(layer) -> str:
-    """The ``source`` line :func:`_render` writes into a catalogue entry's header."""
-    if _is_optimizer(layer):
-        from .optim import SOURCE
-
-        return SOURCE
-    if _is_sequence(layer):
-        from .layers.sequences import SOURCE
-
-        return SOURCE
-    return _source_of(layer)
-
-
-def _render_cached(layer, use_cache: bool = True) -> str:
-    """:func:`_render` through the disk cache (symdl/cache.py): an unchanged layer is read back
-    instead of derived again."""
-    from . import cache
-
-    def parts():
-        return {
-            "entry": cache.canonical(layer),
-            "source": _entry_source(layer),
-            "command": f"symdl generate {layer.name}",
-        }
-
-    return cache.cached("generate", parts, lambda: (_render(layer), {}), use=use_cache)[0]
+        return list(registry.entries().values())
+    return [registry.get(n) for n in names]
 
 
 def _output_dir(path) -> Path:
@@ -149,69 +51,35 @@ def _os_message(err: OSError) -> str:
 
 
 def cmd_list(args) -> int:
-    for layer in _catalogue().values():
-        print(f"{layer.name:34s} {layer.doc}")
-    for seq in _sequences().values():
-        print(f"{seq.name:34s} {seq.doc}")
-    for opt in _optimizers().values():
-        print(f"{opt.name:34s} optimizer: {opt.doc}")
+    for entry in registry.entries().values():
+        print(f"{entry.name:34s} {entry.summary}")
     return EXIT_OK
 
 
 def _check_show_options(args, entry) -> None:
     """show's options that do not apply to ``entry`` are errors, never silently ignored."""
-    asked = [o for o in ("steps", "expand") if getattr(args, o)]
-    if args.stage not in (None, "derive", "code"):
+    kind = registry.kind(entry)
+    asked = [o for o in ("steps", "expand") if getattr(args, o) and o not in kind.tools]
+    if args.stage not in (None, *kind.stages):
         asked.append(f"stage {args.stage}")
-    if _is_sequence(entry) and asked:
-        hint = f"--{asked[0]}" + (" SIZES" if asked[0] == "expand" else "")
+    if asked:
         raise UsageError(
-            f"show --{asked[0]} requires a layer, got the sequence {entry.name!r} (a scan of "
-            f"the cell {entry.cell.name!r}: try 'symdl show {entry.cell.name} {hint}')"
-        )
-    if _is_optimizer(entry) and asked:
-        raise UsageError(
-            f"show --{asked[0]} requires a layer, got the optimizer {entry.name!r} (an update "
-            f"rule, nothing is derived: 'symdl show {entry.name}' prints it, --latex as LaTeX, "
-            f"--stage code its module)"
+            f"show --{asked[0]} requires a layer, got {kind.refusal(entry, asked[0])}"
         )
     if args.steps and args.expand:
         raise UsageError("show --steps and --expand require one at a time, got both")
     if (args.steps or args.expand) and args.stage is not None:
+        option = "steps" if args.steps else "expand"
         raise UsageError(
-            f"show --{asked[0]} requires no --stage (it has its own output), got --stage "
+            f"show --{option} requires no --stage (it has its own output), got --stage "
             f"{args.stage}"
         )
 
 
 def cmd_show(args) -> int:
-    from .derive import derive
-    from .latex import formulas
-
-    layer = _select([args.name], optimizers=True)[0]
-    _check_show_options(args, layer)
-    if _is_optimizer(layer):
-        from .optim import optimizer_latex
-
-        if args.stage == "code":
-            print(_render(layer), end="")
-        elif args.latex:
-            for key, tex in optimizer_latex(layer).items():
-                print(f"% {key}\n{tex}")
-        else:
-            print(_render(layer).split('r"""', 1)[1].split('"""', 1)[0].strip())
-        return EXIT_OK
-    if _is_sequence(layer):
-        from .scan import report, sequence_formulas
-
-        if args.stage == "code":
-            print(_render(layer), end="")
-        elif args.latex:
-            for key, tex in sequence_formulas(layer, style=args.notation).items():
-                print(f"% {key}\n{tex}")
-        else:
-            print(report(layer))
-        return EXIT_OK
+    entry = registry.get(args.name)
+    _check_show_options(args, entry)
+    layer = entry.definition
     if args.steps:
         from .steps import steps_latex, steps_text
 
@@ -232,12 +100,13 @@ def cmd_show(args) -> int:
             print(f"  [{a.op}{red}] {a.target}[{', '.join(i.name for i in a.indices)}] <- {a.expr}")
         return EXIT_OK
     if stage == "code":
-        print(_render(layer), end="")
+        print(registry.source(entry), end="")
         return EXIT_OK
-    d = derive(layer)
     if stage == "lower":
+        from .derive import derive
         from .lower import lower
 
+        d = derive(layer)
         low = lower(d)
         print("# forward")
         for line in low.forward:
@@ -248,10 +117,10 @@ def cmd_show(args) -> int:
         print(_pass_table(d))
         return EXIT_OK
     if args.latex:
-        for key, tex in formulas(d, style=args.notation).items():
+        for key, tex in registry.formulas(entry, style=args.notation).items():
             print(f"% {key}\n{tex}")
     else:
-        print(repr(d))
+        print(registry.text(entry))
     return EXIT_OK
 
 
@@ -285,7 +154,7 @@ def cmd_report(args) -> int:
             f"the output file requires a file name, got the directory {str(output)!r}"
         )
     path = write_report(output, args.names or None, fmt=fmt, style=args.notation)
-    n = len(args.names or _select([], optimizers=True))
+    n = len(_entries(args.names))
     print(f"symdl report: wrote {path} ({n} {'entry' if n == 1 else 'entries'}, {fmt})")
     return EXIT_OK
 
@@ -299,11 +168,11 @@ def cmd_generate(args) -> int:
         return is_hand_edited(text)
 
     out_dir = _output_dir(args.output)
-    layers = _select(args.names, optimizers=True)
+    chosen = _entries(args.names)
     start = time.perf_counter()
     rendered = {}
-    for layer in layers:  # render everything first: one failure writes nothing
-        rendered[layer.name] = _render_cached(layer, not args.no_cache)
+    for entry in chosen:  # render everything first: one failure writes nothing
+        rendered[entry.name] = registry.cached_source(entry, not args.no_cache)
     if args.check:
         stale = []
         for name, text in rendered.items():
@@ -355,22 +224,13 @@ def cmd_generate(args) -> int:
 def cmd_check(args) -> int:
     """Layers and sequences: a gradcheck against finite differences; optimizers: the generated
     step against the update equations evaluated one by one (symdl.testing.check_optimizer)."""
-    import numpy as np
-
-    from .testing import check_optimizer, gradcheck
-
     failed = 0
-    entries = _select(args.names, optimizers=True)
-    for entry in entries:
-        module = load_module(_render(entry), entry.name)
-        with np.errstate(all="ignore"):  # a failure is reported in the result line
-            if _is_optimizer(entry):
-                result = check_optimizer(module, entry, tol=args.tol)
-            else:
-                result = gradcheck(module, checks=entry.checks, tol=args.tol)
+    chosen = _entries(args.names)
+    for entry in chosen:
+        result = registry.check(entry, tol=args.tol)
         print(result)
         failed += not result.ok
-    print(f"symdl check: {len(entries) - failed} passed, {failed} failed")
+    print(f"symdl check: {len(chosen) - failed} passed, {failed} failed")
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -521,7 +381,7 @@ def _finish_derive(args, text: str, what: str) -> int:
     if args.check:
         import numpy as np
 
-        from .testing import gradcheck
+        from .testing import gradcheck, load_module
 
         module = load_module(text, args.name)
         values = _check_values(args, module)

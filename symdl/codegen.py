@@ -11,57 +11,20 @@ import ast
 import hashlib
 import os
 import subprocess
-from pathlib import Path
 
-import jinja2
 import sympy as sp
 
 from . import __version__
 from .cache import write_atomic  # noqa: F401 - re-exported: symdl.codegen.write_atomic
-from .derive import Derivation, derive
+from .derive import Derivation, backward_text, derive, forward_text
 from .errors import CodegenError
-from .latex import backward_text, formulas, forward_text
+from .latex import formulas
 from .lower import Lowered, lower
 from .prologue import backward_prologue, forward_epilogue, forward_prologue, shape_expr
 from .runtime import Runtime, extras, snippet
-
-TEMPLATES = Path(__file__).resolve().parent / "templates"
-if not TEMPLATES.is_dir():  # a source checkout: templates/ beside the package
-    TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+from .templating import environment
 
 HASH_PREFIX = "# sha256: "
-
-
-def _pyrepr(value) -> str:
-    return repr(value)
-
-
-def _rawstr(text: str) -> str:
-    if '"' not in text and not text.endswith("\\"):
-        return f'r"{text}"'
-    return repr(text)
-
-
-_ENVIRONMENT: jinja2.Environment | None = None
-
-
-def environment() -> jinja2.Environment:
-    """The Jinja environment of the module templates, built once (templates are compiled on
-    first use and kept; a template file changed on disk is reloaded)."""
-    global _ENVIRONMENT
-    if _ENVIRONMENT is None:
-        env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-            undefined=jinja2.StrictUndefined,
-            autoescape=False,
-        )
-        env.filters["pyrepr"] = _pyrepr
-        env.filters["rawstr"] = _rawstr
-        _ENVIRONMENT = env
-    return _ENVIRONMENT
 
 
 def module_source(lowered: Lowered, source: str, command: str) -> str:

@@ -25,6 +25,7 @@ import sympy as sp
 
 from .errors import DeriveError
 from .functions import stop_gradient
+from .printing import equation_text
 from .spec import (
     Assign,
     Layer,
@@ -69,7 +70,8 @@ class Contribution:
 @dataclasses.dataclass
 class Derivation:
     """The result of :func:`derive`: the forward program (with any hoisted intermediates),
-    the backward program, and the names that connect them."""
+    the backward program, and the names that connect them. Its ``repr`` is a plain-text report;
+    :func:`symdl.latex.formulas` gives the LaTeX and :func:`symdl.report.show` a notebook view."""
 
     spec: Spec
     forward: list[Assign]
@@ -88,14 +90,7 @@ class Derivation:
         return self.spec.name
 
     def __repr__(self) -> str:
-        from .latex import plain_report
-
         return plain_report(self)
-
-    def _repr_latex_(self) -> str:
-        from .latex import latex_report
-
-        return latex_report(self)
 
 
 def _indexed(name: str, idx: tuple) -> sp.Expr:
@@ -812,3 +807,62 @@ def _one_factor(expr, *reads):
     if len(holding) != 1:
         return None
     return sp.Mul(*[f for f in expr.args if f is not holding[0]]), holding[0]
+
+
+# ---- plain text (the repr; LaTeX is in symdl/latex.py, a later stage) -------------------------
+
+
+def _lhs_text(name, idx):
+    if not idx:
+        return name
+    return f"{name}[{', '.join(equation_text(i) for i in idx)}]"
+
+
+def forward_text(derivation: Derivation) -> list[str]:
+    """The layer's own equations, one line each."""
+    out = []
+    for lhs, rhs in derivation.spec.equations:
+        out.append(f"{equation_text(lhs)} = {equation_text(rhs)}")
+    return out
+
+
+def backward_text(derivation: Derivation) -> list[str]:
+    """The derived backward program, one line per statement (``=`` or ``+=``)."""
+    out = []
+    written = {c.target for c in derivation.backward}
+    for name, (adj, factor, idx) in derivation.scaled.items():
+        if name not in written:  # (substituted where it was read)
+            continue
+        held = equation_text(factor * sp.IndexedBase(adj, real=True)[idx])
+        out.append(f"({_lhs_text(name, idx)} stands for {held}, an adjoint held scaled)")
+    for c in derivation.backward:
+        body = equation_text(c.body)
+        if c.reduce:
+            idx = ", ".join(equation_text(i) for i in c.reduce)
+            body = f"Sum({body}, {idx if len(c.reduce) == 1 else '(' + idx + ')'})"
+        op = "=" if c.first else "+="
+        out.append(f"{_lhs_text(c.target, c.lhs)} {op} {body}")
+    return out
+
+
+def plain_report(derivation: Derivation) -> str:
+    """The derivation as text (its ``repr``): arguments, forward equations, derived gradients."""
+    spec = derivation.spec
+    lines = [f"{spec.name}: {spec.doc}" if spec.doc else spec.name]
+    shapes = spec.shapes()
+    lines.append("  arguments:")
+    for n in spec.args + spec.consts:
+        role = spec.tensors[n].role
+        lines.append(f"    {n} ({', '.join(shapes[n])})  {role}")
+    for n, v in spec.hyper.items():
+        if v is None or isinstance(v, type):
+            lines.append(f"    {n}  hyperparameter (required)")
+        elif isinstance(v, str):
+            lines.append(f"    {n} = {v} unless given  hyperparameter")
+        else:
+            lines.append(f"    {n} = {v}  hyperparameter")
+    lines.append("  forward:")
+    lines += [f"    {t}" for t in forward_text(derivation)]
+    lines.append("  backward (derived):")
+    lines += [f"    {t}" for t in backward_text(derivation)]
+    return "\n".join(lines)

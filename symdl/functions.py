@@ -164,7 +164,7 @@ for _cls in (sigmoid, softplus, relu, step, isfinite, xlogy, stop_gradient):
 # ---------------------------------------------------------------------------------------------
 
 
-class _Reduction(sp.Expr):
+class Reduction(sp.Expr):
     """A reduction of ``body`` over the index symbols ``indices`` (ranges come from shapes)."""
 
     is_commutative = True
@@ -201,14 +201,14 @@ class _Reduction(sp.Expr):
         return rf"{self.latex_op}_{{{idx}}} {body}"
 
 
-class IndexSum(_Reduction):
+class IndexSum(Reduction):
     """``Sum(body, i)``: the sum of ``body`` over every value of the index ``i``."""
 
     op_name = "Sum"
     latex_op = r"\sum"
 
 
-class IndexMax(_Reduction):
+class IndexMax(Reduction):
     """``Max(body, i)``: the maximum of ``body`` over the index ``i``."""
 
     op_name = "Max"

@@ -1,4 +1,4 @@
-"""Formulas of a derivation as LaTeX and as plain text.
+"""Formulas of a derivation as LaTeX (the plain text of a derivation is in symdl/derive.py).
 
 Adjoints are written ``\\frac{\\partial \\mathcal{L}}{\\partial x_{n,i}}`` (``adjoint="partial"``,
 the default) or ``\\bar{x}_{n,i}`` (``adjoint="bar"``).
@@ -6,14 +6,16 @@ the default) or ``\\bar{x}_{n,i}`` (``adjoint="bar"``).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import sympy as sp
 from sympy.printing.latex import LatexPrinter
 
-from .derive import Contribution, Derivation
-from .printing import equation_text
-from .spec import is_index
+if TYPE_CHECKING:  # a function of a derivation; derive itself never needs this module
+    from .derive import Contribution, Derivation
 
-_GREEK = {
+#: Names (or the part before an underscore) written as Greek letters: ``alpha`` -> ``\\alpha``.
+GREEK = {
     "alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa",
     "lambda", "mu", "nu", "xi", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi",
     "omega",
@@ -40,7 +42,7 @@ class SymdlLatexPrinter(LatexPrinter):
         if name in _SHORT_GREEK:
             return _SHORT_GREEK[name]
         base, _, sub = name.partition("_")
-        if base in _GREEK:
+        if base in GREEK:
             head = "\\" + base
         elif len(base) == 1:
             head = base
@@ -172,63 +174,8 @@ def formulas(derivation: Derivation, style: str = "partial") -> dict[str, str]:
     return out
 
 
-# ---- plain text --------------------------------------------------------------------------------
-
-
-def _lhs_text(name, idx):
-    if not idx:
-        return name
-    return f"{name}[{', '.join(equation_text(i) if is_index(i) else equation_text(i) for i in idx)}]"
-
-
-def forward_text(derivation: Derivation) -> list[str]:
-    out = []
-    for lhs, rhs in derivation.spec.equations:
-        out.append(f"{equation_text(lhs)} = {equation_text(rhs)}")
-    return out
-
-
-def backward_text(derivation: Derivation) -> list[str]:
-    out = []
-    written = {c.target for c in derivation.backward}
-    for name, (adj, factor, idx) in derivation.scaled.items():
-        if name not in written:  # (substituted where it was read)
-            continue
-        held = equation_text(factor * sp.IndexedBase(adj, real=True)[idx])
-        out.append(f"({_lhs_text(name, idx)} stands for {held}, an adjoint held scaled)")
-    for c in derivation.backward:
-        body = equation_text(c.body)
-        if c.reduce:
-            idx = ", ".join(equation_text(i) for i in c.reduce)
-            body = f"Sum({body}, {idx if len(c.reduce) == 1 else '(' + idx + ')'})"
-        op = "=" if c.first else "+="
-        out.append(f"{_lhs_text(c.target, c.lhs)} {op} {body}")
-    return out
-
-
-def plain_report(derivation: Derivation) -> str:
-    spec = derivation.spec
-    lines = [f"{spec.name}: {spec.doc}" if spec.doc else spec.name]
-    shapes = spec.shapes()
-    lines.append("  arguments:")
-    for n in spec.args + spec.consts:
-        role = spec.tensors[n].role
-        lines.append(f"    {n} ({', '.join(shapes[n])})  {role}")
-    for n, v in spec.hyper.items():
-        if v is None or isinstance(v, type):
-            lines.append(f"    {n}  hyperparameter (required)")
-        elif isinstance(v, str):
-            lines.append(f"    {n} = {v} unless given  hyperparameter")
-        else:
-            lines.append(f"    {n} = {v}  hyperparameter")
-    lines.append("  forward:")
-    lines += [f"    {t}" for t in forward_text(derivation)]
-    lines.append("  backward (derived):")
-    lines += [f"    {t}" for t in backward_text(derivation)]
-    return "\n".join(lines)
-
-
 def latex_report(derivation: Derivation) -> str:
+    """Every formula of ``derivation`` in one displayed LaTeX block."""
     f = formulas(derivation)
     body = r" \\ ".join(f.values())
     return rf"$\displaystyle \begin{{aligned}} {body.replace(' = ', ' &= ', 0)} \end{{aligned}}$".replace(

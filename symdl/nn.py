@@ -59,6 +59,7 @@ from types import ModuleType
 
 import numpy as np
 
+from .registry import GENERATED, entries
 from .testing import GradcheckResult
 
 __all__ = [
@@ -92,8 +93,9 @@ __all__ = [
 # ---- loading generated modules ----------------------------------------------------------------
 
 #: The repository's ``generated/`` folder, next to the ``symdl`` package (an editable install or
-#: a checkout); absent when symdl is installed from a wheel.
-PACKAGE_GENERATED = Path(__file__).resolve().parent.parent / "generated"
+#: a checkout), where the catalogue's modules are kept (symdl.registry.GENERATED); absent when
+#: symdl is installed from a wheel.
+PACKAGE_GENERATED = GENERATED
 
 _LOADED: dict[Path, ModuleType] = {}
 
@@ -137,9 +139,13 @@ def load(name: str | os.PathLike | ModuleType, directory: str | os.PathLike | No
                 _LOADED[key] = module
             return _LOADED[key]
     looked = ", ".join(str(p) for p in candidates)
+    if stem in entries():
+        how = f"`symdl generate {stem} -o DIR`"
+    else:
+        how = f"`symdl derive {stem} EQUATIONS ... -o DIR` ({stem!r} is not in `symdl list`)"
     raise FileNotFoundError(
-        f"no generated module {stem!r} (looked for {looked}); write it with "
-        f"`symdl generate {stem} -o DIR` and pass directory=DIR"
+        f"no generated module {stem!r} (looked for {looked}); write it with {how} and pass "
+        f"directory=DIR"
     )
 
 

@@ -22,16 +22,14 @@ float32 under any NumPy promotion rules.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import sympy as sp
 from sympy.printing.precedence import PRECEDENCE
 
 from . import __version__
-from .cache import write_atomic
-from .errors import CodegenError, SpecError, unknown_name
+from .errors import CodegenError, SpecError
 from .printing import Namer, NumpyPrinter, equation_text
 from .spec import check_module_name
+from .templating import environment
 
 #: Initial value of an array state (``np.zeros_like(param)``).
 ZEROS = "zeros"
@@ -194,7 +192,7 @@ class Optimizer:
         lines = [
             f"Optimizer {self.name!r}: {self.doc}" if self.doc else f"Optimizer {self.name!r}"
         ]
-        lines += [f"  {_equation_line(lhs, rhs)}" for lhs, rhs in self.updates]
+        lines += [f"  {equation_line(lhs, rhs)}" for lhs, rhs in self.updates]
         lines.append("  state: " + (", ".join(f"{n}={v}" for n, v in self.state.items()) or "-"))
         lines.append(
             "  hyperparameters: " + ", ".join(f"{n}={v!r}" for n, v in self.hyper.items())
@@ -265,12 +263,12 @@ class _ScalarPrinter(NumpyPrinter):
         return "False"
 
 
-def _equation_line(lhs, rhs) -> str:
+def equation_line(lhs, rhs) -> str:
     """``lhs = rhs`` as text, a scalar-condition Piecewise as Python's ``a if c else b``."""
     return f"{lhs.name} = {_text(rhs)}"
 
 
-def _display(expr):
+def display_order(expr):
     """A top-level sum with its constant last (``t + 1``, not ``1 + t``), for text and LaTeX."""
     if isinstance(expr, sp.Add) and any(a.is_Number for a in expr.args):
         terms = [a for a in expr.args if not a.is_Number] + [a for a in expr.args if a.is_Number]
@@ -283,7 +281,7 @@ def _text(expr) -> str:
         *branches, (last, _) = expr.args
         out = "".join(f"{_text(e)} if {_cond_text(c)} else " for e, c in branches)
         return out + _text(last)
-    return equation_text(_display(expr))
+    return equation_text(display_order(expr))
 
 
 def _cond_text(cond) -> str:
@@ -422,7 +420,7 @@ class _Emitter:
         opt = self.opt
         array_target = target in self.arrays
         if not array_target:  # a scalar: the step counter or a scalar intermediate
-            return [f"{name} = {self.scal(_display(expr))}"]
+            return [f"{name} = {self.scal(display_order(expr))}"]
         if target.name in opt.intermediates:
             text = self.arr(self.hoist(expr))
             if expr in self.arrays:  # an alias of another array
@@ -484,7 +482,7 @@ class _Emitter:
             if not _scalar_condition(opt, rhs):
                 self.temps, self.temp_lines = {}, []
                 code = self.assign(lhs, rhs, inplace, fresh)
-                out.append(f"# {_equation_line(lhs, rhs)}")
+                out.append(f"# {equation_line(lhs, rhs)}")
                 out += self.temp_lines + code
                 continue
             # a Piecewise on scalars only: an if/elif/else, each branch lowered on its own
@@ -497,7 +495,7 @@ class _Emitter:
                     out.append("else:")
                 else:
                     out.append(f"{'elif' if j else 'if'} {self.scal(cond)}:")
-                out.append(f"    # {_equation_line(lhs, expr)}")
+                out.append(f"    # {equation_line(lhs, expr)}")
                 out += ["    " + line for line in self.temp_lines + code]
                 after = branch if after is None else after & branch
             fresh.clear()
@@ -561,7 +559,7 @@ def optimizer_latex(opt: Optimizer) -> dict[str, str]:
 
     for lhs, rhs, times, lhs_time in timed_updates(opt):
         names = {s: tex_of(s.name, times[s.name]) for s in rhs.free_symbols}
-        body = sp.latex(_display(rhs), symbol_names=names, order="none")
+        body = sp.latex(display_order(rhs), symbol_names=names, order="none")
         if lhs.name in opt.state and lhs_time is None:
             out[lhs.name] = f"{tex_of(lhs.name, None)} \\leftarrow {body}"
         else:
@@ -569,10 +567,14 @@ def optimizer_latex(opt: Optimizer) -> dict[str, str]:
     return out
 
 
-def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
-    """The complete, formatted and hash-stamped text of the generated module for ``opt``."""
-    from .codegen import environment, format_source, stamp  # Jinja2 and ruff: only when rendering
+def optimizer_source(opt: Optimizer, source: str | None = None, command: str | None = None) -> str:
+    """The complete, formatted and hash-stamped text of the generated module for ``opt``; its
+    header names ``source`` (default: the optimizer itself) and ``command``."""
+    from .codegen import format_source, stamp  # ruff: only when rendering
     from .runtime import Runtime
+
+    source = source or f"the optimizer {opt.name!r}"
+    command = command or f"symdl generate {opt.name}"
 
     em = _Emitter(opt)
     pure = em.body(inplace=False)
@@ -641,7 +643,7 @@ def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
         "command": command,
         "digest": "{digest}",
         "summary": summary,
-        "equations": [_equation_line(lhs, rhs) for lhs, rhs in opt.updates],
+        "equations": [equation_line(lhs, rhs) for lhs, rhs in opt.updates],
         "state_doc": state_doc,
         "hyper_doc": hyper_doc,
         "reference": opt.checks.get("reference"),
@@ -668,56 +670,3 @@ def optimizer_source(opt: Optimizer, source: str, command: str) -> str:
     }
     text = environment().get_template("optimizer.py.j2").render(**context)
     return stamp(format_source(text))
-
-
-# ---- the catalogue and the generate entry point --------------------------------------------
-
-SOURCE = "symdl/layers/optimizers.py"
-
-
-def catalogue() -> dict[str, Optimizer]:
-    """Every built-in optimizer by name, in catalogue order."""
-    from .layers import optimizers
-
-    out: dict[str, Optimizer] = {}
-    for opt in optimizers.OPTIMIZERS:
-        if opt.name in out:
-            raise SpecError(f"optimizer names require uniqueness, got {opt.name!r} twice")
-        out[opt.name] = opt
-    return out
-
-
-def get(name: str) -> Optimizer:
-    """The catalogue optimizer ``name``; an unknown name is an error listing the known ones."""
-    opts = catalogue()
-    if name not in opts:
-        raise unknown_name("optimizer", name, opts)
-    return opts[name]
-
-
-def optimizer_text(opt: Optimizer | str, command: str | None = None) -> str:
-    """The module text for a catalogue optimizer (by name) or any :class:`Optimizer`."""
-    opt = get(opt) if isinstance(opt, str) else opt
-    source = SOURCE if catalogue().get(opt.name) is opt else f"the optimizer {opt.name!r}"
-    return optimizer_source(opt, source, command or f"symdl generate {opt.name}")
-
-
-def generate_optimizers(out_dir, names=None, check: bool = False) -> list[str]:
-    """Render the catalogue's optimizers (or ``names``) into ``out_dir/NAME.py``.
-
-    Returns the names written; with ``check=True`` writes nothing and returns the names whose
-    file is missing or differs from what would be generated.
-    """
-    names = list(catalogue()) if names is None else list(names)
-    texts = {n: optimizer_source(get(n), SOURCE, f"symdl generate {n}") for n in names}
-    out_dir = Path(out_dir)
-    if check:
-        stale = []
-        for n, text in texts.items():
-            path = out_dir / f"{n}.py"
-            if not path.is_file() or path.read_text(encoding="utf-8") != text:
-                stale.append(n)
-        return stale
-    for n, text in texts.items():
-        write_atomic(out_dir / f"{n}.py", text)
-    return names

@@ -16,7 +16,7 @@ import sympy as sp
 
 from .errors import ParseError
 from .functions import ELEMENTWISE, IndexMax, IndexSum, Mean
-from .spec import ELL, Layer, _names
+from .spec import ELL, Layer, split_names
 
 MAX_TEXT = 20_000  # characters of equation text
 MAX_INT = 10**12  # largest integer literal
@@ -410,7 +410,7 @@ def parse_layer(
     """A layer from equation text, e.g.
     ``parse_layer("dense", "y[n,o] = tanh(Sum(x[n,i]*w[o,i], i) + b[o])", inputs="x", params="w,b")``.
     """
-    inputs, params, consts = _names(inputs), _names(params), _names(consts)
+    inputs, params, consts = split_names(inputs), split_names(params), split_names(consts)
     hyper_d = _hyper(hyper)
     eqs = parse_equations(text, set(inputs) | set(params) | set(consts), set(hyper_d))
     return Layer(
@@ -420,6 +420,6 @@ def parse_layer(
         params=params,
         consts=consts,
         hyper=hyper_d,
-        outputs=_names(outputs) if outputs else None,
+        outputs=split_names(outputs) if outputs else None,
         doc=doc,
     )

@@ -1,696 +1,57 @@
-"""Formula reports: one self-contained HTML page (MathML, inline SVG, no JavaScript, no network)
-or one standalone LaTeX document, per layer: the equations, the derived gradients, the chain
-rule step by step, the generated code, and for elementwise activations a plot of the function
-and of its derived derivative computed by the generated module itself.
+"""Formula reports of catalogue entries and of your own layers: one self-contained HTML page
+(MathML, inline SVG, no JavaScript, no network) or one standalone LaTeX document, a section per
+layer, sequence layer or optimizer (symdl/views.py builds and renders the sections).
 
-Also :func:`show`, an object that notebooks display (``_repr_html_``, ``_repr_latex_``).
+Also :func:`show`, a layer that notebooks display (``_repr_html_``, ``_repr_latex_``).
 """
 
 from __future__ import annotations
 
-import builtins
-import dataclasses
-import html
-import io
-import keyword
-import math
-import re
-import tokenize
-import types
-import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
-import jinja2
-import numpy as np
-from markupsafe import Markup
-
-from . import __version__
-from .derive import Derivation, derive
-from .errors import SymdlError, unknown_name
-from .spec import Layer
-from .steps import (
-    Equation,
-    MathMLPrinter,
-    Printers,
-    Step,
-    derivation_steps,
-    expand,
-    forward_equations,
-    gradient_equations,
-)
+from .errors import SymdlError
+from .registry import entries, get, resolve, view
+from .views import TITLE, Show, highlight_python, html_page, tex_document
 
 __all__ = ["Show", "highlight_python", "report_html", "report_tex", "show", "write_report"]
 
 FORMATS = ("html", "tex")
 
 
-# ---------------------------------------------------------------------------------------------
-# Inputs
-# ---------------------------------------------------------------------------------------------
-
-
-def _derivations(names_or_layers) -> list[Derivation]:
-    """Catalogue names, :class:`Layer` s or :class:`Derivation` s (None or empty: the whole
-    catalogue), derived once each."""
-    from .layers import catalogue
-
-    if names_or_layers is None or isinstance(names_or_layers, (str, Layer, Derivation)):
-        items = [] if names_or_layers is None else [names_or_layers]
-    else:
-        items = list(names_or_layers)
-    if not items:
-        items = list(catalogue().values())
-    known = None
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            known = known if known is not None else catalogue()
-            if item not in known:
-                raise unknown_name("layer", item, known, SymdlError)
-            item = known[item]
-        out.append(item if isinstance(item, Derivation) else derive(item))
-    return out
-
-
-def _load(source: str, name: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-    module.__file__ = f"<symdl:{name}>"
-    exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own output
-    return module
-
-
-# ---------------------------------------------------------------------------------------------
-# Syntax highlighting (tokenize; no dependency)
-# ---------------------------------------------------------------------------------------------
-
-_BUILTINS = frozenset(n for n in dir(builtins) if not n.startswith("_"))
-_KEYWORDS = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist)
-_STRING_TYPES = {tokenize.STRING} | {
-    getattr(tokenize, n)
-    for n in ("FSTRING_START", "FSTRING_MIDDLE", "FSTRING_END")
-    if hasattr(tokenize, n)
-}
-
-
-def highlight_python(source: str) -> Markup:
-    """Python source as escaped HTML with ``<span class="...">`` around keywords (``kw``),
-    builtins (``bi``), names being defined (``fn``), strings (``st``), numbers (``nu``) and
-    comments (``cm``). Whitespace is kept exactly, so it belongs in a ``<pre>``."""
-    lines = source.splitlines(keepends=True)
-    offsets = [0]
-    for line in lines:
-        offsets.append(offsets[-1] + len(line))
-
-    def at(pos):
-        row, col = pos
-        return offsets[min(row - 1, len(lines))] + col
-
-    out: list[str] = []
-    done = 0
-    prev = ""
-    try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    except (tokenize.TokenError, SyntaxError):  # not Python after all: plain text
-        return Markup(html.escape(source, quote=False))
-    for tok in tokens:
-        start, end = at(tok.start), at(tok.end)
-        if start < done:
-            continue
-        if start > done:
-            out.append(html.escape(source[done:start], quote=False))
-        text = source[start:end]
-        cls = None
-        if tok.type == tokenize.NAME:
-            if prev in ("def", "class"):
-                cls = "fn"
-            elif tok.string in _KEYWORDS:
-                cls = "kw"
-            elif tok.string in _BUILTINS:
-                cls = "bi"
-        elif tok.type in _STRING_TYPES:
-            cls = "st"
-        elif tok.type == tokenize.NUMBER:
-            cls = "nu"
-        elif tok.type == tokenize.COMMENT:
-            cls = "cm"
-        esc = html.escape(text, quote=False)
-        out.append(f'<span class="{cls}">{esc}</span>' if cls and text else esc)
-        done = max(done, end)
-        if tok.type == tokenize.NAME:
-            prev = tok.string
-        elif tok.type not in (tokenize.NL, tokenize.COMMENT):
-            prev = ""
-    out.append(html.escape(source[done:], quote=False))
-    return Markup("".join(out))
-
-
-# ---------------------------------------------------------------------------------------------
-# Plots of elementwise activations
-# ---------------------------------------------------------------------------------------------
-
-
-def is_elementwise(d: Derivation) -> bool:
-    """An activation ``y[...] = f(x[...])``: one input, one output, every shape ``("...",)``,
-    no constants, every hyperparameter with a numeric default."""
-    spec = d.spec
-    shapes = spec.shapes()
-    return (
-        len(spec.args) == 1
-        and len(spec.outputs) == 1
-        and not spec.consts
-        and bool(shapes)
-        and all(tuple(dims) == ("...",) for dims in shapes.values())
-        and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec.hyper.values()
-        )
-    )
-
-
-@dataclasses.dataclass
-class Curve:
-    """f and its derivative on a grid, as computed by the generated module."""
-
-    x: np.ndarray
-    y: np.ndarray
-    dy: np.ndarray
-
-
-def activation_curve(
-    d: Derivation, source: str, lo: float = -4.0, hi: float = 4.0, n: int = 321
-) -> Curve:
-    """Call the generated module's forward and backward over a grid (the derivative is
-    ``backward(ones)``, exact for an elementwise map)."""
-    module = _load(source, d.name)
-    x = np.linspace(lo, hi, n)
-    y, cache = module.forward(x)
-    (dx,) = module.backward(np.ones_like(y), cache)
-    return Curve(x, np.asarray(y, dtype=float), np.asarray(dx, dtype=float))
-
-
-def _nice_step(span: float) -> float:
-    raw = span / 6
-    mag = 10 ** math.floor(math.log10(raw))
-    for m in (1, 2, 5, 10):
-        if raw <= m * mag:
-            return m * mag
-    return 10 * mag
-
-
-def _y_range(c: Curve) -> tuple[float, float]:
-    vals = np.concatenate([c.y[np.isfinite(c.y)], c.dy[np.isfinite(c.dy)]])
-    lo, hi = float(np.min(vals, initial=0.0)), float(np.max(vals, initial=1.0))
-    lo, hi = max(lo, -6.0), min(hi, 6.0)
-    lo, hi = min(lo, 0.0), max(hi, 1.0)
-    pad = 0.08 * (hi - lo)
-    return lo - pad, hi + pad
-
-
-def plot_svg(c: Curve, name: str, width: int = 520, height: int = 300) -> Markup:
-    """An inline SVG of f (solid) and f' (dashed) with axes, grid and a legend."""
-    ml, mr, mt, mb = 44, 14, 14, 30
-    x0, x1 = float(c.x[0]), float(c.x[-1])
-    y0, y1 = _y_range(c)
-
-    def px(x):
-        return ml + (x - x0) / (x1 - x0) * (width - ml - mr)
-
-    def py(y):
-        return mt + (y1 - y) / (y1 - y0) * (height - mt - mb)
-
-    def polyline(ys, cls):
-        parts, run = [], []
-        for x, y in zip(c.x, ys):
-            if np.isfinite(y) and y0 <= y <= y1:
-                run.append(f"{px(x):.1f},{py(y):.1f}")
-            elif run:
-                parts.append(run)
-                run = []
-        if run:
-            parts.append(run)
-        return "".join(
-            f'<polyline class="{cls}" points="{" ".join(r)}"/>' for r in parts if len(r) > 1
-        )
-
-    out = [
-        (
-            f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" width="{width}" '
-            f'height="{height}" viewBox="0 0 {width} {height}" role="img" '
-            f'aria-label="{html.escape(name)} and its derivative">'
-        )
-    ]
-    step = _nice_step(y1 - y0)
-    k = math.ceil(y0 / step)
-    while k * step <= y1:
-        v = k * step
-        out.append(
-            f'<line class="grid" x1="{ml}" x2="{width - mr}" y1="{py(v):.1f}" y2="{py(v):.1f}"/>'
-        )
-        out.append(
-            f'<text class="tick" x="{ml - 4}" y="{py(v) + 4:.1f}" text-anchor="end">{v:g}</text>'
-        )
-        k += 1
-    for v in range(math.ceil(x0), math.floor(x1) + 1):
-        out.append(
-            f'<line class="grid" x1="{px(v):.1f}" x2="{px(v):.1f}" y1="{mt}" y2="{height - mb}"/>'
-        )
-        out.append(
-            f'<text class="tick" x="{px(v):.1f}" y="{height - mb + 16}" text-anchor="middle">{v}</text>'
-        )
-    out.append(
-        f'<line class="axis" x1="{ml}" x2="{width - mr}" y1="{py(0):.1f}" y2="{py(0):.1f}"/>'
-    )
-    out.append(
-        f'<line class="axis" x1="{px(0):.1f}" x2="{px(0):.1f}" y1="{mt}" y2="{height - mb}"/>'
-    )
-    out.append(polyline(c.y, "f"))
-    out.append(polyline(c.dy, "df"))
-    lx, ly = ml + 12, mt + 14
-    out.append(f'<line class="f" x1="{lx}" x2="{lx + 24}" y1="{ly}" y2="{ly}"/>')
-    out.append(f'<text class="legend" x="{lx + 30}" y="{ly + 4}">{html.escape(name)}(x)</text>')
-    out.append(f'<line class="df" x1="{lx}" x2="{lx + 24}" y1="{ly + 18}" y2="{ly + 18}"/>')
-    out.append(f'<text class="legend" x="{lx + 30}" y="{ly + 22}">derived derivative</text>')
-    out.append("</svg>")
-    return Markup("".join(out))
-
-
-def plot_tikz(c: Curve, name: str) -> str:
-    """The same plot as a TikZ picture (for the LaTeX report)."""
-    x0, x1 = float(c.x[0]), float(c.x[-1])
-    y0, y1 = _y_range(c)
-    sx, sy = 10.0 / (x1 - x0), 5.0 / (y1 - y0)
-
-    def runs(ys):
-        parts, run = [], []
-        for x, y in zip(c.x[::2], ys[::2]):
-            if np.isfinite(y) and y0 <= y <= y1:
-                run.append(f"({(x - x0) * sx:.3f},{(y - y0) * sy:.3f})")
-            elif run:
-                parts.append(run)
-                run = []
-        if run:
-            parts.append(run)
-        return [r for r in parts if len(r) > 1]
-
-    lines = [r"\begin{tikzpicture}"]
-    lines.append(rf"\draw[gray!30] (0,0) rectangle ({(x1 - x0) * sx:.3f},{(y1 - y0) * sy:.3f});")
-    lines.append(
-        rf"\draw[gray] ({0:.3f},{-y0 * sy:.3f}) -- ({(x1 - x0) * sx:.3f},{-y0 * sy:.3f});"
-    )
-    lines.append(rf"\draw[gray] ({-x0 * sx:.3f},0) -- ({-x0 * sx:.3f},{(y1 - y0) * sy:.3f});")
-    for v in range(math.ceil(x0), math.floor(x1) + 1):
-        lines.append(rf"\node[below,font=\scriptsize] at ({(v - x0) * sx:.3f},0) {{{v}}};")
-    for r in runs(c.y):
-        lines.append(r"\draw[blue,thick] " + " -- ".join(r) + ";")
-    for r in runs(c.dy):
-        lines.append(r"\draw[red,thick,dashed] " + " -- ".join(r) + ";")
-    top = (y1 - y0) * sy
-    lines.append(
-        rf"\draw[blue,thick] (0.3,{top - 0.3:.3f}) -- (0.9,{top - 0.3:.3f}) node[right,black,font=\small] {{{_tex_escape(name)}$(x)$}};"
-    )
-    lines.append(
-        rf"\draw[red,thick,dashed] (0.3,{top - 0.8:.3f}) -- (0.9,{top - 0.8:.3f}) node[right,black,font=\small] {{derived derivative}};"
-    )
-    lines.append(r"\end{tikzpicture}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-layer content
-# ---------------------------------------------------------------------------------------------
-
-
-def _hyper_text(v) -> str:
-    if v is None:
-        return "required"
-    if isinstance(v, type):
-        return f"required {v.__name__}"
-    if isinstance(v, str):
-        return f"defaults to {v}"
-    return f"= {v}"
-
-
-@dataclasses.dataclass
-class LayerView:
-    """Everything one layer's section shows."""
-
-    name: str
-    anchor: str
-    doc: str
-    arguments: list[dict]
-    forward: list
-    gradients: list
-    steps: list[Step]
-    code: str
-    plot: Curve | None
-    expansion: list | None = None
-    expansion_header: str = ""
-    equations_title: str = "Equations"
-    listing_title: str = ""
-    listing: list[str] = dataclasses.field(default_factory=list)  # pseudo-code (a scan)
-
-    @property
-    def code_html(self) -> Markup:
-        return highlight_python(self.code)
-
-    @property
-    def plot_svg(self) -> Markup | None:
-        return plot_svg(self.plot, self.name) if self.plot is not None else None
-
-    @property
-    def plot_tikz(self) -> str | None:
-        return plot_tikz(self.plot, self.name) if self.plot is not None else None
-
-
-def layer_view(
-    d: Derivation,
-    style: str = "partial",
-    *,
-    steps: bool = True,
-    code: bool = True,
-    plot: bool = True,
-    expand_sizes=None,
-) -> LayerView:
-    from .codegen import generate_source
-
-    spec = d.spec
-    P = Printers(d.adjoints, style)
-    shapes = spec.shapes()
-    arguments = [
-        {"name": n, "role": spec.tensors[n].role, "shape": ", ".join(shapes[n]) or "scalar"}
-        for n in spec.args + spec.consts
-    ]
-    arguments += [
-        {"name": n, "role": "hyperparameter", "shape": _hyper_text(v)}
-        for n, v in spec.hyper.items()
-    ]
-    source = generate_source(d) if (code or plot) else ""
-    curve = activation_curve(d, source) if plot and is_elementwise(d) else None
-    view = LayerView(
-        name=spec.name,
-        anchor=f"layer-{spec.name}",
-        doc=spec.doc,
-        arguments=arguments,
-        forward=forward_equations(d, P),
-        gradients=gradient_equations(d, P),
-        steps=derivation_steps(d, style) if steps else [],
-        code=source if code else "",
-        plot=curve,
-    )
-    if expand_sizes is not None:
-        e = expand(d, expand_sizes)
-        view.expansion = e.equations(style)
-        view.expansion_header = e.header()
-    return view
-
-
-def _entries(names_or_items) -> list:
-    """Catalogue names (layers, sequences, optimizers: everything ``symdl list`` prints),
-    :class:`Layer` s, :class:`Derivation` s, sequences or optimizers; None or empty: the
-    whole catalogue. Layers come back derived."""
-    from .layers import catalogue
-    from .layers.sequences import catalogue as sequences
-    from .optim import Optimizer
-    from .optim import catalogue as optimizers
-    from .scan import Sequence
-
-    known = {**catalogue(), **sequences(), **optimizers()}
-    if names_or_items is None or isinstance(names_or_items, (str, Layer, Derivation)):
-        items = [] if names_or_items is None else [names_or_items]
-    else:
-        items = list(names_or_items)
-    out = []
-    for item in items or list(known.values()):
-        if isinstance(item, str):
-            if item not in known:
-                raise unknown_name("layer", item, known, SymdlError)
-            item = known[item]
-        keep = isinstance(item, (Derivation, Sequence, Optimizer))
-        out.append(item if keep else derive(item))
-    return out
-
-
-def _view(item, style: str, *, steps: bool, code: bool) -> LayerView:
-    from .optim import Optimizer
-    from .scan import Sequence
-
-    if isinstance(item, Sequence):
-        return sequence_view(item, style, steps=steps, code=code)
-    if isinstance(item, Optimizer):
-        return optimizer_view(item, code=code)
-    return layer_view(item, style, steps=steps, code=code)
-
-
-def _noted(eqs: list[Equation], note: str) -> list[Equation]:
-    """``eqs`` with ``note`` on the first one (it says where the group runs)."""
-    return [dataclasses.replace(e, note=note) if k == 0 else e for k, e in enumerate(eqs)]
-
-
-def sequence_view(
-    seq, style: str = "partial", *, steps: bool = True, code: bool = True
-) -> LayerView:
-    """A sequence layer's section: the scan as pseudo-code, the equations of the part hoisted
-    out of the time loop and of one step, their derived gradients (one step's backward runs
-    for t = T - 1, ..., 0; the hoisted part's once), the chain rule of each part and the
-    generated module."""
-    from .scan import _bptt_text, scan_text, sequence_source
-
-    hoisted, step = seq.derivations()
-    source = sequence_source(seq, "symdl/layers/sequences.py", f"symdl generate {seq.name}")
-    module = _load(source, seq.name)
-    roles = {n: "input, one per time step" for n in seq.per_step}
-    roles.update({n: "initial state" for n in seq.initial.values()})
-    roles.update({n: "param" for n in seq.params})
-    arguments = [
-        {"name": n, "role": roles.get(n, "input"), "shape": ", ".join(module.SHAPES[n])}
-        for n in module.ARGS
-    ]
-    forward, gradients, chain = [], [], []
-    if hoisted is not None:
-        P = Printers(hoisted.adjoints, style)
-        forward += _noted(forward_equations(hoisted, P), "all time steps at once, before the loop")
-    P = Printers(step.adjoints, style)
-    forward += _noted(forward_equations(step, P), "at each time step t")
-    gradients += _noted(gradient_equations(step, P), "at each step, for t = T - 1, ..., 0")
-    if hoisted is not None:
-        P = Printers(hoisted.adjoints, style)
-        gradients += _noted(gradient_equations(hoisted, P), "once, after the loop")
-    if steps:
-        chain = derivation_steps(hoisted, style) if hoisted is not None else []
-        chain += derivation_steps(step, style)
-    listing = scan_text(seq) + ["", "backward, for t = T - 1, ..., 0, starting from:"]
-    listing += [f"    {line}" for line in _bptt_text(seq, seq.parts())]
-    return LayerView(
-        name=seq.name,
-        anchor=f"layer-{seq.name}",
-        doc=seq.doc,
-        arguments=arguments,
-        forward=forward,
-        gradients=gradients,
-        steps=chain,
-        code=source if code else "",
-        plot=None,
-        listing_title=f"The scan of {seq.cell.name} over time",
-        listing=listing,
-    )
-
-
-def _greek(name: str) -> str | None:
-    """``lambda`` -> λ, ``Delta`` -> Δ (None for a name that is no Greek letter)."""
-    case = "CAPITAL" if name[:1].isupper() else "SMALL"
-    letter = name.upper().replace("LAMBDA", "LAMDA")  # Unicode's spelling
-    try:
-        return unicodedata.lookup(f"GREEK {case} LETTER {letter}")
-    except KeyError:
-        return None
-
-
-_TEX_NAME = re.compile(
-    r"^(?:\\tilde\{(?P<tilde>\w)\}|\\mathrm\{(?P<rm>[^{}]+)\}|\\(?P<cmd>[A-Za-z]+)|(?P<plain>\w+))"
-    r"(?:_\{(?P<sub>[^{}]+)\})?$"
-)
-
-
-class _NamedMathML(MathMLPrinter):
-    """MathML of an optimizer's update: each symbol shown as its LaTeX name says (a Greek
-    letter, a tilde, a subscript) with its time subscript (``m_{t-1}``)."""
-
-    def __init__(self, tex: dict[str, str], times: dict[str, str | None]):
-        super().__init__({}, "partial")
-        self._settings["order"] = "none"
-        self.tex, self.times = tex, times
-
-    def name(self, name: str, time: str | None):
-        m = _TEX_NAME.match(self.tex.get(name, ""))
-        if m is None:
-            node = self.mi(name)
-        else:
-            text = m["plain"] or (m["rm"] or "").replace("\\_", "_")
-            if m["tilde"]:
-                text = m["tilde"] + "\u0303"
-            elif m["cmd"]:
-                text = _greek(m["cmd"]) or m["cmd"]
-            node = self.mi(text)
-            if m["sub"]:
-                node = self.el(
-                    "msub", node, self.mn(m["sub"]) if m["sub"].isdigit() else self.mi(m["sub"])
-                )
-        if time:
-            head = self.el("mrow", node) if node.tagName == "msub" else node
-            base, minus, k = time.partition("-")
-            sub = self.row(self.mi(base), self.mo("−"), self.mn(k)) if minus else self.mi(time)
-            node = self.el("msub", head, sub)
-        return node
-
-    def _print_Symbol(self, sym, style="plain"):
-        return self.name(sym.name, self.times.get(sym.name))
-
-    _print_Dummy = _print_Symbol
-
-
-def optimizer_view(opt, *, code: bool = True) -> LayerView:
-    """An optimizer's section: its arguments, state and hyperparameters, the update rule in
-    execution order (each equation sees what the ones above it assigned) and the generated
-    module. Nothing is derived, so there are no gradients and no chain rule."""
-    from .optim import (
-        ZEROS,
-        _display,
-        _equation_line,
-        optimizer_latex,
-        optimizer_text,
-        timed_updates,
-    )
-
-    arguments = [
-        {"name": "param", "role": "parameter, updated", "shape": "any"},
-        {"name": "grad", "role": "gradient", "shape": "as param"},
-    ]
-    for n, init in opt.state.items():
-        shape = (
-            "as param, zeros at first" if init == ZEROS else f"scalar step count, {init} at first"
-        )
-        arguments.append({"name": n, "role": "state", "shape": shape})
-    arguments += [
-        {"name": n, "role": "hyperparameter", "shape": _hyper_text(v)}
-        for n, v in opt.hyper.items()
-    ]
-    latex = optimizer_latex(opt)
-    forward = []
-    for lhs, rhs, times, lhs_time in timed_updates(opt):
-        printer = _NamedMathML(opt.tex, times)
-        counter = lhs.name in opt.state and lhs_time is None
-        node = printer.row(
-            printer.name(lhs.name, lhs_time),
-            printer.mo("←" if counter else "="),
-            printer._print(_display(rhs)),
-        )
-        forward.append(Equation(_equation_line(lhs, rhs), latex[lhs.name], printer.math(node)))
-    return LayerView(
-        name=opt.name,
-        anchor=f"layer-{opt.name}",
-        doc=opt.doc,
-        arguments=arguments,
-        forward=forward,
-        gradients=[],
-        steps=[],
-        code=optimizer_text(opt) if code else "",
-        plot=None,
-        equations_title="Update rule, in this order at every step",
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------------
-
-
-def _templates() -> Path:
-    from .codegen import TEMPLATES
-
-    return TEMPLATES
-
-
-def _html_env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(_templates())),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=True,
-    )
-
-
-_TEX_SPECIALS = {
-    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#",
-    "%": r"\%", "_": r"\_", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}",
-    "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
-}  # fmt: skip
-
-
-def _tex_escape(text) -> str:
-    return "".join(_TEX_SPECIALS.get(ch, ch) for ch in str(text))
-
-
-def _tex_env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(_templates())),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        # LaTeX is full of braces: \VAR{...} and \BLOCK{...} instead of {{ }} and {% %}
-        block_start_string=r"\BLOCK{",
-        block_end_string="}",
-        variable_start_string=r"\VAR{",
-        variable_end_string="}",
-        comment_start_string=r"\#{",
-        comment_end_string="}",
-        line_comment_prefix="%#",
-    )
-    env.filters["tex"] = _tex_escape
-    return env
+def _views(items, style: str, steps: bool, code: bool) -> list:
+    """The sections of ``items``: catalogue names (everything ``symdl list`` prints), entries,
+    Layers, Derivations, sequences or optimizers; None or empty: the whole catalogue."""
+    if items is None or isinstance(items, str) or not isinstance(items, Iterable):
+        items = [] if items is None else [items]
+    chosen = [resolve(item) for item in items] or list(entries().values())
+    return [view(e, style, steps=steps, code=code) for e in chosen]
 
 
 def report_html(
     names_or_layers=None,
     *,
     style: str = "partial",
-    title: str = "symdl: layers, derived gradients, step by step",
+    title: str = TITLE,
     steps: bool = True,
     code: bool = True,
 ) -> str:
-    """One self-contained HTML page (MathML formulas, inline SVG plots, inline CSS; no
-    JavaScript, no network) with a table of contents and one section per layer, sequence or
-    optimizer. ``names_or_layers``: catalogue names, Layers, Derivations, sequences or
-    optimizers (default: everything ``symdl list`` prints)."""
-    views = [_view(e, style, steps=steps, code=code) for e in _entries(names_or_layers)]
-    text = (
-        _html_env()
-        .get_template("report.html.j2")
-        .render(page=True, title=title, version=__version__, layers=views, style=style)
-    )
-    return text.lstrip()
+    """One self-contained HTML page with a table of contents and one section per entry.
+    ``names_or_layers``: catalogue names, Layers, Derivations, sequences or optimizers
+    (default: everything ``symdl list`` prints)."""
+    return html_page(_views(names_or_layers, style, steps, code), style=style, title=title)
 
 
 def report_tex(
     names_or_layers=None,
     *,
     style: str = "partial",
-    title: str = "symdl: layers, derived gradients, step by step",
+    title: str = TITLE,
     steps: bool = True,
     code: bool = True,
 ) -> str:
-    """A standalone LaTeX document (article; amsmath, listings, tikz, hyperref) with the same
-    content as :func:`report_html`."""
-    views = [_view(e, style, steps=steps, code=code) for e in _entries(names_or_layers)]
-    text = (
-        _tex_env()
-        .get_template("report.tex.j2")
-        .render(title=title, version=__version__, layers=views, style=style)
-    )
-    return text.lstrip()
+    """A standalone LaTeX document with the same content as :func:`report_html`."""
+    return tex_document(_views(names_or_layers, style, steps, code), style=style, title=title)
 
 
 def write_report(
@@ -699,7 +60,7 @@ def write_report(
     """Render the report of ``names`` (default: the catalogue) as ``fmt`` (``"html"`` or
     ``"tex"``) and write it to ``path`` atomically. Everything is rendered before anything is
     written. Returns the path."""
-    from .codegen import write_atomic
+    from .cache import write_atomic
 
     if fmt not in FORMATS:
         raise SymdlError(f"report format requires one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -710,59 +71,13 @@ def write_report(
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Notebooks
-# ---------------------------------------------------------------------------------------------
-
-
-class Show:
-    """A layer for notebooks: the equations, derived gradients and (optionally) the steps and a
-    worked instance, displayed as HTML with MathML or as LaTeX."""
-
-    def __init__(
-        self,
-        name_or_layer,
-        *,
-        style: str = "partial",
-        steps: bool = True,
-        code: bool = False,
-        expand=None,
-    ):
-        (self.derivation,) = _derivations([name_or_layer])
-        self.style = style
-        self.view = layer_view(
-            self.derivation, style, steps=steps, code=code, plot=True, expand_sizes=expand
-        )
-
-    def _repr_html_(self) -> str:
-        env = _html_env()
-        module = env.get_template("report.html.j2").make_module(
-            {"page": False, "title": "", "version": __version__, "layers": [], "style": self.style}
-        )
-        return str(module.style()) + str(module.fragment(self.view))
-
-    def _repr_latex_(self) -> str:
-        v = self.view
-        rows = [e.latex for e in v.forward] + [e.latex for e in v.gradients]
-        for s in v.steps:
-            rows += [e.latex for e in s.equations]
-        if v.expansion:
-            for _, eqs in v.expansion:
-                rows += [e.latex for e in eqs]
-        return r"$$\begin{gathered} " + r" \\ ".join(rows) + r" \end{gathered}$$"
-
-    def __repr__(self) -> str:
-        from .steps import steps_text
-
-        text = repr(self.derivation)
-        if self.view.steps:
-            text += "\n" + steps_text(self.derivation, self.style)
-        return text
-
-
 def show(
     name_or_layer, *, style: str = "partial", steps: bool = True, code: bool = False, expand=None
 ) -> Show:
     """``symdl.report.show("conv2d", expand={"N": 1, ...})`` in a notebook cell displays the
-    layer's equations, gradients, steps (and worked instance) as MathML."""
-    return Show(name_or_layer, style=style, steps=steps, code=code, expand=expand)
+    layer's equations, gradients, steps (and worked instance) as MathML. ``name_or_layer``: a
+    catalogue layer's name, a Layer or a Derivation."""
+    layer = name_or_layer
+    if isinstance(layer, str):
+        layer = get(layer, "layer").definition
+    return Show(layer, style=style, steps=steps, code=code, expand=expand)

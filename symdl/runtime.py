@@ -20,6 +20,7 @@ import inspect
 from pathlib import Path
 
 from .errors import CodegenError
+from .templating import environment
 
 #: The features of templates/runtime.py.j2 (see its header), each False unless a call needs it.
 FEATURES = ("const", "ellipsis", "stacked", "prebound", "integer")
@@ -72,8 +73,6 @@ def _functions(text: str) -> dict[str, str]:
 @functools.cache
 def _helpers(features: frozenset) -> dict[str, tuple[str, frozenset]]:
     """Every helper's text for ``features``, with the helpers it calls, in their fixed order."""
-    from .codegen import environment  # Jinja2: only when writing code
-
     flags = {f: f in features for f in FEATURES}
     texts = _functions(environment().get_template("runtime.py.j2").render(**flags))
     texts.update(erf_snippet._texts())

@@ -40,7 +40,6 @@ from .passes import defaults
 from .spec import (
     Assign,
     Layer,
-    _names,
     check_module_name,
     free_indices,
     is_index,
@@ -50,6 +49,7 @@ from .spec import (
     ordered,
     tensor_name,
 )
+from .spec import split_names as _names
 
 TIME_DIM = "T"
 
@@ -945,10 +945,10 @@ def sequence_source(
     """The complete text of the generated sequence module (nothing is written). ``options``
     switches scan optimizations (:data:`OPTIMIZATIONS`) and lowering ones
     (:data:`symdl.lower.OPTIMIZATIONS`) off or on."""
-    from .codegen import environment, format_source, stamp
+    from .codegen import format_source, stamp
+    from .derive import backward_text, derive, forward_text
     from .prologue import bind_shapes, float_args, shape_expr
-    from .derive import derive
-    from .latex import backward_text, forward_text
+    from .templating import environment
     from .lower import OPTIMIZATIONS as LOWER_OPTIMIZATIONS
     from .lower import _identifier
     from .printing import Namer
@@ -1620,7 +1620,7 @@ def sequence_formulas(seq: Sequence, style: str = "partial", fold: bool = True) 
 
 def report(seq: Sequence) -> str:
     """Plain text for ``symdl show``: the scan, its split, and the derived gradients."""
-    from .latex import backward_text, forward_text
+    from .derive import backward_text, forward_text
 
     hoisted, step = seq.derivations()
     lines = [f"{seq.name}: {seq.doc}" if seq.doc else seq.name]

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import sympy as sp
 
 from .errors import SpecError
-from .functions import ALLOWED_FUNCTIONS, IndexMax, IndexSum, Size, _Reduction
+from .functions import ALLOWED_FUNCTIONS, IndexMax, IndexSum, Reduction, Size
 
 #: The batch-dimensions index: ``x[..., d]`` in equation text, ``x[ELL, d]`` from Python. It
 #: stands for any number of dimensions (shared by every tensor that uses it), at any one position.
@@ -247,7 +247,7 @@ def plain_indices(node) -> tuple[sp.Symbol, ...]:
 
 def free_indices(expr: sp.Expr) -> set[sp.Symbol]:
     """Index symbols free in ``expr`` (not bound by a reduction inside it)."""
-    if isinstance(expr, _Reduction):
+    if isinstance(expr, Reduction):
         return free_indices(expr.body) - set(expr.indices)
     if isinstance(expr, sp.Indexed):
         return set(plain_indices(expr))
@@ -274,7 +274,8 @@ def ordered(symbols: Iterable[sp.Symbol], context: Sequence[sp.Symbol]) -> tuple
 # ---------------------------------------------------------------------------------------------
 
 
-def _names(value) -> tuple[str, ...]:
+def split_names(value) -> tuple[str, ...]:
+    """Names given as ``"a, b"``, ``"a b"`` or a sequence, as a tuple (None: none)."""
     if value is None:
         return ()
     if isinstance(value, str):
@@ -317,17 +318,17 @@ class Layer:
     ):
         self.name = name
         self.equations = [_as_pair(eq, k) for k, eq in enumerate(equations)]
-        self.inputs = _names(inputs)
-        self.params = _names(params)
-        self.consts = _names(consts)
-        self.int_consts = _names(int_consts)
+        self.inputs = split_names(inputs)
+        self.params = split_names(params)
+        self.consts = split_names(consts)
+        self.int_consts = split_names(int_consts)
         self.hyper = dict(hyper or {})
-        self.outputs = _names(outputs) if outputs is not None else None
+        self.outputs = split_names(outputs) if outputs is not None else None
         self.shapes = {k: tuple(v) for k, v in (shapes or {}).items()}
         self.doc = doc
         self.checks = dict(checks or {})
-        self.keep = _names(keep)  # intermediates always cached (for callers, e.g. batch stats)
-        self.extras = _names(extras)  # helper functions from symdl/snippets/extras.py
+        self.keep = split_names(keep)  # intermediates always cached (for callers, e.g. batch stats)
+        self.extras = split_names(extras)  # helper functions from symdl/snippets/extras.py
         # zero (or constant) padding of arguments: {"x": {"axes": {2: "padding"}, "value": 0.0}}
         self.pad = {k: dict(v) for k, v in (pad or {}).items()}
         # index ranges given by hyperparameters or by named formulas: {"p": "kernel_size"}
@@ -340,7 +341,7 @@ class Layer:
         self.asserts = list(asserts)
         # constants taken as PyTorch takes an attention mask: a boolean array (True = attend)
         # becomes the additive mask 0 / -inf, a floating-point array is added as it is
-        self.masks = _names(masks)
+        self.masks = split_names(masks)
         self._spec: Spec | None = None
 
     def __repr__(self) -> str:
@@ -650,7 +651,7 @@ def _a_normal_form(layer: Layer, declared, defined: list, ranks: dict, has_ell: 
 
         def hoist(expr, context, k=k):
             """Replace each reduction inside ``expr`` by a fresh intermediate."""
-            if isinstance(expr, _Reduction):
+            if isinstance(expr, Reduction):
                 inner_context = tuple(context) + tuple(expr.indices)
                 body = hoist(expr.body, inner_context)
                 free = ordered(free_indices(body) - set(expr.indices), context)
@@ -666,7 +667,7 @@ def _a_normal_form(layer: Layer, declared, defined: list, ranks: dict, has_ell: 
                 return expr
             return expr.func(*[hoist(a, context) for a in expr.args])
 
-        if isinstance(rhs, _Reduction) and set(free_indices(rhs)) == set(lhs_idx):
+        if isinstance(rhs, Reduction) and set(free_indices(rhs)) == set(lhs_idx):
             body = hoist(rhs.body, lhs_idx + tuple(rhs.indices))
             op = "sum" if isinstance(rhs, IndexSum) else "max"
             assigns.append(Assign(tname, lhs_idx, op, body, tuple(rhs.indices), k))
@@ -949,7 +950,7 @@ def dim_symbol(name: str) -> sp.Symbol:
 def _check_expr(expr, k, known, layer, ranks, has_ell, gather_consts, bound=()):
     """Reject anything but tensors, indices, numbers, hyperparameters and allowed functions."""
     where = f"equation {k + 1}"
-    if isinstance(expr, _Reduction):
+    if isinstance(expr, Reduction):
         if len(set(expr.indices)) != len(expr.indices):
             raise SpecError(
                 f"{expr.op_name} in {where} requires distinct indices, got "

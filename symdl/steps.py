@@ -37,7 +37,7 @@ from sympy.printing.mathml import MathMLPresentationPrinter
 from .derive import Contribution, Derivation, derive
 from .errors import SymdlError
 from .functions import IndexMax, IndexSum, stop_gradient
-from .latex import _GREEK, SymdlLatexPrinter
+from .latex import GREEK, SymdlLatexPrinter
 from .printing import EquationPrinter
 from .spec import (
     ELL,
@@ -74,10 +74,11 @@ class ExpandError(SymdlError):
 def _derivation(obj) -> Derivation:
     if isinstance(obj, Derivation):
         return obj
-    if isinstance(obj, str):
-        from .layers import get
-
-        return derive(get(obj))
+    if isinstance(obj, str):  # names are the catalogue's (symdl/registry.py), a later stage
+        raise SymdlError(
+            f"steps require a Layer or a Derivation, got the name {obj!r} (the catalogue's "
+            f"layer is symdl.registry.get({obj!r}).definition)"
+        )
     return derive(obj)
 
 
@@ -124,7 +125,7 @@ class Element(sp.Symbol):
 def _greek_digits(name: str):
     """``beta1`` -> ("beta", "1"): a Greek name with a numeric suffix, else None."""
     m = re.fullmatch(r"([A-Za-z]+?)(\d+)", name)
-    if m and m.group(1) in _GREEK:
+    if m and m.group(1) in GREEK:
         return m.group(1), m.group(2)
     return None
 
@@ -1025,11 +1026,11 @@ def _tensor_step(d: Derivation, tensor: str, P: Printers) -> Step:
 
 
 def derivation_steps(derivation, style: str = "partial") -> list[Step]:
-    """The derivation of a layer (or :class:`Derivation`, or catalogue name) walked the way a
-    textbook does: the forward equations, the program of named reductions, the incoming
-    gradient, then one step per argument (in ``ARGS`` order) and per intermediate (in the
-    order the backward computes them): the chain rule over the uses, each local partial, the
-    Kronecker deltas against a generic element and their elimination, and the derived result."""
+    """The derivation of a layer (or :class:`Derivation`) walked the way a textbook does: the
+    forward equations, the program of named reductions, the incoming gradient, then one step
+    per argument (in ``ARGS`` order) and per intermediate (in the order the backward computes
+    them): the chain rule over the uses, each local partial, the Kronecker deltas against a
+    generic element and their elimination, and the derived result."""
     _check_style(style)
     d = _derivation(derivation)
     P = Printers(d.adjoints, style)
@@ -1211,7 +1212,7 @@ class Expansion:
         constant names to arrays of the expansion's sizes; ``dout`` is the incoming gradient
         (a tuple for several outputs; default ones); hyperparameters default to ``hyper``.
         Returns ``(outputs, gradients)``, dicts of float64 arrays."""
-        from .testing import _scalar_functions
+        from .testing import scalar_functions
 
         env: dict = {}
         for name, arr in self.symbols.items():
@@ -1236,7 +1237,7 @@ class Expansion:
             if v is None:
                 raise ExpandError(f"evaluating requires a value of hyperparameter {k!r}, got none")
             env[sp.Symbol(k, real=True)] = float(v)
-        funcs = _scalar_functions()
+        funcs = scalar_functions()
         for pairs in (self.forward, self.backward):
             k = 0
             while k < len(pairs):  # one batch per tensor: its elements depend on earlier ones
@@ -1391,8 +1392,7 @@ def expand(
     consts: Mapping[str, object] | None = None,
     inline: bool | None = None,
 ) -> Expansion:
-    """A worked instance of a layer (a :class:`Layer`, :class:`Derivation` or catalogue name)
-    on small sizes.
+    """A worked instance of a layer (a :class:`Layer` or :class:`Derivation`) on small sizes.
 
     ``sizes`` gives every dimension of the arguments (``{"N": 1, "C": 1, "H": 3, ...}``;
     ``"..."`` for batch dimensions) and may also give hyperparameters (``stride=2``), as may

@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 from collections.abc import Mapping
 
 import numpy as np
 
 #: Sizes given to dimensions, in order, so that no two dimensions share a size.
 DISTINCT_SIZES = (3, 4, 5, 2, 6, 7, 8, 9, 10, 11)
+
+
+def load_module(source: str, name: str) -> types.ModuleType:
+    """Import generated module text (symdl's own output) as a module object."""
+    module = types.ModuleType(name)
+    module.__file__ = f"<symdl:{name}>"
+    exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102 - generated code
+    return module
 
 
 @dataclasses.dataclass
@@ -273,7 +282,9 @@ def check_optimizer(
 # ---- a reference evaluator of the equations -----------------------------------------------------
 
 
-def _scalar_functions():
+def scalar_functions():
+    """The element functions of the equations (sigmoid, softplus, erf, ...) on Python floats,
+    by the names the equations use."""
     import math
 
     def sigmoid(x):
@@ -354,7 +365,7 @@ def reference_forward(layer, *args, **kwargs):
         if values.get(name) is None:
             shape = tuple(sizes[d] for d in spec.tensors[name].dims)
             arrays[name] = np.full(shape, fill)
-    funcs = _scalar_functions()
+    funcs = scalar_functions()
     for a in spec.assigns:
         names = list(spec.tensors)
         occs = occurrences(a.expr, names)

@@ -34,16 +34,13 @@ from hypothesis import strategies as st
 from test_hypothesis import BASE, KNOWN_BAD_LAYERS, _cancelled, build, n, note, time_limit
 from test_optim import _problem
 
-from symdl.cli import load_module
+from symdl import registry
 from symdl.errors import SymdlError
-from symdl.layers import catalogue as layer_catalogue
-from symdl.layers.sequences import catalogue as sequence_catalogue
-from symdl.optim import catalogue as optimizer_catalogue
-from symdl.testing import random_inputs
+from symdl.testing import load_module, random_inputs
 
 #: every module in generated/, by kind
 MODULES = sorted(p.stem for p in GENERATED.glob("*.py"))
-OPTIMIZERS = optimizer_catalogue()
+OPTIMIZERS = registry.definitions("optimizer")
 FORWARD_BACKWARD = [name for name in MODULES if name not in OPTIMIZERS]
 
 SINGLE_LAYOUTS = ("margin", "offset", "strided", "reversed", "fortran", "transposed")
@@ -58,7 +55,7 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 def test_the_generated_modules_are_the_catalogue():
     """Every file in generated/ is a catalogue layer, a scanned sequence or an optimizer."""
-    expected = set(layer_catalogue()) | set(sequence_catalogue()) | set(OPTIMIZERS)
+    expected = set(registry.entries())
     assert set(MODULES) == expected
 
 

@@ -14,11 +14,8 @@ import pytest
 import sympy as sp
 from conftest import ROOT
 
-from symdl import cache, cli
+from symdl import cache, cli, registry
 from symdl.cli import main
-from symdl.layers import catalogue
-from symdl.layers.sequences import catalogue as sequences
-from symdl.optim import catalogue as optimizers
 from symdl.spec import Layer
 
 DENSE = "y[n,o] = tanh(Sum(w[o,i]*x[n,i], i) + b[o])"
@@ -71,7 +68,7 @@ def test_generate_hit_is_byte_identical_to_an_uncached_run(
     plain = generate(capsys, tmp_path / "plain", *SOME, extra=["--no-cache"])
     first = generate(capsys, tmp_path / "first", *SOME)
     assert len(entries(cache_dir)) == len(SOME)
-    monkeypatch.setattr(cli, "_render", fail)  # a miss now fails the test
+    monkeypatch.setattr(registry, "source", fail)  # a miss now fails the test
     second = generate(capsys, tmp_path / "second", *SOME)
     assert plain == first == second
     assert set(plain) == {f"{n}.py" for n in SOME}
@@ -166,7 +163,7 @@ def test_derive_text_change_misses(tmp_path, cache_dir, capsys):
 
 
 def test_every_catalogue_entry_has_its_own_key():
-    everything = {**catalogue(), **sequences(), **optimizers()}
+    everything = registry.definitions()
     keys = {layer_key(layer, source="") for layer in everything.values()}
     assert len(keys) == len(everything)
 

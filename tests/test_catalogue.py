@@ -11,10 +11,10 @@ import pytest
 import references as R
 from conftest import load_generated
 
-from symdl.layers import catalogue
+from symdl import registry
 from symdl.testing import gradcheck, reference_forward
 
-LAYERS = catalogue()
+LAYERS = registry.definitions("layer")
 NAMES = list(LAYERS)
 
 #: finite differences in float64 (central, h = 1e-6): max relative error per argument

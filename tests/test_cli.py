@@ -17,17 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from symdl import registry
 from symdl.cli import build_parser, main
 from symdl.codegen import is_hand_edited
-from symdl.layers import catalogue
 from symdl.testing import gradcheck
 
-from symdl.optim import catalogue as _optimizers  # noqa: E402
-
-from symdl.layers.sequences import catalogue as _sequences  # noqa: E402
-
-LAYER_NAMES = list(catalogue())
-CATALOGUE = LAYER_NAMES + list(_sequences()) + list(_optimizers())
+LAYER_NAMES = list(registry.definitions("layer"))
+SEQUENCES = registry.definitions("sequence")
+OPTIMIZERS = registry.definitions("optimizer")
+CATALOGUE = list(registry.entries())
 SUBCOMMANDS = ("list", "show", "generate", "check", "derive", "report")
 
 DENSE = "y[n,o] = tanh(Sum(w[o,i]*x[n,i], i) + b[o]) + u[n,o]"
@@ -276,7 +274,7 @@ def test_report_shows_sequences_and_optimizers(capsys, tmp_path):
     assert "Update rule, in this order at every step" in text_of(adam)
     assert "Derived gradients" not in text_of(adam)
     maths = ["".join(m.itertext()) for m in adam.iter() if m.tag.endswith("}math")]
-    assert maths[0] == "t←t+1" and len(maths) == len(_optimizers()["adam"].updates)
+    assert maths[0] == "t←t+1" and len(maths) == len(OPTIMIZERS["adam"].updates)
     assert any(m.startswith("mt=β1") for m in maths), maths  # m_t = beta_1 m_{t-1} + ...
 
     code, out, err = run(capsys, "report", *names, "--format", "tex", "-o", tmp_path / "r.tex")
@@ -402,26 +400,24 @@ def test_check_two_layers(capsys):
     assert "2 passed, 0 failed" in lines[-1]
 
 
-@pytest.mark.parametrize("name", list(_sequences()) + list(_optimizers()))
+@pytest.mark.parametrize("name", list(SEQUENCES) + list(OPTIMIZERS))
 def test_check_sequences_and_optimizers(capsys, name):
     code, out, err = run(capsys, "check", name)
     assert code == 0, out + err
     lines = out.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"{name}: ok ("), out
     assert "1 passed, 0 failed" in lines[1]
-    if name in _optimizers():
-        assert "param" in lines[0] and all(s in lines[0] for s in _optimizers()[name].state)
+    if name in OPTIMIZERS:
+        assert "param" in lines[0] and all(s in lines[0] for s in OPTIMIZERS[name].state)
     else:
-        assert all(a in lines[0] for a in _sequences()[name].args)
+        assert all(a in lines[0] for a in SEQUENCES[name].args)
 
 
 def test_check_optimizer_finds_a_wrong_step():
-    from symdl.cli import load_module
-    from symdl.optim import optimizer_text
-    from symdl.testing import check_optimizer
+    from symdl.testing import check_optimizer, load_module
 
-    opt = _optimizers()["adam"]
-    text = optimizer_text(opt)
+    opt = OPTIMIZERS["adam"]
+    text = registry.source(registry.get("adam"))
     assert text.count("beta2 * exp_avg_sq") == 1
     wrong = load_module(text.replace("beta2 * exp_avg_sq", "beta1 * exp_avg_sq"), "adam")
     result = check_optimizer(wrong, opt)

@@ -14,10 +14,9 @@ import pytest
 from conftest import load_generated
 
 from symdl import derive
-from symdl.cli import load_module
 from symdl.codegen import generate_source
 from symdl.parse import parse_layer
-from symdl.testing import gradcheck, reference_forward
+from symdl.testing import gradcheck, load_module, reference_forward
 
 RTOL, ATOL = 1e-7, 1e-12
 CONV2D_CASES = [

@@ -8,10 +8,9 @@ import pytest
 import sympy as sp
 
 from symdl import derive
-from symdl.cli import load_module
 from symdl.codegen import generate_source
 from symdl.parse import parse_layer
-from symdl.testing import gradcheck, random_inputs, reference_forward
+from symdl.testing import gradcheck, load_module, random_inputs, reference_forward
 
 # name: (equations, declarations, what it exercises)
 CUSTOM = {
@@ -118,9 +117,9 @@ def test_tanh_backward_reuses_forward_output():
 
 
 def test_sigmoid_backward_reuses_forward_output():
-    from symdl.layers import catalogue
+    from symdl import registry
 
-    text = generate_source(catalogue()["sigmoid"], options={"blocked": False})
+    text = generate_source(registry.get("sigmoid").definition, options={"blocked": False})
     backward = text.split("def backward")[1].split("def _float_arg")[0]
     assert "np.exp" not in backward and "logaddexp" not in backward
     fused = "dx = 1 - y" in backward and "dx *= y" in backward  # in place, one buffer
@@ -128,17 +127,17 @@ def test_sigmoid_backward_reuses_forward_output():
 
 
 def test_softmax_backward_uses_cached_exponentials():
-    from symdl.layers import catalogue
+    from symdl import registry
 
-    text = generate_source(catalogue()["softmax"])
+    text = generate_source(registry.get("softmax").definition)
     backward = text.split("def backward")[1].split("def _float_arg")[0]
     assert "np.exp" not in backward
 
 
 def test_bias_gradient_reduces_over_the_batch():
-    from symdl.layers import catalogue
+    from symdl import registry
 
-    text = generate_source(catalogue()["linear"])
+    text = generate_source(registry.get("linear").definition)
     assert "dbias = dy.sum(axis=0)" in text
     assert "dweight = dy.T @ x" in text and "dx = dy @ weight" in text
 

@@ -85,11 +85,11 @@ from hypothesis.control import currently_in_test_context
 import symdl.cli
 import symdl.parse
 from symdl import derive
-from symdl.cli import load_module, main
+from symdl.cli import main
 from symdl.codegen import generate_source
 from symdl.errors import ParseError, SymdlError
 from symdl.parse import parse_layer
-from symdl.testing import gradcheck, random_inputs, reference_forward
+from symdl.testing import gradcheck, load_module, random_inputs, reference_forward
 
 GENERATED = Path(__file__).resolve().parents[1] / "generated"
 

@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from symdl import derive
-from symdl.cli import load_module
+from symdl import derive, registry
 from symdl.codegen import generate_source
 from symdl.errors import SymdlError
-from symdl.layers import catalogue
 from symdl.parse import parse_layer
 from symdl.report import highlight_python, report_html, report_tex, show, write_report
 from symdl.steps import (
@@ -30,9 +28,10 @@ from symdl.steps import (
     steps_latex,
     steps_text,
 )
+from symdl.testing import load_module
 
 ROOT = Path(__file__).resolve().parents[1]
-CATALOGUE = catalogue()
+CATALOGUE = registry.definitions("layer")
 
 
 def custom_layer():
@@ -126,7 +125,7 @@ def test_notation_and_greek_hyperparameters():
 
 
 def test_conv2d_expansion_is_the_textbook_one():
-    e = expand("conv2d", {"N": 1, "C": 1, "H": 3, "W": 3, "KH": 2, "KW": 2, "F": 1})
+    e = expand(CATALOGUE["conv2d"], {"N": 1, "C": 1, "H": 3, "W": 3, "KH": 2, "KW": 2, "F": 1})
     assert e.sizes["OH"] == 2 and e.sizes["OW"] == 2
     x = e.symbols["x"][0, 0]
     w = e.symbols["weight"][0, 0]
@@ -201,7 +200,7 @@ def test_expanded_gradients_equal_the_generated_backward(name, inline, rng):
 
 
 def test_softmax_program_mode_lists_the_named_tensors():
-    e = expand("softmax", {"N": 1, "C": 2}, inline=False)
+    e = expand(CATALOGUE["softmax"], {"N": 1, "C": 2}, inline=False)
     text = e.text()
     assert "s[0] = e[0, 0] + e[0, 1]" in text
     assert "dL/dx[0, 0] = dL/de[0, 0]*e[0, 0]" in text
@@ -212,17 +211,19 @@ def test_expand_errors():
     with pytest.raises(
         ExpandError, match=r"requires a size for every dimension, got none for H, W"
     ):
-        expand("conv2d", {"N": 1, "C": 1, "F": 1, "KH": 2, "KW": 2})
+        expand(CATALOGUE["conv2d"], {"N": 1, "C": 1, "F": 1, "KH": 2, "KW": 2})
     with pytest.raises(ExpandError, match=r"requires at most 400 elements, got \d+"):
-        expand("linear", {"N": 20, "in": 20, "out": 20})
+        expand(CATALOGUE["linear"], {"N": 20, "in": 20, "out": 20})
     with pytest.raises(ExpandError, match="requires dimension or hyperparameter names, got 'Q'"):
-        expand("linear", {"N": 1, "in": 1, "out": 1, "Q": 2})
+        expand(CATALOGUE["linear"], {"N": 1, "in": 1, "out": 1, "Q": 2})
     with pytest.raises(ExpandError, match="requires no size"):
-        expand("conv2d", {"N": 1, "C": 1, "H": 3, "W": 3, "F": 1, "KH": 2, "KW": 2, "OH": 5})
+        expand(CATALOGUE["conv2d"], {"N": 1, "C": 1, "H": 3, "W": 3, "F": 1, "KH": 2, "KW": 2, "OH": 5})
     with pytest.raises(ExpandError, match="requires a value of hyperparameter 'kernel_size'"):
-        expand("max_pool2d", {"N": 1, "C": 1, "H": 3, "W": 3})
+        expand(CATALOGUE["max_pool2d"], {"N": 1, "C": 1, "H": 3, "W": 3})
     with pytest.raises(ExpandError, match="window does not fit"):
-        expand("conv2d", {"N": 1, "C": 1, "H": 1, "W": 1, "F": 1, "KH": 2, "KW": 2})
+        expand(CATALOGUE["conv2d"], {"N": 1, "C": 1, "H": 1, "W": 1, "F": 1, "KH": 2, "KW": 2})
+    with pytest.raises(SymdlError, match=r"registry.get\('linear'\).definition"):
+        expand("linear", {"N": 1, "in": 1, "out": 1})  # names belong to the catalogue
     assert issubclass(ExpandError, SymdlError)
 
 
@@ -234,7 +235,7 @@ def test_parse_sizes():
         "stride": 2,
         "eps": 0.5,
     }
-    e = expand("max_pool2d", parse_sizes("N=1,C=1,H=3,W=3,kernel_size=2,stride=1"))
+    e = expand(CATALOGUE["max_pool2d"], parse_sizes("N=1,C=1,H=3,W=3,kernel_size=2,stride=1"))
     assert e.sizes["OH"] == 2
     with pytest.raises(ExpandError, match="NAME=VALUE"):
         parse_sizes("N")

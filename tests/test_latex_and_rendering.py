@@ -13,9 +13,10 @@ import zlib
 import pytest
 from conftest import GENERATED, ROOT, load_generated
 
-from symdl.cli import _select, main
-from symdl.latex import formulas
+from symdl import registry
+from symdl.cli import main
 from symdl.derive import derive
+from symdl.latex import formulas
 
 
 def _katex_available() -> bool:
@@ -45,14 +46,14 @@ def _emitted_latex(capsys):
     for path in sorted(GENERATED.glob("*.py")):  # FORMULAS of every generated module
         module = load_generated(path.stem)
         items += [(f"{path.stem}.FORMULAS[{k}]", v) for k, v in module.FORMULAS.items()]
-    for entry in _select([], optimizers=True):  # symdl show NAME --latex
+    for entry in registry.entries().values():  # symdl show NAME --latex
         for notation in ("partial", "bar"):
             assert main(["show", entry.name, "--latex", "--notation", notation]) == 0
             out = capsys.readouterr().out
             tex = [line for line in out.splitlines() if line and not line.startswith("%")]
             items += [(f"show {entry.name} --latex ({notation})", t) for t in tex]
     for name in ("linear", "softmax"):
-        items += [(f"formulas({name}, bar)", v) for v in formulas(derive(_select([name])[0]), "bar").values()]
+        items += [(f"formulas({name}, bar)", v) for v in formulas(derive(registry.get(name).definition), "bar").values()]
     return items
 
 

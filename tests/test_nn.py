@@ -361,8 +361,9 @@ def test_gradients_accumulate_over_shared_layers(rng):
 
 
 def test_errors_name_the_problem(rng, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no generated module 'nonesuch'"):
+    with pytest.raises(FileNotFoundError, match="no generated module 'nonesuch'") as err:
         nn.load("nonesuch")
+    assert "symdl derive nonesuch" in str(err.value)  # not in the catalogue: derive it
     with pytest.raises(FileNotFoundError, match="symdl generate lstm"):
         nn.load("lstm", directory=tmp_path)
     with pytest.raises(ValueError, match=r"requires the parameters \(weight, bias\)"):

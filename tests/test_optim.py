@@ -12,20 +12,14 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from symdl.cli import load_module
+from symdl import registry
+from symdl.cli import main
 from symdl.codegen import is_hand_edited
-from symdl.errors import SpecError
-from symdl.optim import (
-    Optimizer,
-    catalogue,
-    generate_optimizers,
-    get,
-    optimizer_latex,
-    optimizer_source,
-    optimizer_text,
-)
+from symdl.errors import SpecError, SymdlError
+from symdl.optim import ZEROS, Optimizer, optimizer_latex, optimizer_source
+from symdl.testing import load_module
 
-OPTIMIZERS = catalogue()
+OPTIMIZERS = registry.definitions("optimizer")
 NAMES = list(OPTIMIZERS)
 CASES = [
     pytest.param(name, case, id=f"{name}-{i}")
@@ -255,27 +249,35 @@ def test_latex_marks_time_steps():
     assert r"\sqrt{v_{t}}" in tex["param"] and r"\epsilon" in tex["param"]
 
 
-def test_generate_and_check(tmp_path):
-    written = generate_optimizers(tmp_path, ["sgd", "adam"])
-    assert written == ["sgd", "adam"]
+def test_generate_and_check(tmp_path, capsys):
+    out = str(tmp_path)
+    assert main(["generate", "--no-cache", "-o", out, "sgd", "adam"]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.py")) == ["adam.py", "sgd.py"]
-    assert generate_optimizers(tmp_path, ["sgd", "adam"], check=True) == []
+    assert main(["generate", "--check", "-o", out, "sgd", "adam"]) == 0
     (tmp_path / "adam.py").write_text("# stale\n", encoding="utf-8")
-    assert generate_optimizers(tmp_path, ["sgd", "adam", "rmsprop"], check=True) == [
-        "adam",
-        "rmsprop",
-    ]
+    capsys.readouterr()
+    assert main(["generate", "--check", "-o", out, "sgd", "adam", "rmsprop"]) == 1
+    said = capsys.readouterr().out
+    assert "2 of 3 modules" in said and "adam (" in said and "rmsprop (missing)" in said
     assert (tmp_path / "adam.py").read_text(encoding="utf-8") == "# stale\n"
-    with pytest.raises(SpecError, match="known: sgd, sgd_momentum"):
-        generate_optimizers(tmp_path, ["adagrad"])
+    assert main(["generate", "-o", out, "adagrad"]) == 2
+    assert "known: " in capsys.readouterr().err
 
 
-def test_optimizer_text_by_name_or_object():
-    text = optimizer_text("adam")
-    assert text == optimizer_text(get("adam"))
+def test_catalogue_optimizers_name_their_file():
+    entry = registry.get("adam")
+    text = registry.source(entry)
+    assert text == optimizer_source(entry.definition, entry.source, "symdl generate adam")
     assert "from symdl/layers/optimizers.py" in text and "symdl generate adam" in text
-    with pytest.raises(SpecError, match="requires a catalogue name"):
-        get("adagrad")
+    assert "from the optimizer 'adam'" in optimizer_source(entry.definition)
+    with pytest.raises(SymdlError, match="requires a catalogue name"):
+        registry.get("adagrad")
+
+
+def test_the_declarations_use_the_engine_vocabulary():
+    from symdl.layers import optimizers
+
+    assert optimizers.ZEROS == ZEROS
 
 
 def test_output_is_deterministic_across_hash_seeds(tmp_path):
@@ -283,8 +285,8 @@ def test_output_is_deterministic_across_hash_seeds(tmp_path):
     for seed in ("1", "2"):
         out = tmp_path / seed
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        code = f"from symdl.optim import generate_optimizers; generate_optimizers({str(out)!r})"
-        subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)
+        argv = ["-m", "symdl", "generate", "--no-cache", "-o", str(out), *NAMES]
+        subprocess.run([sys.executable, *argv], check=True, env=env, cwd=ROOT)
         outputs.append({p.name: p.read_bytes() for p in sorted(out.glob("*.py"))})
     assert outputs[0] == outputs[1] and len(outputs[0]) == len(NAMES)
 

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import references as R
 
-from symdl import derive
-from symdl.cli import load_module
+from symdl import derive, registry
 from symdl.codegen import generate_source
 from symdl.errors import LowerError
-from symdl.layers import catalogue
 from symdl.lower import OPTIMIZATIONS, lower
+from symdl.testing import load_module
 
-LAYERS = catalogue()
+LAYERS = registry.definitions("layer")
 PLAIN = {name: False for name in OPTIMIZATIONS}
 NAMES = [
     "linear",

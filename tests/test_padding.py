@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from symdl import derive
-from symdl.cli import load_module, main
+from symdl.cli import main
 from symdl.codegen import generate_source
 from symdl.errors import SymdlError
 from symdl.parse import parse_layer
-from symdl.testing import gradcheck, reference_forward
+from symdl.testing import gradcheck, load_module, reference_forward
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -17,17 +17,15 @@ import numpy as np
 import pytest
 import references as R
 
-from symdl import codegen
-from symdl.cli import load_module
+from symdl import codegen, registry
 from symdl.derive import derive
-from symdl.layers import catalogue
-from symdl.layers.sequences import catalogue as sequences
 from symdl.lower import OPTIMIZATIONS
 from symdl.scan import OPTIMIZATIONS as SCAN_OPTIMIZATIONS
 from symdl.scan import sequence_source
+from symdl.testing import load_module
 
-LAYERS = catalogue()
-SEQUENCES = sequences()
+LAYERS = registry.definitions("layer")
+SEQUENCES = registry.definitions("sequence")
 
 
 def _variants(switches) -> dict[str, dict[str, bool]]:

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from conftest import GENERATED, load_generated
 
-from symdl.cli import load_module
+from symdl import registry
 from symdl.codegen import generate_source, is_hand_edited
 from symdl.errors import SpecError
 from symdl.parse import parse_layer
 from symdl.scan import scan_layer, sequence_source
-from symdl.testing import gradcheck
+from symdl.testing import gradcheck, load_module
 
 torch = pytest.importorskip("torch")
 
@@ -43,9 +43,16 @@ _modules: dict = {}
 
 
 def _cell_layer(name):
-    from symdl.layers.recurrent import LAYERS
+    return registry.get(name, "layer").definition
 
-    return {layer.name: layer for layer in LAYERS}[name]
+
+def render(name):
+    """The engine's text of the catalogue sequence ``name`` (nothing is written)."""
+    return registry.source(registry.get(name, "sequence"))
+
+
+def get(name):
+    return registry.get(name, "sequence").definition
 
 
 def cell_module(name):
@@ -63,8 +70,6 @@ def seq_module(name):
         if (GENERATED / f"{name}.py").exists():
             _modules[name] = load_generated(name)
         else:
-            from symdl.layers.sequences import render
-
             _modules[name] = load_module(render(name), name)
     return _modules[name]
 
@@ -355,8 +360,6 @@ def test_float32_preserved(name, rng):
 
 @pytest.mark.parametrize("name", SEQS)
 def test_sequence_contract(name):
-    from symdl.layers.sequences import render
-
     text = render(name)
     module = seq_module(name)
     lstm = name == "lstm"
@@ -435,8 +438,6 @@ def test_blas_calls_per_sequence(name):
     """Input projections for all T steps are one GEMM forward and two backward (dW_ih over all
     T*B rows and dx); each step does one GEMM forward (h W_hh^T) and one backward (dh); dW_hh
     is one GEMM over all T*B rows after the loop."""
-    from symdl.layers.sequences import render
-
     text = render(name)
     assert _contractions(_function_source(text, "_hoisted_forward")) == 1
     assert _contractions(_function_source(text, "_hoisted_backward")) == 2
@@ -470,7 +471,6 @@ def test_sequence_cache_keeps_no_parameter_per_step(rng):
 
 
 def test_show_helpers():
-    from symdl.layers.sequences import get, render
     from symdl.scan import report, sequence_formulas
 
     seq = get("gru")
@@ -526,8 +526,6 @@ def _two_seq():
 
 
 def _scans():
-    from symdl.layers.sequences import get
-
     return {
         **{name: get(name) for name in SEQS},
         "mgu": scan_layer(mgu_cell(), "mgu", per_step="x", state={"h": "h1"}),
@@ -622,8 +620,6 @@ def test_no_parameter_gradient_inside_the_backward_loop(name):
 def test_shared_gate_gradient_is_one_array():
     """The LSTM's gradients with respect to the two gate projections are the same array: the
     step builds it once and one (T, B, 4H) buffer feeds dW_ih, dx, dW_hh and both biases."""
-    from symdl.layers.sequences import render
-
     text = render("lstm")
     step = _function_source(text, "_step_backward")
     assert step.count("np.zeros(") + step.count("[...] = 0") == 0  # blocks tile it

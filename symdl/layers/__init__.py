@@ -1,27 +1,10 @@
-"""The built-in layer catalogue: one family per module, equations and test metadata only."""
+"""The built-in catalogue's definitions: equations and test metadata only, one family per module.
 
-from __future__ import annotations
+``FAMILIES`` are the modules of layers (each a ``LAYERS`` list), in ``symdl list`` order;
+sequences.py declares the sequence layers (scans of recurrent cells) and optimizers.py the
+update rules. symdl/registry.py turns all of them into the one catalogue every command uses.
+"""
 
-from ..errors import SpecError, unknown_name
-from ..spec import Layer
 from . import activations, attention, convolution, dense, losses, normalization, recurrent
 
 FAMILIES = (activations, dense, losses, normalization, convolution, recurrent, attention)
-
-
-def catalogue() -> dict[str, Layer]:
-    """Every built-in layer by name, in catalogue order."""
-    out: dict[str, Layer] = {}
-    for family in FAMILIES:
-        for layer in family.LAYERS:
-            if layer.name in out:
-                raise SpecError(f"layer names require uniqueness, got {layer.name!r} twice")
-            out[layer.name] = layer
-    return out
-
-
-def get(name: str) -> Layer:
-    layers = catalogue()
-    if name not in layers:
-        raise unknown_name("layer", name, layers)
-    return layers[name]

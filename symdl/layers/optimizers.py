@@ -4,11 +4,15 @@ Each equation ``(target, expression)`` sees what the equations above it assigned
 ``grad`` are arrays; states are arrays starting at zero or the step counter ``t`` starting at 0
 (incremented first, so the first step runs with ``t == 1``); hyperparameters are scalars.
 Nothing here is NumPy: the code comes from ``symdl.optim``.
+
+Declarations only: each entry of ``OPTIMIZERS`` holds the keywords of
+:class:`symdl.optim.Optimizer` (symdl/registry.py builds the optimizers from them).
 """
 
 import sympy as sp
 
-from ..optim import ZEROS, Optimizer
+#: The initial value of an array state: zeros like ``param`` (``symdl.optim.ZEROS``).
+ZEROS = "zeros"
 
 param, grad, g = sp.symbols("param grad g")  # g: the gradient after L2 weight decay
 exp_avg, exp_avg_sq, square_avg, momentum_buffer, update = sp.symbols(
@@ -55,21 +59,21 @@ ADAM_HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8}
 # ``checks`` holds what the tests need: the torch.optim reference and hyperparameter sets on
 # which the trajectories are compared.
 OPTIMIZERS = [
-    Optimizer(
-        "sgd",
-        [L2, (param, param - lr * g)],
-        hyper={"lr": None, "weight_decay": 0.0},
-        doc="stochastic gradient descent with optional L2 weight decay",
-        tex=TEX,
-        requires=NONNEGATIVE,
-        checks={
+    {
+        "name": "sgd",
+        "updates": [L2, (param, param - lr * g)],
+        "hyper": {"lr": None, "weight_decay": 0.0},
+        "doc": "stochastic gradient descent with optional L2 weight decay",
+        "tex": TEX,
+        "requires": NONNEGATIVE,
+        "checks": {
             "reference": "torch.optim.SGD",
             "cases": [{"lr": 0.1}, {"lr": 0.05, "weight_decay": 0.1}],
         },
-    ),
-    Optimizer(
-        "sgd_momentum",
-        [
+    },
+    {
+        "name": "sgd_momentum",
+        "updates": [
             (t, t + 1),
             L2,
             # torch starts the buffer at the first gradient, not at zero
@@ -86,23 +90,23 @@ OPTIMIZERS = [
             ),
             (param, param - lr * update),
         ],
-        hyper={
+        "hyper": {
             "lr": None,
             "momentum": None,
             "dampening": 0.0,
             "nesterov": False,
             "weight_decay": 0.0,
         },
-        state={"momentum_buffer": ZEROS, "t": 0},
-        doc="SGD with (optionally Nesterov) momentum and L2 weight decay",
-        tex=TEX,
-        requires=[
+        "state": {"momentum_buffer": ZEROS, "t": 0},
+        "doc": "SGD with (optionally Nesterov) momentum and L2 weight decay",
+        "tex": TEX,
+        "requires": [
             *NONNEGATIVE,
             momentum > 0,
             dampening >= 0,
             sp.Or(sp.Not(nesterov), sp.Eq(dampening, 0)),
         ],
-        checks={
+        "checks": {
             "reference": "torch.optim.SGD",
             "cases": [
                 {"lr": 0.05, "momentum": 0.9},
@@ -111,59 +115,59 @@ OPTIMIZERS = [
                 {"lr": 0.05, "momentum": 0.7, "nesterov": True, "weight_decay": 0.05},
             ],
         },
-    ),
-    Optimizer(
-        "rmsprop",
-        [
+    },
+    {
+        "name": "rmsprop",
+        "updates": [
             L2,
             (square_avg, alpha * square_avg + (1 - alpha) * g**2),
             (param, param - lr * g / (sp.sqrt(square_avg) + eps)),
         ],
-        hyper={"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0},
-        state={"square_avg": ZEROS},
-        doc="RMSprop (not centered, no momentum) with L2 weight decay; eps outside the sqrt",
-        tex=TEX,
-        requires=[*NONNEGATIVE, alpha >= 0, eps >= 0],
-        checks={
+        "hyper": {"lr": 0.01, "alpha": 0.99, "eps": 1e-8, "weight_decay": 0.0},
+        "state": {"square_avg": ZEROS},
+        "doc": "RMSprop (not centered, no momentum) with L2 weight decay; eps outside the sqrt",
+        "tex": TEX,
+        "requires": [*NONNEGATIVE, alpha >= 0, eps >= 0],
+        "checks": {
             "reference": "torch.optim.RMSprop",
             "cases": [{}, {"lr": 0.003, "alpha": 0.9, "eps": 1e-6, "weight_decay": 0.1}],
         },
-    ),
-    Optimizer(
-        "adam",
-        [(t, t + 1), L2, *adam_moments(g), (param, param - ADAM_STEP)],
-        hyper={**ADAM_HYPER, "weight_decay": 0.0},
-        state={"exp_avg": ZEROS, "exp_avg_sq": ZEROS, "t": 0},
-        doc="Adam (Kingma and Ba, 2015) with L2 weight decay added to the gradient",
-        tex=TEX,
-        requires=[*NONNEGATIVE, *BETAS],
-        checks={
+    },
+    {
+        "name": "adam",
+        "updates": [(t, t + 1), L2, *adam_moments(g), (param, param - ADAM_STEP)],
+        "hyper": {**ADAM_HYPER, "weight_decay": 0.0},
+        "state": {"exp_avg": ZEROS, "exp_avg_sq": ZEROS, "t": 0},
+        "doc": "Adam (Kingma and Ba, 2015) with L2 weight decay added to the gradient",
+        "tex": TEX,
+        "requires": [*NONNEGATIVE, *BETAS],
+        "checks": {
             "reference": "torch.optim.Adam",
             "cases": [
                 {},
                 {"lr": 0.01, "beta1": 0.8, "beta2": 0.99, "eps": 1e-6, "weight_decay": 0.1},
             ],
         },
-    ),
-    Optimizer(
-        "adamw",
-        [
+    },
+    {
+        "name": "adamw",
+        "updates": [
             (t, t + 1),
             *adam_moments(grad),
             # decoupled weight decay: torch multiplies param by (1 - lr*weight_decay) first
             (param, param * (1 - lr * weight_decay) - ADAM_STEP),
         ],
-        hyper={**ADAM_HYPER, "weight_decay": 1e-2},
-        state={"exp_avg": ZEROS, "exp_avg_sq": ZEROS, "t": 0},
-        doc="AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay",
-        tex=TEX,
-        requires=[*NONNEGATIVE, *BETAS],
-        checks={
+        "hyper": {**ADAM_HYPER, "weight_decay": 1e-2},
+        "state": {"exp_avg": ZEROS, "exp_avg_sq": ZEROS, "t": 0},
+        "doc": "AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay",
+        "tex": TEX,
+        "requires": [*NONNEGATIVE, *BETAS],
+        "checks": {
             "reference": "torch.optim.AdamW",
             "cases": [
                 {},
                 {"lr": 0.01, "beta1": 0.85, "beta2": 0.95, "eps": 1e-7, "weight_decay": 0.2},
             ],
         },
-    ),
+    },
 ]
