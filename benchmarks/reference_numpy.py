@@ -2,8 +2,9 @@
 
 These are what an expert writes by hand with NumPy alone: BLAS matrix products for every
 contraction, im2col (a strided view plus one copy) and one GEMM for convolutions, col2im by
-slice-adds over the kernel offsets, fused and in-place elementwise expressions, and no Python
-loop over elements (loops only over kernel offsets and over time steps).
+slice-adds over the kernel offsets, fused and in-place elementwise expressions run block by
+block so that a chain of passes stays in cache, and no Python loop over elements (loops only
+over blocks, kernel offsets and time steps).
 
 Every layer follows the contract of the generated modules, so the benchmark drives both the
 same way:
@@ -12,11 +13,10 @@ same way:
     grads = NAME_backward(dout, cache)        # one gradient per positional argument
 
 Semantics and parameter layouts match PyTorch (see /work/shared/CATALOGUE.md). ``REFERENCES``
-maps a layer name to its ``(forward, backward)`` pair. Depends on NumPy only; ``gelu`` uses
-``scipy.special.erf`` in float64 when SciPy is importable (see ``ERF_SOURCE``).
+maps a layer name to its ``(forward, backward)`` pair. Depends on NumPy only (``ERF_SOURCE``
+says how ``gelu`` computes erf).
 """
 
-import importlib.util
 import math
 
 import numpy as np
@@ -26,6 +26,13 @@ __all__ = ["ERF_SOURCE", "REFERENCES"]
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _blocks(size, itemsize, target=1 << 18):
+    """Slices covering ``range(size)`` in blocks of about ``target`` bytes (256 KiB): a chain of
+    elementwise passes over one block stays in cache."""
+    step = max(1, target // itemsize)
+    return [slice(k, k + step) for k in range(0, size, step)]
 
 
 def _sigmoid_(a):
@@ -83,77 +90,118 @@ def sigmoid_backward(dy, cache):
     return (dx,)
 
 
-_HAVE_SCIPY = importlib.util.find_spec("scipy") is not None  # imported lazily, float64 only
 ERF_SOURCE = (
-    "float32: Numerical Recipes erfc Chebyshev fit (rel. err < 1.2e-7); float64: "
-    + ("scipy.special.erfc" if _HAVE_SCIPY else "the same fit (SciPy not found)")
+    "branch-free rational fit of 1 - erfcx with expm1, same coefficients as symdl's helper "
+    "(benchmarks/fit_erf.py): ~2 ulp in float32 and float64"
 )
 
-# Numerical Recipes (2nd ed., erfcc): erfc(z) = t*exp(-z^2 + P(t)), t = 1/(1 + z/2), z >= 0,
-# fractional error < 1.2e-7 everywhere: float32 accuracy in both tails.
-_ERFC_P = (
-    -1.26551223,
-    1.00002368,
-    0.37409196,
-    0.09678418,
-    -0.18628806,
-    0.27886807,
-    -1.13520398,
-    1.48851587,
-    -0.82215223,
-    0.17087277,
-)
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _half_erfc_abs(x):
-    """0.5 * erfc(|x| / sqrt(2)) in x's dtype, i.e. the normal CDF at -|x|."""
-    if x.dtype == np.float64 and _HAVE_SCIPY:
-        from scipy.special import erfc
-
-        z = np.abs(x)
-        z *= _INV_SQRT2
-        e = erfc(z)
-        e *= 0.5
-        return e
-    z = np.abs(x)
-    z *= _INV_SQRT2
-    t = z * 0.5
-    t += 1
-    np.reciprocal(t, out=t)
-    p = t * _ERFC_P[-1]  # Horner: p = t*(c1 + t*(c2 + ... + t*c9))
-    for c in _ERFC_P[-2:0:-1]:
-        p += c
-        p *= t
-    p += _ERFC_P[0]
-    z *= z
-    p -= z
-    np.exp(p, out=p)
-    p *= t
-    p *= 0.5
-    return p
+# erf(a) = G + A (1 - G), A = -expm1(-a^2), G = a + a P(a) / Q(a), a = min(|x|, XMAX); P's
+# leading coefficient -1 and Q's leading 1 not stored (see benchmarks/fit_erf.py)
+_ERF = {
+    np.dtype(np.float64): (
+        6.0,
+        (71.94443849398584, -381.56123496293833, -773.901003507441, -645.3957850283145,
+         -302.83376228906707, -85.26751114646967, -13.746651731780492),
+        (560.4058674135191, 1393.0969992781356, 1539.4174120045213, 983.5199567416935,
+         393.9651749314381, 99.44988281497989, 14.74665471474452),
+    ),
+    np.dtype(np.float32): (
+        4.0,
+        (1.5844811, -9.338971, -11.822731, -5.5419126),
+        (12.342198, 23.393404, 17.808483, 6.5413613),
+    ),
+}
 
 
 def gelu_forward(x):
-    # Phi(x) = 1 - e for x >= 0, e for x < 0, with e = 0.5*erfc(|x|/sqrt 2): accurate in both tails
-    e = _half_erfc_abs(x)
-    cdf = e
-    np.subtract(1, e, out=cdf, where=x >= 0)
-    y = x * cdf
-    return y, {"x": x, "cdf": cdf}
+    """y = x Phi(x), Phi(x) = (1 + erf(x / sqrt 2)) / 2; the cache holds the derivative
+    Phi(x) + x phi(x), computed here while x is in cache (backward is then one multiply)."""
+    xmax, p, q = _ERF[x.dtype]
+    bits = np.dtype(f"u{x.itemsize}")
+    sign_bit = bits.type(1) << bits.type(8 * x.itemsize - 1)
+    xf = x.reshape(-1)
+    y, k = np.empty_like(xf), np.empty_like(xf)
+    size = min(xf.size, max(1, (1 << 18) // x.itemsize))
+    a, z, num, den = np.empty((4, size), dtype=x.dtype)
+    sign = np.empty(size, dtype=bits)
+    for sl in _blocks(xf.size, x.itemsize):
+        xs, ys, ks = xf[sl], y[sl], k[sl]
+        n = xs.size
+        an, zn, pn, qn, sn = a[:n], z[:n], num[:n], den[:n], sign[:n]
+        np.bitwise_and(xs.view(bits), sign_bit, out=sn)
+        np.abs(xs, out=an)
+        an *= _INV_SQRT2
+        np.minimum(an, 100.0, out=an)  # exp(-a^2) = exp(-x^2 / 2) is 0 beyond
+        np.multiply(an, an, out=zn)
+        np.negative(zn, out=zn)
+        np.expm1(zn, out=zn)  # m = expm1(-x^2 / 2)
+        np.minimum(an, xmax, out=an)
+        np.subtract(p[-1], an, out=pn)
+        for c in p[-2::-1]:
+            pn *= an
+            pn += c
+        np.add(an, q[-1], out=qn)
+        for c in q[-2::-1]:
+            qn *= an
+            qn += c
+        pn /= qn
+        pn *= an
+        pn += an  # G
+        np.subtract(1, pn, out=qn)
+        qn *= zn
+        pn -= qn  # erf(|x| / sqrt 2) = G - m (1 - G)
+        np.bitwise_or(pn.view(bits), sn, out=pn.view(bits))
+        pn *= 0.5
+        pn += 0.5  # Phi(x)
+        np.multiply(xs, pn, out=ys)
+        zn += 1  # exp(-x^2 / 2)
+        zn *= xs
+        zn *= _INV_SQRT_2PI
+        np.add(zn, pn, out=ks)  # Phi(x) + x phi(x)
+    return y.reshape(x.shape), {"k": k.reshape(x.shape)}
 
 
 def gelu_backward(dy, cache):
-    x, cdf = cache["x"], cache["cdf"]
-    dx = x * x  # dx = dy * (Phi(x) + x * phi(x))
-    dx *= -0.5
-    np.exp(dx, out=dx)
-    dx *= x
-    dx *= _INV_SQRT_2PI
-    dx += cdf
-    dx *= dy
-    return (dx,)
+    return (dy * cache["k"],)
+
+
+_GELU_C1 = math.sqrt(2.0 / math.pi)
+_GELU_C2 = 0.044715 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh_forward(x):
+    """y = x h, h = (1 + tanh(u)) / 2, u = sqrt(2/pi) (x + 0.044715 x^3) = x (C1 + C2 x^2);
+    the cache holds dy/dx = h + 2 x h (1 - h) (C1 + 3 C2 x^2), computed while x is in cache."""
+    xf = x.reshape(-1)
+    y, k = np.empty_like(xf), np.empty_like(xf)
+    size = min(xf.size, max(1, (1 << 18) // x.itemsize))
+    z, h, w = np.empty((3, size), dtype=x.dtype)
+    for sl in _blocks(xf.size, x.itemsize):
+        xs, ys, ks = xf[sl], y[sl], k[sl]
+        n = xs.size
+        zn, hn, wn = z[:n], h[:n], w[:n]
+        np.multiply(xs, xs, out=zn)
+        np.multiply(zn, _GELU_C2, out=hn)
+        hn += _GELU_C1
+        hn *= xs
+        np.tanh(hn, out=hn)
+        hn *= 0.5
+        hn += 0.5  # h
+        np.multiply(xs, hn, out=ys)
+        np.multiply(zn, 6 * _GELU_C2, out=wn)
+        wn += 2 * _GELU_C1
+        wn *= xs  # 2 x u'(x)
+        np.subtract(1, hn, out=ks)
+        ks *= hn
+        ks *= wn
+        ks += hn
+    return y.reshape(x.shape), {"k": k.reshape(x.shape)}
+
+
+def gelu_tanh_backward(dy, cache):
+    return (dy * cache["k"],)
 
 
 # --------------------------------------------------------------------------- softmax, losses
@@ -198,32 +246,59 @@ def cross_entropy_backward(dL, cache):
 
 
 def layer_norm_forward(x, weight, bias, *, eps=1e-5):
+    """Rows are independent: each block of rows (about 256 KiB) goes through all its passes
+    while in cache. Per block: the mean as one matrix-vector product, x - mean into xhat (the
+    cache), the variance of it as one einsum, xhat scaled in place, y = xhat * weight + bias."""
     D = x.shape[-1]
     x2 = x.reshape(-1, D)
-    xhat = x2 - x2.mean(axis=1, keepdims=True)
-    var = np.einsum("nd,nd->n", xhat, xhat) / D
-    rstd = 1 / np.sqrt(var + eps)
-    xhat *= rstd[:, None]
-    y = xhat * weight
-    y += bias
+    N = x2.shape[0]
+    xhat, y = np.empty_like(x2), np.empty_like(x2)
+    rstd = np.empty(N, dtype=x2.dtype)
+    mean_of = np.full(D, 1.0 / D, dtype=x2.dtype)
+    for r in _blocks(N, D * x2.itemsize):
+        xr, hr, yr, sr = x2[r], xhat[r], y[r], rstd[r]
+        np.subtract(xr, (xr @ mean_of)[:, None], out=hr)
+        np.einsum("nd,nd->n", hr, hr, out=sr)
+        sr *= 1.0 / D
+        sr += eps
+        np.sqrt(sr, out=sr)
+        np.divide(1, sr, out=sr)
+        hr *= sr[:, None]
+        np.multiply(hr, weight, out=yr)
+        yr += bias
     return y.reshape(x.shape), {"xhat": xhat, "rstd": rstd, "weight": weight}
 
 
 def layer_norm_backward(dy, cache):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight, block by block of
+    rows: mean(g) and mean(g * xhat) as matrix-vector products with weight, the parameter
+    gradients summed over the blocks."""
     xhat, rstd, weight = cache["xhat"], cache["rstd"], cache["weight"]
-    shape = dy.shape
-    D = xhat.shape[1]
-    dy2 = dy.reshape(-1, D)
-    dbias = dy2.sum(axis=0)
-    dweight = np.einsum("nd,nd->d", dy2, xhat)
-    g = dy2 * weight  # dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
-    a = g.mean(axis=1)
-    b = np.einsum("nd,nd->n", g, xhat) / D
-    t = xhat * b[:, None]
-    g -= a[:, None]
-    g -= t
-    g *= rstd[:, None]
-    return g.reshape(shape), dweight, dbias
+    N, D = xhat.shape
+    dy2 = dy.reshape(N, D)
+    dx = np.empty_like(dy2)
+    dweight = np.zeros(D, dtype=dy2.dtype)
+    dbias = np.zeros(D, dtype=dy2.dtype)
+    blocks = _blocks(N, D * dy2.itemsize)
+    work = np.empty((min(N, blocks[0].stop) if blocks else 0, D), dtype=dy2.dtype)
+    for r in blocks:
+        g, h, o, s = dy2[r], xhat[r], dx[r], rstd[r]
+        t = work[: g.shape[0]]
+        dbias += g.sum(axis=0)
+        np.multiply(g, h, out=t)
+        dweight += t.sum(axis=0)
+        b = t @ weight  # D * mean(g * xhat)
+        b *= s
+        b *= -1.0 / D
+        a = g @ weight  # D * mean(g)
+        a *= s
+        a *= -1.0 / D
+        np.multiply(h, b[:, None], out=t)
+        np.multiply(g, weight, out=o)
+        o *= s[:, None]
+        o += t
+        o += a[:, None]
+    return dx.reshape(dy.shape), dweight, dbias
 
 
 def batch_norm_forward(x, weight, bias, *, eps=1e-5):
@@ -306,6 +381,9 @@ def max_pool2d_forward(x, *, kernel_size, stride=None, padding=0):
     s = k if stride is None else int(stride)
     p = int(padding)
     N, C, H, W = x.shape
+    if k == s == 2 and p == 0:
+        y, idx = _max_pool_2x2(x)
+        return y, {"idx": idx, "geom": (N, C, H, W, k, s, p)}
     xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), constant_values=-np.inf) if p else x
     OH = (H + 2 * p - k) // s + 1
     OW = (W + 2 * p - k) // s + 1
@@ -321,18 +399,45 @@ def max_pool2d_forward(x, *, kernel_size, stride=None, padding=0):
     return y, {"idx": idx, "geom": (N, C, H, W, k, s, p)}
 
 
+def _max_pool_2x2(x):
+    """2x2 windows, stride 2: the maxima of the four strided sub-grids x00, x01, x10, x11
+    (window offsets 0..3) taken pairwise, max(max(x00, x01), max(x10, x11)), with the window
+    offset of the first maximum as uint8 (a later offset wins only when strictly greater)."""
+    OH, OW = x.shape[2] // 2, x.shape[3] // 2
+    v = x[:, :, : 2 * OH, : 2 * OW]
+    x00, x01 = v[:, :, 0::2, 0::2], v[:, :, 0::2, 1::2]
+    x10, x11 = v[:, :, 1::2, 0::2], v[:, :, 1::2, 1::2]
+    top = np.maximum(x00, x01)
+    i_top = np.greater(x01, x00).view(np.uint8)  # offset 0 or 1
+    bottom = np.maximum(x10, x11)
+    i_bottom = np.greater(x11, x10).view(np.uint8)  # offset 2 or 3, less 2
+    lower = np.greater(bottom, top).view(np.uint8)
+    y = np.maximum(top, bottom, out=top)
+    # idx = 2 + i_bottom where lower, else i_top: i_top ^ (lower & (i_top ^ i_bottom)) | 2 lower
+    i_bottom ^= i_top
+    i_bottom &= lower
+    i_top ^= i_bottom
+    lower <<= 1
+    i_top |= lower
+    return y, i_top
+
+
 def max_pool2d_backward(dy, cache):
     idx = cache["idx"]
     N, C, H, W, k, s, p = cache["geom"]
     OH, OW = idx.shape[2:]
-    dxp = np.zeros((N, C, H + 2 * p, W + 2 * p), dtype=dy.dtype)
+    # windows that tile the input leave no position unwritten: no zero fill
+    tiled = s == k and p == 0 and H == k * OH and W == k * OW
+    dxp = (np.empty if tiled else np.zeros)((N, C, H + 2 * p, W + 2 * p), dtype=dy.dtype)
+    hit = np.empty(idx.shape, dtype=bool)
     for o in range(k * k):
         a, b = divmod(o, k)
         dst = dxp[:, :, a : a + s * (OH - 1) + 1 : s, b : b + s * (OW - 1) + 1 : s]
+        np.equal(idx, o, out=hit)
         if s >= k:  # windows do not overlap: write, do not accumulate
-            np.multiply(dy, idx == o, out=dst)
+            np.multiply(dy, hit, out=dst)
         else:
-            dst += dy * (idx == o)
+            dst += dy * hit
     return (dxp[:, :, p : p + H, p : p + W],)
 
 

@@ -15,7 +15,7 @@ derive` of one custom layer, cold and cached. `--only generation` runs that sect
 `--no-generation` skips it.
 
 Prints a table and writes benchmarks/RESULTS.md. See benchmarks/README.md for the columns.
-Needs NumPy; PyTorch, SciPy and threadpoolctl are optional.
+Needs NumPy; PyTorch and threadpoolctl are optional.
 """
 
 import argparse
@@ -81,12 +81,12 @@ def uniform(rng, shape, dtype, bound):
     return rng.uniform(-bound, bound, shape).astype(dtype)
 
 
-def _elementwise(name, n=4 * 1024 * 1024):
+def _elementwise(name, n=4 * 1024 * 1024, torch_fn=None):
     return Workload(
         label=name,
         module=name,
         make=lambda dt, rng: ([randn(rng, (n,), dt, 2.0)], {}),
-        torch_fn=lambda a, k: getattr(TF, name)(a[0]),
+        torch_fn=torch_fn or (lambda a, k: getattr(TF, name)(a[0])),
         bound="mem",
         cost=lambda a, k, s: (2 * a[0].size * s, 3 * a[0].size * s),  # x->y; dy,y->dx
     )
@@ -276,6 +276,7 @@ WORKLOADS = [
     _elementwise("tanh"),
     _elementwise("sigmoid"),
     _elementwise("gelu"),
+    _elementwise("gelu_tanh", torch_fn=lambda a, k: TF.gelu(a[0], approximate="tanh")),
     _cross_entropy(),
     _conv2d(1),
     _conv2d(2),

@@ -73,16 +73,16 @@ def test_float64_accuracy_vs_math_erf():
     # Signs, including erf(-0.0) = -0.0, must match exactly.
     assert np.array_equal(np.signbit(y), np.signbit(ref))
 
-    # Tolerance: both fdlibm and math.erf are < 1 ulp from the true value,
-    # so they may differ by up to 2 ulp; we require <= 2 ulp everywhere
-    # (including subnormal results) and relative error <= 4e-16 wherever the
-    # result is a normal float.
+    # Tolerance: the helper is within 2 ulp of the exact value (checked against
+    # mpmath below) and math.erf (the platform's libm) within about 1, so they
+    # may differ by up to 3 ulp (including subnormal results), and by a relative
+    # 6.7e-16 wherever the result is a normal float.
     diff = np.abs(y - ref)
     ulps = diff / np.spacing(np.abs(ref))
-    assert ulps.max() <= 2.0, f"max ulp error {ulps.max()}"
+    assert ulps.max() <= 3.0, f"max ulp error {ulps.max()}"
     normal = np.abs(ref) >= np.finfo(np.float64).tiny
     rel = diff[normal] / np.abs(ref[normal])
-    assert rel.max() <= 4e-16, f"max relative error {rel.max():.3e}"
+    assert rel.max() <= 6.7e-16, f"max relative error {rel.max():.3e}"
 
 
 def test_special_values():
@@ -198,3 +198,136 @@ def test_source_references_only_np():
     exec(compile(source, "<erf snippet>", "exec"), namespace)
     x = np.linspace(-7, 7, 1001)
     np.testing.assert_array_equal(namespace["_erf"](x), _erf(x))
+
+
+# --------------------------------------------------------------------------- against SciPy and
+# mpmath: the whole range, the tails, tiny and subnormal values, signed zeros, nan and inf
+
+
+def _exact(x):
+    """erf of each float64 in ``x``, correctly rounded (mpmath at 40 digits)."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(40):
+        return np.array([float(mpmath.erf(mpmath.mpf(float(v)))) for v in x])
+
+
+def _wide_points(rng):
+    """|x| up to 30: uniform, log-uniform down to 1e-300, subnormals, the points where erf
+    reaches 1 in float64 (5.9) and float32 (3.9), and the helper's clamp points 4 and 6."""
+    tiny = np.finfo(np.float64).tiny
+    x = np.concatenate([
+        rng.uniform(0.0, 7.0, 200_000),
+        rng.uniform(0.0, 30.0, 20_000),
+        np.exp(rng.uniform(np.log(1e-300), np.log(30.0), 50_000)),
+        tiny * rng.uniform(0.0, 1.0, 1000),  # subnormals
+        np.linspace(3.8, 4.2, 4001), np.linspace(5.8, 6.2, 4001),
+        [5e-324, 1e-323, 1e-310, tiny, 1e-300, 30.0, 4.0, 6.0],
+    ])
+    return np.concatenate([x, -x])
+
+
+def test_float64_against_scipy_whole_range():
+    special = pytest.importorskip("scipy.special")
+    x = _wide_points(np.random.default_rng(20))
+    with _strict():
+        y = _erf(x)
+    ref = special.erf(x)
+    assert np.array_equal(np.signbit(y), np.signbit(ref))
+    # both are within a few ulp of the exact value: 1e-15 relative where the result is normal,
+    # 2 ulp for subnormal results (erf(x) ~ 1.128 x rounds in steps of 5e-324)
+    diff = np.abs(y - ref)
+    normal = np.abs(ref) >= np.finfo(np.float64).tiny
+    assert (diff[normal] / np.abs(ref[normal])).max() <= 1e-15
+    assert (diff[~normal] / np.spacing(np.abs(ref[~normal]))).max() <= 2.0
+    np.testing.assert_array_equal(y[np.abs(x) >= 6.0], np.sign(x[np.abs(x) >= 6.0]))
+
+
+def test_float64_within_2_ulp_of_exact():
+    """On a sample, the helper against correctly rounded erf: <= 2 ulp, 3.3e-16 relative (the
+    worst seen over 1e5 points is 3.1e-16 at 0.77; SciPy's own erf is 4.2e-16 off there)."""
+    rng = np.random.default_rng(21)
+    x = np.concatenate([
+        rng.uniform(0.0, 6.0, 3000),
+        rng.uniform(0.0, 1.0, 2000),
+        np.exp(rng.uniform(np.log(1e-300), np.log(6.0), 1000)),
+    ])
+    y = _erf(x)
+    ref = _exact(x)
+    assert (np.abs(y - ref) / np.spacing(ref)).max() <= 2.0
+    assert (np.abs(y - ref) / ref).max() <= 3.3e-16
+
+
+def test_float32_against_scipy_few_ulp():
+    """float32 is computed in float32: within 2.5 ulp of the exact erf of the float32 input
+    (exhaustively over [0, 4.5) the worst is 2.05 ulp), subnormal and tiny inputs included."""
+    special = pytest.importorskip("scipy.special")
+    rng = np.random.default_rng(22)
+    x = np.concatenate([
+        rng.uniform(0.0, 30.0, 100_000),
+        rng.uniform(0.0, 4.5, 400_000),
+        np.exp(rng.uniform(np.log(1e-45), np.log(30.0), 100_000)),
+        # every float32 in [0.85, 0.95), where the worst case lies
+        np.arange(
+            np.float32(0.85).view(np.uint32), np.float32(0.95).view(np.uint32), 7, dtype=np.uint32
+        ).view(np.float32),
+        [1e-45, 1e-40, np.finfo(np.float32).tiny, 3.0e38],
+    ]).astype(np.float32)
+    x = np.concatenate([x, -x])
+    with _strict():
+        y = _erf(x)
+    assert y.dtype == np.float32
+    exact = special.erf(x.astype(np.float64))
+    ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    err = np.abs(y.astype(np.float64) - exact) / ulp
+    assert err.max() <= 2.5, f"max {err.max():.2f} ulp at {x[err.argmax()]!r}"
+    assert np.array_equal(np.signbit(y), np.signbit(x))
+    np.testing.assert_array_equal(y[np.abs(x) >= 4.0], np.sign(x[np.abs(x) >= 4.0]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_special_values_both_dtypes(dtype):
+    x = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 30.0, -30.0], dtype=dtype)
+    with _strict():
+        y = _erf(x)
+    assert y.dtype == dtype
+    np.testing.assert_array_equal(y, [0.0, -0.0, 1.0, -1.0, np.nan, np.nan, 1.0, -1.0])
+    assert np.signbit(y[1]) and not np.signbit(y[0])
+    tiny = np.array([np.finfo(dtype).smallest_subnormal, np.finfo(dtype).tiny], dtype=dtype)
+    with _strict():
+        y = _erf(np.concatenate([tiny, -tiny]))
+    # erf(x) = 2 x / sqrt(pi) + O(x^3), within an ulp (the correction 0.128 x is subnormal)
+    want = (2 / np.sqrt(np.pi) * np.concatenate([tiny, -tiny]).astype(np.float64)).astype(dtype)
+    assert np.all(np.abs(y - want) <= np.spacing(np.abs(want)))
+    assert np.array_equal(np.signbit(y), np.signbit(want))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("scale", [0.7071067811865476, 2.5, -0.5, 1.0])
+def test_scale_is_the_scaled_argument(dtype, scale):
+    """erf(scale * x) with the scale applied block by block: bitwise the result of scaling
+    first, including signed zeros, nan and inf; a scale > 1 never overflows."""
+    rng = np.random.default_rng(23)
+    x = np.concatenate([
+        4 * rng.standard_normal(70_000),  # more than one block
+        [0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, -1e-30],
+    ]).astype(dtype)
+    with _strict():
+        on = _erf(x, scale)
+        off = _erf(dtype(scale) * x)
+    assert on.dtype == dtype
+    np.testing.assert_array_equal(on, off)
+    number = ~np.isnan(off)  # (the sign of a nan means nothing)
+    assert np.array_equal(np.signbit(on[number]), np.signbit(off[number]))
+    huge = np.array([np.finfo(dtype).max, -np.finfo(dtype).max], dtype=dtype)
+    with _strict():
+        np.testing.assert_array_equal(_erf(huge, scale), np.sign(scale) * np.array([1.0, -1.0]))
+
+
+def test_longdouble_and_int_inputs():
+    with _strict():
+        y = _erf(np.array([-1.0, 0.5, 2.0], dtype=np.longdouble))
+        assert y.dtype == np.longdouble
+        np.testing.assert_allclose(y.astype(np.float64), _reference([-1.0, 0.5, 2.0]), rtol=4e-16)
+        z = _erf(np.array([-2, 0, 3], dtype=np.int32))
+    assert z.dtype == np.float64
+    np.testing.assert_array_equal(z, _erf(np.array([-2.0, 0.0, 3.0])))
