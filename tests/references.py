@@ -931,3 +931,20 @@ if __name__ == "__main__":
     import sys
 
     sys.exit(0 if _self_check() else 1)
+
+
+def sequence_args(module, rng, T=4, B=3):
+    """Arguments of a generated sequence module: sizes T and B as given, every other dimension
+    5 (a stacked one such as "4*H" four times its base), values uniform in [-0.8, 0.8]."""
+    sizes = {"T": T, "B": B}
+    args = []
+    for n in module.ARGS:
+        shape = []
+        for d in module.SHAPES[n]:
+            factor, _, base = d.partition("*")
+            if base:
+                shape.append(int(factor) * sizes.setdefault(base, 5))
+            else:
+                shape.append(sizes.setdefault(d, 5))
+        args.append(rng.uniform(-0.8, 0.8, tuple(shape)))
+    return args

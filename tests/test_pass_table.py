@@ -91,28 +91,13 @@ def test_every_switch_on_every_layer(name, unformatted, rng):
     assert texts["all off"] != texts["default"] or ran == 0
 
 
-def _sequence_args(module, rng, T=4, B=3):
-    sizes = {"T": T, "B": B}
-    args = []
-    for n in module.ARGS:
-        shape = []
-        for dim in module.SHAPES[n]:
-            factor, _, base = dim.partition("*")
-            if base:
-                shape.append(int(factor) * sizes.setdefault(base, 5))
-            else:
-                shape.append(sizes.setdefault(dim, 5))
-        args.append(rng.uniform(-0.8, 0.8, tuple(shape)))
-    return args
-
-
 @pytest.mark.parametrize("name", sorted(SEQUENCES))
 def test_every_switch_on_every_sequence(name, unformatted, rng):
     seq = SEQUENCES[name]
     switches = {**OPTIMIZATIONS, **SCAN_OPTIMIZATIONS}
     texts = {v: sequence_source(seq, options=o) for v, o in _variants(switches).items()}
     default = load_module(texts["default"], name)
-    args = _sequence_args(default, rng)
+    args = R.sequence_args(default, rng)
     reference, douts = _outputs(default, args, {})
     names = [*default.OUTPUTS, *(f"gradient of {a}" for a in default.ARGS)]
     problems = []

@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import references as R
 from conftest import GENERATED, load_generated
 
 from symdl import registry
@@ -534,25 +535,10 @@ def _scans():
     }
 
 
-def _random_args(module, rng, T=4, B=3):
-    sizes = {"T": T, "B": B}
-    args = []
-    for n in module.ARGS:
-        shape = []
-        for d in module.SHAPES[n]:
-            factor, _, base = d.partition("*")
-            if base:
-                shape.append(int(factor) * sizes.setdefault(base, 5))
-            else:
-                shape.append(sizes.setdefault(d, 5))
-        args.append(rng.uniform(-0.8, 0.8, tuple(shape)))
-    return args
-
-
 def _sequences_agree(fast, plain, rng):
     """The two sequence modules give the same outputs (rtol 1e-12) and gradients (rtol 1e-10,
     float64) on the same random arguments and incoming gradients; the arguments."""
-    args = _random_args(fast, rng)
+    args = R.sequence_args(fast, rng)
     out_f, cache_f = fast.forward(*args)
     out_p, cache_p = plain.forward(*args)
     douts = tuple(rng.standard_normal(np.shape(o)) for o in out_f)
@@ -651,7 +637,7 @@ def test_step_buffers_switch(name, defer, rng):
     plain_text = sequence_source(seq, options={"defer": defer, "buffers": False})
     assert "buffers" in fast_text and "buffers" not in plain_text
     fast, plain = load_module(fast_text, name), load_module(plain_text, name)
-    args = _random_args(fast, rng, T=5)
+    args = R.sequence_args(fast, rng, T=5)
     args = [np.asfortranarray(a) if a.ndim >= 2 else a for a in args]  # non-contiguous steps
     kept = [a.copy() for a in args]
     out_f, cache_f = fast.forward(*args)
@@ -693,7 +679,7 @@ def test_step_allocations(name, rng):
         namespace = {}
         exec(compile(text, "<module>", "exec"), namespace)
         module = load_module(text, name)
-        args = _random_args(module, rng, T=6, B=4)
+        args = R.sequence_args(module, rng, T=6, B=4)
         counter = _Counter(4 * 5)  # B * H
         namespace.update(__op=counter.op, __unary=counter.unary, __aug=counter.aug, __call=counter.call)
         for node in tree.body:
