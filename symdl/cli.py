@@ -501,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_check)
 
+    _derive_parser(sub)
+    return p
+
+
+def _derive_parser(sub) -> None:
+    """The options of ``symdl derive``: a custom layer (or sequence layer) from equation text."""
     s = sub.add_parser(
         "derive",
         help="derive and generate a custom layer from equation text",
@@ -562,7 +568,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="neither read nor write the cache of generated modules (also: SYMDL_NO_CACHE=1)",
     )
     s.set_defaults(func=cmd_derive, argv=None)
-    return p
 
 
 def _one_line(text: str) -> str:

@@ -310,13 +310,34 @@ def reference_forward(layer, *args, **kwargs):
     """Evaluate a layer's equations element by element, with plain Python loops over every
     index value and ``math`` functions: slow, simple, and independent of the lowering and the
     generated code. For testing on small sizes."""
-    import itertools
-
     import sympy as sp
 
-    from .spec import ELL, Dim, Layer, is_index, occurrence_indices, occurrence_name, occurrences
+    from .spec import Layer
 
     spec = layer.spec() if isinstance(layer, Layer) else layer
+    arrays, sizes, hyper, batch_shape = _reference_bindings(spec, args, kwargs)
+    hsubs = {sp.Symbol(h, real=True): v for h, v in hyper.items() if v is not None}
+    funcs = scalar_functions()
+    for a in spec.assigns:
+        arrays[a.target] = _reference_assign(spec, a, arrays, sizes, hyper, hsubs, funcs)
+    outs = []
+    for o in spec.outputs:
+        arr = arrays[o]
+        dims = spec.tensors[o].dims
+        if "..." in dims:
+            k = dims.index("...")
+            arr = arr.reshape(arr.shape[:k] + tuple(batch_shape) + arr.shape[k + 1 :])
+        outs.append(arr)
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _reference_bindings(spec, args, kwargs):
+    """The arrays (padded, '...' flattened, omitted constants filled), the size of every
+    dimension, the hyperparameters and the batch shape of a reference evaluation."""
+    import sympy as sp
+
+    from .spec import Dim
+
     values = dict(zip(spec.args, args))
     hyper = {k: v for k, v in spec.hyper.items()}
     for k, v in kwargs.items():
@@ -365,65 +386,64 @@ def reference_forward(layer, *args, **kwargs):
         if values.get(name) is None:
             shape = tuple(sizes[d] for d in spec.tensors[name].dims)
             arrays[name] = np.full(shape, fill)
-    funcs = scalar_functions()
-    for a in spec.assigns:
-        names = list(spec.tensors)
-        occs = occurrences(a.expr, names)
-        dummies = [sp.Dummy(f"o{k}") for k in range(len(occs))]
-        body = a.expr.xreplace(dict(zip(occs, dummies)))
-        hyper_syms = sorted(
-            (s for s in body.free_symbols if s.name in spec.hyper and not s.is_integer),
-            key=lambda s: s.name,
-        )
-        dim_syms = sorted(
-            (s for s in body.free_symbols if s.name in sizes and s not in hyper_syms),
-            key=lambda s: s.name,
-        )
-        index_syms = sorted((s for s in body.free_symbols if is_index(s)), key=lambda s: s.name)
-        # every argument a Dummy: a user's name (a hyperparameter called exp) cannot shadow a
-        # function in the lambdified source
-        params = hyper_syms + dim_syms + index_syms
-        stand_ins = [sp.Dummy(f"p{k}") for k in range(len(params))]
-        body = body.xreplace(dict(zip(params, stand_ins)))
-        fn = sp.lambdify(dummies + stand_ins, body, modules=[funcs, "math"])
-        consts = [float(hyper[s.name]) for s in hyper_syms] + [sizes[s.name] for s in dim_syms]
-        idx_all = a.all_indices
-        ranges = [range(sizes[spec.index_dims[(a.scope, i)]]) for i in idx_all]
-        out_shape = tuple(sizes[spec.index_dims[(a.scope, i)]] for i in a.indices)
-        init = -np.inf if a.op == "max" else 0.0
-        out = np.full(out_shape, init)
+    return arrays, sizes, hyper, batch_shape
 
-        def resolve(ix, env):
-            if is_index(ix):
-                return env[ix]
-            if isinstance(ix, sp.Indexed):
-                return int(arrays[occurrence_name(ix)][tuple(env[j] for j in ix.indices)])
-            dims = {Dim(k): v for k, v in sizes.items() if k != "..."}
-            return int(ix.xreplace({**hsubs, **dims, **env}))
 
-        for point in itertools.product(*ranges):
-            env = dict(zip(idx_all, point))
-            vals = []
-            for occ in occs:
-                arr = arrays[occurrence_name(occ)]
-                idx = tuple(resolve(ix, env) for ix in occurrence_indices(occ))
-                vals.append(float(arr[idx]) if idx else float(arr))
-            v = float(fn(*vals, *consts, *(env[s] for s in index_syms)))
-            key = tuple(env[i] for i in a.indices)
-            if a.op == "map":
-                out[key] = v
-            elif a.op == "sum":
-                out[key] += v
-            else:
-                out[key] = max(out[key], v)
-        arrays[a.target] = out
-    outs = []
-    for o in spec.outputs:
-        arr = arrays[o]
-        dims = spec.tensors[o].dims
-        if "..." in dims:
-            k = dims.index("...")
-            arr = arr.reshape(arr.shape[:k] + tuple(batch_shape) + arr.shape[k + 1 :])
-        outs.append(arr)
-    _ = ELL
-    return outs[0] if len(outs) == 1 else tuple(outs)
+def _reference_assign(spec, a, arrays, sizes, hyper, hsubs, funcs):
+    """One assignment evaluated at every point of its indices, with plain Python loops."""
+    import itertools
+
+    import sympy as sp
+
+    from .spec import Dim, is_index, occurrence_indices, occurrence_name, occurrences
+
+    names = list(spec.tensors)
+    occs = occurrences(a.expr, names)
+    dummies = [sp.Dummy(f"o{k}") for k in range(len(occs))]
+    body = a.expr.xreplace(dict(zip(occs, dummies)))
+    hyper_syms = sorted(
+        (s for s in body.free_symbols if s.name in spec.hyper and not s.is_integer),
+        key=lambda s: s.name,
+    )
+    dim_syms = sorted(
+        (s for s in body.free_symbols if s.name in sizes and s not in hyper_syms),
+        key=lambda s: s.name,
+    )
+    index_syms = sorted((s for s in body.free_symbols if is_index(s)), key=lambda s: s.name)
+    # every argument a Dummy: a user's name (a hyperparameter called exp) cannot shadow a
+    # function in the lambdified source
+    params = hyper_syms + dim_syms + index_syms
+    stand_ins = [sp.Dummy(f"p{k}") for k in range(len(params))]
+    body = body.xreplace(dict(zip(params, stand_ins)))
+    fn = sp.lambdify(dummies + stand_ins, body, modules=[funcs, "math"])
+    consts = [float(hyper[s.name]) for s in hyper_syms] + [sizes[s.name] for s in dim_syms]
+    idx_all = a.all_indices
+    ranges = [range(sizes[spec.index_dims[(a.scope, i)]]) for i in idx_all]
+    out_shape = tuple(sizes[spec.index_dims[(a.scope, i)]] for i in a.indices)
+    init = -np.inf if a.op == "max" else 0.0
+    out = np.full(out_shape, init)
+
+    def resolve(ix, env):
+        if is_index(ix):
+            return env[ix]
+        if isinstance(ix, sp.Indexed):
+            return int(arrays[occurrence_name(ix)][tuple(env[j] for j in ix.indices)])
+        dims = {Dim(k): v for k, v in sizes.items() if k != "..."}
+        return int(ix.xreplace({**hsubs, **dims, **env}))
+
+    for point in itertools.product(*ranges):
+        env = dict(zip(idx_all, point))
+        vals = []
+        for occ in occs:
+            arr = arrays[occurrence_name(occ)]
+            idx = tuple(resolve(ix, env) for ix in occurrence_indices(occ))
+            vals.append(float(arr[idx]) if idx else float(arr))
+        v = float(fn(*vals, *consts, *(env[s] for s in index_syms)))
+        key = tuple(env[i] for i in a.indices)
+        if a.op == "map":
+            out[key] = v
+        elif a.op == "sum":
+            out[key] += v
+        else:
+            out[key] = max(out[key], v)
+    return out
