@@ -180,6 +180,13 @@ def _validate(seq: Sequence) -> None:
     except SpecError as err:
         raise err.with_context(where) from None
     defined = [tensor_name(lhs) or lhs.name for lhs, _ in cell.equations]
+    padded = sorted(cell.spec().pads)
+    if padded:  # the scan's hoisted and step layers read the cell's arguments as given
+        raise SpecError(
+            f"{where}: a recurrent cell requires reads inside its arguments, got zero padding "
+            f"of {', '.join(repr(n) for n in padded)} (a negative offset or a declared pad); "
+            f"pad the sequence before the layer instead"
+        )
     for n in seq.per_step:
         if n not in cell.inputs:
             raise SpecError(

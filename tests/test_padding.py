@@ -274,3 +274,13 @@ def test_random_padded_convolutions(case, seed):
         bad[arg] = bad[arg][..., None]
         with pytest.raises(ValueError, match=f"argument '{mod.ARGS[arg]}'"):
             mod.forward(*bad, **kw)
+
+
+def test_padding_in_a_recurrent_cell_is_refused(tmp_path, capsys):
+    """The scan's hoisted and step layers read the cell's arguments as given: a padded read in
+    a cell would silently read the unpadded sequence, so it is refused, nothing written."""
+    text = "h1[b, j] = tanh(Sum(w[p] * x[b, j + p - 1], p) + h[b, j])"
+    argv = ["derive", "sc", text, "--inputs", "x,h", "--params", "w", "--scan", "x"]
+    assert main([*argv, "--state", "h=h1", "-o", str(tmp_path)]) == 2
+    assert "a recurrent cell requires reads inside its arguments" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
