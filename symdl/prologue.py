@@ -81,15 +81,12 @@ def const_call(rt, name: str, var: str, spec) -> str:
 
 def coefficient_hypers(spec) -> set[str]:
     """The hyperparameters in the coefficients of affine index positions."""
-    from .spec import affine_terms, is_affine, occurrence_indices, occurrences
+    from .spec import affine_reads, affine_terms
 
     out: set[str] = set()
-    for a in spec.assigns:
-        for occ in occurrences(a.expr, spec.tensors):
-            for ix in occurrence_indices(occ):
-                if is_affine(ix):
-                    for coeff, _ in affine_terms(ix)[0]:
-                        out |= {s.name for s in coeff.free_symbols if s.name in spec.hyper}
+    for _, _, _, ix in affine_reads(spec.assigns, spec.tensors):
+        for coeff, _ in affine_terms(ix)[0]:
+            out |= {s.name for s in coeff.free_symbols if s.name in spec.hyper}
     return out
 
 

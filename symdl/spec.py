@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import sympy as sp
 
 from .errors import SpecError
-from .functions import ALLOWED_FUNCTIONS, IndexMax, IndexSum, Reduction, Size
+from .functions import ALLOWED_FUNCTIONS, IndexSum, Reduction, Size
 
 #: The batch-dimensions index: ``x[..., d]`` in equation text, ``x[ELL, d]`` from Python. It
 #: stands for any number of dimensions (shared by every tensor that uses it), at any one position.
@@ -211,6 +211,16 @@ def is_affine(ix) -> bool:
     return not is_index(ix) and not isinstance(ix, sp.Indexed)
 
 
+def affine_reads(assigns, names):
+    """``(assign, occurrence, position, index)`` of every affine index position in the
+    right sides of ``assigns`` (occurrences of the tensors in ``names``)."""
+    for a in assigns:
+        for occ in occurrences(a.expr, names):
+            for p, ix in enumerate(occurrence_indices(occ)):
+                if is_affine(ix):
+                    yield a, occ, p, ix
+
+
 def affine_terms(ix) -> tuple[list[tuple[sp.Expr, sp.Symbol]], sp.Expr]:
     """``a*i + b*p + c`` -> ``([(a, i), (b, p)], c)``, symbols in a deterministic order."""
     syms = sorted((s for s in ix.free_symbols if is_index(s)), key=lambda s: s.name)
@@ -327,7 +337,9 @@ class Layer:
         self.shapes = {k: tuple(v) for k, v in (shapes or {}).items()}
         self.doc = doc
         self.checks = dict(checks or {})
-        self.keep = split_names(keep)  # intermediates always cached (for callers, e.g. batch stats)
+        self.keep = split_names(
+            keep
+        )  # intermediates always cached (for callers, e.g. batch stats)
         self.extras = split_names(extras)  # helper functions from symdl/snippets/extras.py
         # zero (or constant) padding of arguments: {"x": {"axes": {2: "padding"}, "value": 0.0}}
         self.pad = {k: dict(v) for k, v in (pad or {}).items()}
@@ -686,12 +698,9 @@ def _index_classes(layer: Layer, assigns: list, ranks: dict) -> tuple[dict, list
     # the tensor is an equality (x[n, c, t + k] and w[c, k] share C).
     affine: dict[int, set] = {}
     affine_axes: set[tuple[str, int]] = set()  # (tensor, axis) read affinely in some equation
-    for a in assigns:
-        for occ in occurrences(a.expr, ranks):
-            for p, ix in enumerate(occurrence_indices(occ)):
-                if is_affine(ix):
-                    affine.setdefault(a.scope, set()).update(position_symbols(ix))
-                    affine_axes.add((occurrence_name(occ), p))
+    for a, occ, p, ix in affine_reads(assigns, ranks):
+        affine.setdefault(a.scope, set()).update(position_symbols(ix))
+        affine_axes.add((occurrence_name(occ), p))
     constraints: list[tuple] = []  # (scope, symbol, tensor, axis, coeff, others, const)
     uf = _UnionFind()
     for a in assigns:
@@ -1129,23 +1138,18 @@ def _check_lower_bounds(assigns: list, layer: Layer, ranks: dict) -> None:
     coefficients and a non-negative offset, proven with hyperparameters and sizes as positive
     integers (pad widths as non-negative). The ranges derived from the constraints keep every
     read below the end of its axis, so a strided view over it never leaves the array."""
-    for a in assigns:
-        for occ in occurrences(a.expr, ranks):
-            for p, ix in enumerate(occurrence_indices(occ)):
-                if not is_affine(ix):
-                    continue
-                terms, const = affine_terms(ix)
-                low = _as_positive(const, layer)
-                proven = all(_positive(c, layer) for c, _ in terms) and (
-                    const == 0 or bool(low.is_nonnegative) or bool((low + 1).is_positive)
-                )
-                if not proven:
-                    raise SpecError(
-                        f"index position {p + 1} of {occurrence_name(occ)} in equation "
-                        f"{a.scope + 1} requires a read provably inside the axis, got "
-                        f"{sp.sstr(ix)}",
-                        position=p,
-                    )
+    for a, occ, p, ix in affine_reads(assigns, ranks):
+        terms, const = affine_terms(ix)
+        low = _as_positive(const, layer)
+        proven = all(_positive(c, layer) for c, _ in terms) and (
+            const == 0 or bool(low.is_nonnegative) or bool((low + 1).is_positive)
+        )
+        if not proven:
+            raise SpecError(
+                f"index position {p + 1} of {occurrence_name(occ)} in equation "
+                f"{a.scope + 1} requires a read provably inside the axis, got {sp.sstr(ix)}",
+                position=p,
+            )
 
 
 def _padded_reads(assigns: list, layer: Layer, ranks: dict) -> tuple[list, dict]:
@@ -1157,46 +1161,40 @@ def _padded_reads(assigns: list, layer: Layer, ranks: dict) -> tuple[list, dict]
     Returns the rewritten assignments and ``{tensor: {axis: width}}``."""
     declared = layer.inputs + layer.params + layer.consts
     widths: dict[str, dict[int, sp.Expr]] = {}
-    for a in assigns:
-        for occ in occurrences(a.expr, ranks):
-            name = occurrence_name(occ)
-            for p, ix in enumerate(occurrence_indices(occ)):
-                if not is_affine(ix):
-                    continue
-                _, const = affine_terms(ix)
-                below = -sum(
-                    (t for t in sp.Add.make_args(const) if _negative(t, layer)), sp.S.Zero
-                )
-                if below == 0:
-                    continue
-                where = f"index position {p + 1} of {name} in equation {a.scope + 1}"
-                if name not in declared:
-                    raise SpecError(
-                        f"{where} reads below the start of the axis ({sp.sstr(ix)}), which "
-                        f"requires an argument to pad with zeros, got the intermediate {name!r} "
-                        f"(shift the index instead)",
-                        position=p,
-                    )
-                if p in dict(layer.pad.get(name, {}).get("axes", {})):
-                    raise SpecError(
-                        f"{where} reads below the start of the axis ({sp.sstr(ix)}), which "
-                        f"requires one way to pad it, got a declared pad of {name!r} as well",
-                        position=p,
-                    )
-                if name in layer.pad and float(layer.pad[name].get("value", 0.0)) != 0.0:
-                    raise SpecError(
-                        f"{where} reads zeros below the start of the axis, which requires a "
-                        f"zero pad value for {name!r}, got {layer.pad[name]['value']!r}",
-                        position=p,
-                    )
-                known = widths.setdefault(name, {}).get(p)
-                if known is not None and sp.expand(known - below) != 0:
-                    raise SpecError(
-                        f"{where} reads {sp.sstr(below)} below the start of the axis, which "
-                        f"requires one padding width per axis, got {sp.sstr(known)} elsewhere",
-                        position=p,
-                    )
-                widths[name][p] = below
+    for a, occ, p, ix in affine_reads(assigns, ranks):
+        name = occurrence_name(occ)
+        _, const = affine_terms(ix)
+        below = -sum((t for t in sp.Add.make_args(const) if _negative(t, layer)), sp.S.Zero)
+        if below == 0:
+            continue
+        where = f"index position {p + 1} of {name} in equation {a.scope + 1}"
+        if name not in declared:
+            raise SpecError(
+                f"{where} reads below the start of the axis ({sp.sstr(ix)}), which "
+                f"requires an argument to pad with zeros, got the intermediate {name!r} "
+                f"(shift the index instead)",
+                position=p,
+            )
+        if p in dict(layer.pad.get(name, {}).get("axes", {})):
+            raise SpecError(
+                f"{where} reads below the start of the axis ({sp.sstr(ix)}), which "
+                f"requires one way to pad it, got a declared pad of {name!r} as well",
+                position=p,
+            )
+        if name in layer.pad and float(layer.pad[name].get("value", 0.0)) != 0.0:
+            raise SpecError(
+                f"{where} reads zeros below the start of the axis, which requires a "
+                f"zero pad value for {name!r}, got {layer.pad[name]['value']!r}",
+                position=p,
+            )
+        known = widths.setdefault(name, {}).get(p)
+        if known is not None and sp.expand(known - below) != 0:
+            raise SpecError(
+                f"{where} reads {sp.sstr(below)} below the start of the axis, which "
+                f"requires one padding width per axis, got {sp.sstr(known)} elsewhere",
+                position=p,
+            )
+        widths[name][p] = below
     if not widths:
         return assigns, widths
 
@@ -1245,11 +1243,8 @@ def integer_hyper(spec: Spec) -> set[str]:
             names |= {s.name for s in w.free_symbols}
     for f in list(spec.derived.values()) + [b for _, b in spec.bounds]:
         names |= {s.name for s in f.free_symbols if s.name in spec.hyper}
-    for a in spec.assigns:
-        for occ in occurrences(a.expr, spec.tensors):
-            for ix in occurrence_indices(occ):
-                if is_affine(ix):
-                    names |= {s.name for s in ix.free_symbols if s.name in spec.hyper}
+    for _, _, _, ix in affine_reads(spec.assigns, spec.tensors):
+        names |= {s.name for s in ix.free_symbols if s.name in spec.hyper}
     return names & set(spec.hyper)
 
 

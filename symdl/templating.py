@@ -26,20 +26,28 @@ def _rawstr(text: str) -> str:
     return repr(text)
 
 
+def new_environment(**options):
+    """A Jinja environment over templates/: blocks trimmed, undefined names an error, no
+    escaping unless ``options`` say otherwise (a report's HTML escapes, its LaTeX changes the
+    delimiters)."""
+    import jinja2
+
+    settings = {
+        "trim_blocks": True,
+        "lstrip_blocks": True,
+        "keep_trailing_newline": True,
+        "undefined": jinja2.StrictUndefined,
+        "autoescape": False,
+        **options,
+    }
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), **settings)
+
+
 @functools.cache
 def environment():
     """The Jinja environment of the module templates, built once (templates are compiled on
     first use and kept; a template file changed on disk is reloaded)."""
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-    )
+    env = new_environment()
     env.filters["pyrepr"] = _pyrepr
     env.filters["rawstr"] = _rawstr
     return env

@@ -39,7 +39,7 @@ from .steps import (
     forward_equations,
     gradient_equations,
 )
-from .templating import TEMPLATES
+from .templating import new_environment
 from .testing import load_module
 
 __all__ = [
@@ -554,14 +554,7 @@ def optimizer_view(opt, *, code: bool = True, source: str | None = None) -> Laye
 
 
 def _html_env() -> jinja2.Environment:
-    return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=True,
-    )
+    return new_environment(autoescape=True)
 
 
 _TEX_SPECIALS = {
@@ -576,13 +569,7 @@ def _tex_escape(text) -> str:
 
 
 def _tex_env() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
+    env = new_environment(
         # LaTeX is full of braces: \VAR{...} and \BLOCK{...} instead of {{ }} and {% %}
         block_start_string=r"\BLOCK{",
         block_end_string="}",
